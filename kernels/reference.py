@@ -1,0 +1,113 @@
+"""Pure-torch reference of every kernel: the CPU runtime path and the oracle the Triton kernels are tested against.
+
+Shapes: T new tokens in a step, Hq query heads, Hkv key/value heads, D head dim, P page size (slots per KV page).
+A K/V cache of one layer is `[num_pages, P, Hkv, D]`; a flat slot is `page * P + offset`.
+"""
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of `x + residual` (or of `x`). Returns (normed, the sum that was normed) so a caller
+    can carry the residual stream from layer to layer without a separate add."""
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    # HF Qwen3RMSNorm casts back to the input dtype before scaling; matching it keeps bf16 parity.
+    return weight * normed.to(x.dtype), x
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables `[T, D]` (rotate-half layout) for integer positions, computed in fp32."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q `[T, Hq, D]` and k `[T, Hkv, D]`, then rotary embedding at `positions`."""
+    q, _ = rms_norm(q, q_weight, eps)
+    k, _ = rms_norm(k, k_weight, eps)
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)  # broadcast over heads
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused `[T, 2I]` projection whose first half is the gate."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v `[T, Hkv, D]` into the caches at flat slots `[T]`; slot -1 marks padding and is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def move_kv(pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """Copy K/V rows `src_slots[j] -> dst_slots[j]` in every layer of a pool `[L, 2, pages, P, Hkv, D]`.
+
+    Commit moves an accepted tree path (src p_0 < p_1 < ..., src >= dst) down to consecutive slots; the
+    gather happens before the scatter, so overlapping ranges are safe."""
+    flat = pool.view(pool.shape[0], 2, -1, *pool.shape[4:])
+    flat[:, :, dst_slots] = flat[:, :, src_slots]
+
+
+def pack_visibility(visible: torch.Tensor) -> torch.Tensor:
+    """bool `[T, n]` -> bit words `[T, ceil(n/32)]` int32 (bit j of word j // 32 holds column j)."""
+    rows, n = visible.shape
+    words = (n + 31) // 32
+    padded = torch.zeros(rows, words * 32, dtype=torch.int64, device=visible.device)
+    padded[:, :n] = visible.long()
+    weights = torch.ones(32, dtype=torch.int64, device=visible.device) << torch.arange(32, device=visible.device)
+    packed = (padded.view(rows, words, 32) * weights).sum(-1)  # [T, W] in [0, 2^32)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+def unpack_visibility(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Bit words `[T, W]` int32 -> bool `[T, n]` (bit j of a query: new token j is visible to it)."""
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = (words[:, :, None] >> shifts) & 1  # [T, W, 32]
+    return bits.reshape(words.shape[0], -1)[:, :n].bool()
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_starts: torch.Tensor,
+                    visibility: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the step's queries over paged keys.
+
+    q `[T, Hq, D]`; sequence s owns queries `query_starts[s]:query_starts[s+1]`. Its keys are logical slots
+    `0 .. prefix_lens[s] + n_new - 1` read through `block_tables[s]`: the prefix is visible to every query,
+    new token j (logical slot prefix + j, already stored) is visible to query i when bit j of
+    `visibility[i]` is set. A query that sees nothing returns zeros instead of NaN. fp32 accumulation."""
+    out = torch.zeros_like(q)
+    page_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    starts = query_starts.tolist()
+    for s, prefix in enumerate(prefix_lens.tolist()):
+        lo, hi = starts[s], starts[s + 1]
+        if hi == lo:
+            continue
+        n_keys = prefix + hi - lo
+        logical = torch.arange(n_keys, device=q.device)
+        slots = block_tables[s].long()[logical // page_size] * page_size + logical % page_size
+        keys = k_cache.view(-1, *k_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
+        values = v_cache.view(-1, *v_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
+        visible = torch.ones(hi - lo, n_keys, dtype=torch.bool, device=q.device)
+        visible[:, prefix:] = unpack_visibility(visibility[lo:hi], hi - lo)
+        scores = torch.einsum("thd,khd->htk", q[lo:hi].float(), keys) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[lo:hi] = torch.einsum("htk,khd->thd", probs, values).to(q.dtype)
+    return out

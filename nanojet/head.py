@@ -1,0 +1,151 @@
+"""The causal parallel draft head (JetFlow), in the JetSpec / DFlash checkpoint format.
+
+A few Qwen3 decoder layers that draft a whole block in one forward. Context: taps of chosen target layers,
+concatenated, projected by `fc` and normed by `hidden_norm`; in every head layer K/V span `[context ; block]`
+and Q comes from the block only. The block is the target's embedding of `[anchor, MASK x (B-1)]` at positions
+`n-1 .. n+B-2`, attended causally (JetFlow) or fully (DFlash). Final norm, then the target's lm_head on block
+rows 1..B-1: row j drafts the token at depth j. The context K/V are exact functions of the taps, so they live
+in the paged pool at the same slots as the target's K/V and grow by the accepted path each round.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import kernels
+from .config import ModelConfig
+from .kv_cache import AttentionMetadata
+from .loader import hf_state_dict, load_weights
+from .qwen3 import DecoderLayer, rope_inv_freq
+
+
+@dataclass
+class HeadConfig:
+    layers: ModelConfig  # shapes of the head's decoder layers (hidden size and vocabulary are the target's)
+    block_size: int
+    num_target_layers: int
+    target_layer_ids: list[int]
+    mask_token_id: int
+    causal: bool = True
+    extra: dict = field(default_factory=dict)  # other config.json keys, written back unchanged on save
+
+    def __post_init__(self) -> None:
+        if self.block_size < 2:
+            raise ValueError(f"head config: block_size must be >= 2 (anchor + one draft row), got {self.block_size}")
+        if not self.target_layer_ids:
+            raise ValueError("head config: dflash_config.target_layer_ids is empty")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "HeadConfig":
+        dflash = raw.get("dflash_config") or {}
+        missing = [k for k in ("block_size", "num_target_layers") if k not in raw]
+        missing += [f"dflash_config.{k}" for k in ("target_layer_ids", "mask_token_id") if k not in dflash]
+        if missing:
+            raise ValueError(f"head config lacks {', '.join(missing)}; is this a JetSpec/DFlash draft head?")
+        causal = dflash.get("causal", dflash.get("causal_head", False))
+        layers = ModelConfig.from_dict({**raw, "architectures": ["Qwen3ForCausalLM"]})
+        return cls(layers=layers, block_size=raw["block_size"], num_target_layers=raw["num_target_layers"],
+                   target_layer_ids=list(dflash["target_layer_ids"]), mask_token_id=dflash["mask_token_id"],
+                   causal=bool(causal), extra=raw)
+
+    def to_dict(self) -> dict:
+        c = self.layers
+        return {**self.extra, "architectures": ["DFlashDraftModel"], "model_type": "qwen3",
+                "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rope_theta": c.rope_theta,
+                "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+                "attention_bias": c.attention_bias, "tie_word_embeddings": False, "hidden_act": "silu",
+                "block_size": self.block_size, "num_target_layers": self.num_target_layers,
+                "dflash_config": {"target_layer_ids": self.target_layer_ids, "mask_token_id": self.mask_token_id,
+                                  "causal": self.causal, "causal_head": self.causal}}
+
+    def check_fits(self, target: ModelConfig) -> None:
+        """Refuse a head trained for another target, with the reason."""
+        c = self.layers
+        problems = []
+        if c.hidden_size != target.hidden_size:
+            problems.append(f"hidden size {c.hidden_size} != target's {target.hidden_size}")
+        if c.vocab_size != target.vocab_size:
+            problems.append(f"vocabulary {c.vocab_size} != target's {target.vocab_size}")
+        if self.num_target_layers != target.num_hidden_layers:
+            problems.append(f"trained on a {self.num_target_layers}-layer target, this one has "
+                            f"{target.num_hidden_layers}")
+        if any(not 0 <= i < target.num_hidden_layers - 1 for i in self.target_layer_ids):
+            problems.append(f"target_layer_ids {self.target_layer_ids} must lie in 0..{target.num_hidden_layers - 2}")
+        if (c.num_key_value_heads, c.head_dim) != (target.num_key_value_heads, target.head_dim):
+            problems.append("its KV heads/head_dim differ from the target's (they share one KV pool)")
+        if not 0 <= self.mask_token_id < target.vocab_size:
+            problems.append(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
+        if problems:
+            raise ValueError(f"draft head does not fit the target model: {'; '.join(problems)}; "
+                             f"use a head trained for this target (train_head.py) or --head none")
+
+
+class DraftHead(nn.Module):
+    def __init__(self, config: HeadConfig):
+        super().__init__()
+        self.config = config
+        c = config.layers
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.fc = nn.Linear(len(config.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
+        self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
+
+    def block_visibility(self, device: torch.device | None = None) -> torch.Tensor:
+        """bool `[B, B]` mask inside the block: lower-triangular (causal) or all ones (bidirectional)."""
+        ones = torch.ones(self.config.block_size, self.config.block_size, dtype=torch.bool, device=device)
+        return ones.tril() if self.config.causal else ones
+
+    def project_context(self, taps: torch.Tensor) -> torch.Tensor:
+        """taps `[C, k*H]` -> context rows `[C, H]`."""
+        return kernels.rms_norm(self.fc(taps), self.hidden_norm, self.config.layers.rms_norm_eps)[0]
+
+    def extend_context(self, taps: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                       kv_pool: torch.Tensor) -> None:
+        """Write the context K/V of new committed positions into the head's layers of the pool
+        (`kv_pool[i]` is head layer i)."""
+        context = self.project_context(taps)
+        for index, layer in enumerate(self.layers):
+            k, v = layer.self_attn.project_kv(context, positions, self.inv_freq)
+            kernels.store_kv(kv_pool[index][0], kv_pool[index][1], k, v, slot_mapping)
+
+    def forward(self, block_embeds: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor) -> torch.Tensor:
+        """block_embeds `[B, H]` (embedded anchor + masks) -> final-normed hidden `[B, H]`.
+
+        `meta` describes the block as new tokens after the context (prefix = committed context length)."""
+        def attend_for_layer(index):
+            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
+        x, residual = block_embeds, None
+        for index, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, attend_for_layer(index))
+        return kernels.rms_norm(x, self.norm, self.config.layers.rms_norm_eps, residual)[0]
+
+    def save(self, out_dir: str | Path) -> None:
+        from safetensors.torch import save_file
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(hf_state_dict(self), str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+
+
+def load_head(head_dir: str | Path, target: ModelConfig, dtype: torch.dtype, device: torch.device) -> DraftHead:
+    path = Path(head_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no draft head at {path} (config.json missing); pass --head DIR or --head none")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
+    config = HeadConfig.from_dict(raw)
+    config.check_fits(target)
+    with torch.device("meta"):
+        head = DraftHead(config)
+    head = head.to_empty(device=device).to(dtype)
+    head.inv_freq = rope_inv_freq(config.layers.head_dim, config.layers.rope_theta).to(device)
+    # Published heads sometimes carry copies of the target's embedding / lm_head; the target's are used.
+    load_weights(head, path, ignore=("embed_tokens.weight", "lm_head.weight"))
+    return head

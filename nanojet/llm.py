@@ -1,0 +1,111 @@
+"""The user-facing entry point: `LLM(model_dir).generate(prompt, SamplingParams(...))`.
+
+Loads the target (and a draft head), sizes the KV pool, applies the chat template and detokenizes."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import ModelConfig
+from .engine import Engine, GenerationStats, SpeculativeParams
+from .head import DraftHead, load_head
+from .kv_cache import KVCache
+from .loader import load_weights
+from .qwen3 import Qwen3, rope_inv_freq
+from .sampling import SamplingParams
+from .tokenizer import IncrementalDetokenizer, Tokenizer
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_MODEL = WEIGHTS_DIR / "qwen3-stdlib-tiny"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls are hundreds of times slower than fp32 on the CPUs this runs on.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, float32 or bfloat16")
+    return DTYPES[name]
+
+
+def load_target(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Qwen3:
+    config = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = Qwen3(config)  # no random init: every parameter comes from the checkpoint
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
+    load_weights(model, model_dir, ignore=("lm_head.weight",) if config.tie_word_embeddings else ())
+    return model.eval()
+
+
+@dataclass
+class Output:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    stats: GenerationStats
+
+
+class LLM:
+    def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
+                 dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,
+                 max_tree_nodes: int = 512):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = Tokenizer.from_dir(model)
+        self.model = load_target(model, self.dtype, self.device)
+        config = self.model.config
+        self.head: DraftHead | None = None if head is None else load_head(head, config, self.dtype, self.device)
+        if self.head is not None:
+            self.head.eval()
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        head_layers = self.head.config.layers.num_hidden_layers if self.head else 0
+        # One sequence at a time: its context plus the widest scratch a round can ask for (tree or draft block).
+        scratch = max(max_tree_nodes, self.head.config.block_size if self.head else 1)
+        pages = -(-(self.max_model_len + scratch) // kv_page_size)
+        self.kv_cache = KVCache(config.num_hidden_layers + head_layers, config.num_key_value_heads, config.head_dim,
+                                num_pages=pages, kv_page_size=kv_page_size, max_pages_per_sequence=pages,
+                                dtype=self.dtype, device=self.device)
+        eos = sorted(set(config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        self.engine = Engine(self.model, self.kv_cache, self.max_model_len, eos, self.head)
+        self.max_tree_nodes = max_tree_nodes
+
+    def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None,
+                      enable_thinking: bool = False) -> list[int]:
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user",
+                                                                                        "content": prompt}]
+            prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
+        return self.tokenizer.encode(prompt)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                 spec: SpeculativeParams | None = None, chat: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> Output:
+        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting."""
+        params = params or SamplingParams()
+        if spec is not None and spec.budget > self.max_tree_nodes:
+            raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
+        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+
+        def stream(tokens: list[int]) -> None:
+            on_text("".join(detokenizer.push(t) for t in tokens))
+
+        result = self.engine.generate(ids, params, spec, stream if on_text else None)
+        if on_text:
+            on_text(detokenizer.flush())
+        return Output(text=self.tokenizer.decode(result.token_ids), token_ids=result.token_ids,
+                      prompt_token_ids=ids, stats=result.stats)

@@ -1,0 +1,149 @@
+"""The dense Qwen3 target in one file: embedding, decoder layers, final norm, lm_head, and taps.
+
+Two forwards share the weights:
+- `forward` runs flat tokens of one or more sequences over the paged KV pool (prefill, decode, tree verify),
+  with attention described by an explicit `AttentionMetadata`;
+- `forward_dense` runs a `[batch, seq]` block with plain causal attention and no cache (training, teachers).
+Both can return *taps*: the residual stream after chosen decoder layers (HF `hidden_states[i + 1]`).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from .config import ModelConfig
+from .kv_cache import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        self.scale = config.head_dim ** -0.5
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, config.qkv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = nn.Parameter(torch.ones(self.head_dim))
+        self.k_norm = nn.Parameter(torch.ones(self.head_dim))
+
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+    def project(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+        """h `[T, H]` -> q `[T, Hq, D]`, k, v `[T, Hkv, D]` with q/k-norm and RoPE applied."""
+        q, k, v = self._split(self.qkv_proj(h))
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, positions, inv_freq, self.eps)
+        return q, k, v
+
+    def project_kv(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+        """K/V only (the draft head's context rows): skips the query rows of the fused projection."""
+        weight = self.qkv_proj.weight[self.q_size:]
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[self.q_size:]
+        k, v = F.linear(h, weight, bias).split([self.kv_size, self.kv_size], dim=-1)
+        k, v = k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim)
+        # One fused kernel serves both: the "query" output here is a discarded copy of k (context rows are few).
+        _, k = kernels.qk_norm_rope(k, k, self.k_norm, self.k_norm, positions, inv_freq, self.eps)
+        return k, v
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(h, meta.positions, inv_freq)
+        k_cache, v_cache = cache[0], cache[1]
+        kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
+                                      meta.query_starts, meta.visibility, self.scale)
+        return self.o_proj(out.flatten(1))
+
+    def forward_dense(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+        """h `[B, S, H]`; causal attention (or `mask` `[B or 1, 1, S, S]` bool) without a cache."""
+        batch, seq = h.shape[:2]
+        q, k, v = self.project(h.flatten(0, 1), positions.flatten(), inv_freq)
+        q, k, v = (t.view(batch, seq, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=self.scale, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(h)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Qwen3 block. The residual stream is carried separately so each RMSNorm fuses the add."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, x, residual, attend):
+        h, residual = kernels.rms_norm(x, self.input_layernorm, self.eps, residual)
+        h, residual = kernels.rms_norm(attend(self.self_attn, h), self.post_attention_layernorm, self.eps, residual)
+        return self.mlp(h), residual
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
+
+
+class Qwen3(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden rows -> fp32 logits (computed only for the rows a caller needs)."""
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def _run_layers(self, x: torch.Tensor, attend_for_layer, tap_layers: tuple[int, ...]):
+        residual, taps = None, []
+        for index, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, attend_for_layer(index))
+            if index in tap_layers:
+                taps.append(x + residual)
+        hidden, _ = kernels.rms_norm(x, self.norm, self.config.rms_norm_eps, residual)
+        return hidden, (torch.cat(taps, dim=-1) if taps else None)
+
+    def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor,
+                tap_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens `[T]` -> (final-normed hidden `[T, H]`, taps `[T, len(tap_layers) * H]` or None).
+
+        Layer i uses `kv_pool[i]` (`[2, pages, page_size, Hkv, D]`); K/V of the new tokens are stored at
+        `meta.slot_mapping` before attention reads them."""
+        def attend_for_layer(index):
+            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
+        return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)
+
+    def forward_dense(self, tokens: torch.Tensor, tap_layers: tuple[int, ...] = ()):
+        """tokens `[B, S]` at positions 0..S-1 with causal attention -> (hidden `[B, S, H]`, taps or None)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+
+        def attend_for_layer(index):
+            return lambda attn, h: attn.forward_dense(h, positions, self.inv_freq, None)
+        return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)

@@ -1,0 +1,77 @@
+"""Token choice: greedy, or temperature / top-k / top-p sampling with noise keyed by (seed, position).
+
+Sampling is Gumbel-max: `argmax(filtered_logits / T + g)` where the Gumbel noise `g` over the vocabulary is a
+pure function of `(seed, absolute position of the token being chosen)`. Every tree node at the same depth
+therefore sees the same noise as plain decoding at that position, which makes speculative decoding emit the
+very same tokens as plain decoding for a given seed, at any temperature.
+"""
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_new_tokens: int = 128
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2^31), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 lanes (multipliers < 2^27, so products never overflow int64)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[N, V]` fp32 Gumbel noise; row i depends only on (seed, positions[i])."""
+    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(torch.tensor(seed, device=positions.device))))
+    column = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
+    bits = _mix32((row[:, None] * 0x01000193 + column[None, :] * 0x9E3779B1) & _MASK32)
+    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 random bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits `[N, V]` fp32 of the rows that choose the tokens at `positions` `[N]` -> token ids `[N]` int64."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    return (filtered + gumbel_noise(params.seed, positions, logits.shape[-1])).argmax(dim=-1)

@@ -1,0 +1,137 @@
+"""Draft tree: built on device from the head's per-depth log-probs, its ancestor bit masks, and the acceptance walk.
+
+A tree node is a path of candidate ranks `(r_1 .. r_d)`: the depth-d candidates are the top-`width` tokens of
+draft row d-1, shared by every parent at depth d-1, and a node's score is the sum of its ranks' log-probs. Scores
+only fall along a path, so the best `budget` nodes form a tree. Everything here is tensor ops with shapes fixed
+by Python ints (budget, width, depth, vocabulary): no host sync, so a round can run inside one CUDA graph and the
+caller reads back only the accepted count.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from kernels.reference import pack_visibility, unpack_visibility
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor      # [N] int64; node 0 is the anchor
+    parents: torch.Tensor     # [N] int64; parents[0] = -1, parents[i] < i
+    depths: torch.Tensor      # [N] int64; node at depth d sits at position n-1+d
+    visibility: torch.Tensor  # [N, ceil(N/32)] int32; bit j of row i: node j is i or an ancestor of i
+
+
+def tree_size(budget: int, width: int, depth: int) -> int:
+    """Nodes `build_tree` returns: the budget, or the whole width-ary tree of that depth if it is smaller."""
+    if budget < 1 or width < 1 or depth < 0:
+        raise ValueError(f"tree: need budget >= 1, width >= 1, depth >= 0; got {budget}, {width}, {depth}")
+    total, level = 1, 1
+    for _ in range(depth):
+        if total >= budget:
+            break
+        level *= width
+        total += level
+    return min(budget, total)
+
+
+def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, width: int,
+               depth: int | None = None) -> DraftTree:
+    """The `tree_size(budget, width, depth limit)` best nodes by cumulative log-prob, anchor included.
+
+    `draft_logprobs` `[B-1, V]` (row d-1 = depth d); the depth limit is `min(depth, B-1)` (`B-1` when None).
+    Nodes are ordered by depth, then score, so parents precede children; siblings carry distinct tokens.
+
+    Nodes are ranked by score, ties going to the shallower node (so a parent always outranks its children),
+    then to the better-ranked parent, then to the better candidate rank. Under this order the result is exact
+    with a per-depth beam: a depth-d node in the global best K = budget-1 is among the best K at depth d, and
+    its parent among the best K at depth d-1 (each rival that outranks the parent has a child with the same
+    candidate rank that outranks the node). So keeping K per depth, then the best K over all depths, loses
+    nothing. Scores add up in float64, where sums of a few bf16/fp32 log-probs are exact, so rounding does not
+    invent or break ties. Ties between tokens of one draft row are left to `torch.topk`.
+    """
+    if anchor.dim() != 0:
+        raise ValueError(f"tree: anchor must be a 0-dim token tensor, got shape {tuple(anchor.shape)}")
+    if draft_logprobs.dim() != 2:
+        raise ValueError(f"tree: draft_logprobs must be [depths, vocab], got shape {tuple(draft_logprobs.shape)}")
+    rows, vocab = draft_logprobs.shape
+    max_depth = rows if depth is None else min(depth, rows)
+    num_nodes = tree_size(budget, width, max_depth)  # validates budget, width, depth
+    if width > vocab:
+        raise ValueError(f"tree: width {width} exceeds the draft vocabulary ({vocab} tokens)")
+    device = draft_logprobs.device
+    root_token = anchor.reshape(1).to(device=device, dtype=torch.int64)
+    keep = budget - 1
+    if num_nodes == 1:
+        return _finish(root_token, torch.full((1,), -1, dtype=torch.int64, device=device),
+                       torch.zeros(1, dtype=torch.int64, device=device), max_depth)
+
+    top_logprobs, top_tokens = draft_logprobs[:max_depth].topk(width, dim=-1)  # [D, width], sorted best first
+    # Log-probs are <= 0, so a child never outscores its parent and the chosen set is closed under parents;
+    # the clamp keeps that true (and the tree valid) even if a caller passes unnormalised logits.
+    top_logprobs = top_logprobs.double().clamp(max=0.0)
+
+    # Beam per depth, kept in (score desc, parent's place, rank) order; stable sorts carry the tie order along.
+    level_scores = torch.zeros(1, dtype=torch.float64, device=device)  # the root
+    scores, tokens, parents, depths = [], [], [], []
+    level_offset, previous_offset = 0, -1  # where this / the previous depth's beam starts in the concatenation
+    for d in range(1, max_depth + 1):
+        candidates = (level_scores[:, None] + top_logprobs[d - 1][None, :]).flatten()  # [M_{d-1} * width]
+        order = candidates.sort(descending=True, stable=True).indices[:keep]  # [M_d]
+        level_scores = candidates[order]
+        parent_in_level, rank = order // width, order % width
+        scores.append(level_scores)
+        tokens.append(top_tokens[d - 1][rank])
+        parents.append(parent_in_level + previous_offset if d > 1 else torch.full_like(order, -1))
+        depths.append(torch.full_like(order, d))
+        previous_offset, level_offset = level_offset, level_offset + order.numel()
+    scores, tokens, parents, depths = (torch.cat(x) for x in (scores, tokens, parents, depths))  # [T]
+
+    # The concatenation is in (depth, score) order, so a stable sort breaks score ties towards shallow nodes,
+    # and sorting the chosen positions back restores (depth, score) order: parents come first.
+    chosen = scores.sort(descending=True, stable=True).indices[:num_nodes - 1].sort().values  # [N-1]
+    new_index = torch.zeros_like(scores, dtype=torch.int64).scatter_(
+        0, chosen, torch.arange(1, num_nodes, device=device))  # concatenation position -> node index
+    chosen_parents = parents[chosen]
+    node_parents = torch.where(chosen_parents >= 0, new_index[chosen_parents.clamp(min=0)], 0)
+    return _finish(torch.cat([root_token, tokens[chosen]]),
+                   torch.cat([torch.full((1,), -1, dtype=torch.int64, device=device), node_parents]),
+                   torch.cat([torch.zeros(1, dtype=torch.int64, device=device), depths[chosen]]), max_depth)
+
+
+def _finish(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, max_depth: int) -> DraftTree:
+    """Adds the ancestor-or-self masks, one depth level at a time: a node's set is its parent's plus itself."""
+    num_nodes = tokens.numel()
+    own_bit = pack_visibility(torch.eye(num_nodes, dtype=torch.bool, device=tokens.device))  # [N, W]
+    visibility = own_bit
+    for d in range(1, min(max_depth, num_nodes - 1) + 1):
+        at_depth = (depths == d)[:, None]
+        visibility = torch.where(at_depth, visibility[parents.clamp(min=0)] | own_bit, visibility)
+    return DraftTree(tokens, parents, depths, visibility)
+
+
+def chain_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, depth: int) -> DraftTree:
+    """The greedy chain: the anchor and the best token of each of the first `depth` draft rows."""
+    return build_tree(anchor, draft_logprobs, budget=depth + 1, width=1, depth=depth)
+
+
+def accept(tree: DraftTree, target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk from the root while a child carries the token the target chose after its parent.
+
+    `target_tokens` `[N]`: the target's token after each node. Returns `(path_nodes [N], accept_count [])`,
+    int64: the accepted nodes in depth order starting with 0, then padded with the last accepted node, so every
+    entry is a valid node index (static-shape gathers and K/V moves into the discarded scratch need no mask).
+    The bonus token is `target_tokens[path_nodes[-1]]`.
+
+    The recursion accepted[i] = accepted[parent] & (tokens[i] == target_tokens[parent]) unrolls to "every
+    ancestor-or-self matches", which the visibility mask answers in one step without knowing the tree's depth.
+    Siblings are distinct, so the accepted set is one path, and along it node indices increase.
+    """
+    num_nodes = tree.tokens.numel()
+    node_index = torch.arange(num_nodes, device=tree.tokens.device)
+    matches = tree.tokens == target_tokens[tree.parents.clamp(min=0)]
+    matches[0] = True  # the anchor is committed already
+    ancestors = unpack_visibility(tree.visibility, num_nodes)  # [N, N]
+    accepted = (matches[None, :] | ~ancestors).all(dim=-1)  # [N]
+    last = torch.where(accepted, node_index, 0).max()
+    path_nodes = torch.minimum(torch.where(accepted, node_index, num_nodes).sort().values, last)
+    return path_nodes, accepted.sum()

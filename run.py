@@ -1,0 +1,79 @@
+"""Generate text with nanojet: `python run.py --prompt "def fibonacci(n):"`.
+
+Streams the completion to stdout and a one-line summary to stderr; `--json` prints one JSON object instead.
+Bad input (missing model, invalid flag value, prompt too long) prints one line on stderr and exits with 2."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_HEAD_NAME = "head-causal"  # the draft head shipped beside a model, in <model>/<this name>
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="nanojet: Qwen3 generation with parallel tree speculative decoding")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--model", default=None, help="Qwen3 checkpoint directory (default: the embedded model)")
+    parser.add_argument("--head", default="auto",
+                        help="draft head directory, 'none' for plain decoding, or 'auto' (the model's shipped head)")
+    parser.add_argument("--ar", action="store_true", help="plain autoregressive decoding (no draft head)")
+    parser.add_argument("--budget", type=int, default=64, help="draft tree nodes per round, anchor included")
+    parser.add_argument("--width", type=int, default=4, help="candidates per tree depth")
+    parser.add_argument("--depth", type=int, default=None, help="tree depth limit (default: head block size - 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ignore-eos", action="store_true")
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument("--chat", dest="chat", action="store_true", default=None,
+                          help="apply the chat template (default for models that ship one)")
+    template.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as it is")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + generation)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        import torch  # noqa: F401  (imported here so --help stays instant)
+        from nanojet import LLM, SamplingParams, SpeculativeParams
+        from nanojet.llm import DEFAULT_MODEL
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+        model = Path(args.model) if args.model else DEFAULT_MODEL
+        head = None if args.ar or args.head == "none" else args.head
+        if head == "auto":
+            head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
+        spec = SpeculativeParams(args.budget, args.width, args.depth) if head else None
+        llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+        chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
+        stream = None if args.json else (lambda text: print(text, end="", flush=True))
+        out = llm.generate(args.prompt, params, spec, chat=chat, on_text=stream)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    stats = out.stats
+    elapsed = stats.prefill_s + stats.decode_s
+    if args.json:
+        record = {"text": out.text, "token_ids": out.token_ids, "prompt_tokens": stats.prompt_tokens,
+                  "new_tokens": stats.new_tokens, "elapsed_s": round(elapsed, 4),
+                  "tokens_per_s": round(stats.tokens_per_s, 2), "prefill_s": round(stats.prefill_s, 4),
+                  "finish_reason": stats.finish_reason, "mode": "speculative" if spec else "ar",
+                  "rounds": stats.rounds, "accept_len": round(stats.accept_len, 3),
+                  "accept_hist": {str(k): v for k, v in sorted(stats.accept_hist.items())}}
+        print(json.dumps(record))
+    else:
+        summary = f"{stats.new_tokens} tokens in {elapsed:.2f} s ({stats.tokens_per_s:.1f} tok/s)"
+        if spec:
+            summary += f" | tau {stats.accept_len:.2f} | {stats.rounds} rounds"
+        print(f"\n{summary}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Shared fixtures: small random Qwen3 checkpoints written by HF transformers, and engines over them."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+torch.set_num_threads(2)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def hf_config(**overrides):
+    from transformers import Qwen3Config
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rope_theta=10000.0,
+                tie_word_embeddings=False, rms_norm_eps=1e-6, eos_token_id=None, bos_token_id=None,
+                pad_token_id=None)
+    base.update(overrides)
+    return Qwen3Config(**base)
+
+
+def write_hf_model(directory: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """A random HF Qwen3ForCausalLM saved with save_pretrained (fp32), returned in eval mode."""
+    from transformers import Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(hf_config(**overrides)).eval()
+    with torch.no_grad():  # HF initialises norms to ones; random norms exercise the weight mapping better
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return model
+
+
+def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
+    """A tokenizer of the 256 bytes plus specials, so run.py / LLM can be driven on a random model."""
+    from nanojet.tokenizer import QWEN_PATTERN, write_tokenizer_files  # noqa: F401
+    from nanojet.tokenizer import BYTE_TO_CHAR
+    ranks = {bytes([b]): i for i, b in enumerate(BYTE_TO_CHAR)}
+    specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
+    assert vocab_size > 258
+    write_tokenizer_files(ranks, specials, directory, eos_token="<|endoftext|>")
+
+
+def make_engine(model_dir: Path, page_size: int = 8, max_model_len: int = 256, head=None,
+                dtype=torch.float32):
+    """An Engine over a checkpoint directory, without a tokenizer."""
+    from nanojet.engine import Engine
+    from nanojet.kv_cache import KVCache
+    from nanojet.llm import load_target
+    model = load_target(model_dir, dtype, torch.device("cpu"))
+    config = model.config
+    layers = config.num_hidden_layers + (head.config.layers.num_hidden_layers if head else 0)
+    pages = -(-(max_model_len + 512) // page_size)
+    cache = KVCache(layers, config.num_key_value_heads, config.head_dim, pages, page_size, pages, dtype,
+                    torch.device("cpu"))
+    return Engine(model, cache, max_model_len, eos_token_ids=[], head=head)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """One shared random checkpoint (GQA 2, head_dim != hidden/heads, untied) with a byte tokenizer."""
+    directory = tmp_path_factory.mktemp("hf_model")
+    model = write_hf_model(directory, seed=1, head_dim=24)
+    write_byte_tokenizer(directory)
+    return directory, model

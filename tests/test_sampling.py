@@ -1,0 +1,66 @@
+"""Sampling: greedy, seeded Gumbel-max keyed by (seed, position), top-k / top-p filtering."""
+import pytest
+import torch
+
+from conftest import make_engine
+from nanojet.sampling import SamplingParams, filter_logits, gumbel_noise, sample
+
+
+def test_noise_depends_only_on_seed_and_position():
+    a = gumbel_noise(7, torch.tensor([3, 10, 3]), 50)
+    assert torch.equal(a[0], a[2])  # same position, same noise, wherever the row sits
+    assert not torch.equal(a[0], a[1])
+    assert not torch.equal(gumbel_noise(8, torch.tensor([3]), 50)[0], a[0])
+    assert torch.isfinite(a).all()
+
+
+def test_noise_is_gumbel_distributed():
+    noise = gumbel_noise(0, torch.arange(200), 1000).flatten()
+    assert abs(noise.mean().item() - 0.5772) < 0.02  # Euler-Mascheroni constant
+    assert abs(noise.var().item() - torch.pi ** 2 / 6) < 0.05
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, 4)
+    draws = sample(logits, torch.arange(4000), SamplingParams(temperature=1.0, seed=3))
+    freq = torch.bincount(draws, minlength=4).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_top_k_and_top_p_never_emit_filtered_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(300, 40)
+    top_k = sample(logits, torch.arange(300), SamplingParams(temperature=1.5, top_k=3, seed=1))
+    allowed = torch.topk(logits, 3).indices
+    assert (allowed == top_k[:, None]).any(-1).all()
+    top_p = sample(logits, torch.arange(300), SamplingParams(temperature=1.0, top_p=0.5, seed=1))
+    kept = torch.isfinite(filter_logits(logits, 0, 0.5))
+    assert kept.gather(1, top_p[:, None]).all()
+    probs = torch.softmax(logits, -1)
+    # The nucleus is the smallest prefix of the sorted distribution whose mass reaches top_p.
+    mass = (probs * kept).sum(-1)
+    smallest = (probs * kept).masked_fill(~kept, 2).min(-1).values
+    assert (mass >= 0.5 - 1e-6).all() and (mass - smallest < 0.5).all()
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 30)
+    assert torch.equal(sample(logits, torch.arange(5), SamplingParams()), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(max_new_tokens=0), dict(seed=-1)])
+def test_invalid_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_same_seed_same_tokens_different_seed_differs(hf_model_dir):
+    directory, _ = hf_model_dir
+    engine = make_engine(directory)
+    prompt = [9, 8, 7, 6]
+    run = lambda seed: engine.generate(prompt, SamplingParams(temperature=1.0, seed=seed, max_new_tokens=24,
+                                                              ignore_eos=True)).token_ids
+    assert run(5) == run(5)
+    assert run(5) != run(6)
