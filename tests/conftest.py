@@ -8,7 +8,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(2)
+# One thread: the tests run tiny matmuls, where a second thread only adds spin-wait overhead (and
+# oversubscription when the machine is busy).
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):
@@ -80,3 +82,21 @@ def hf_model_dir(tmp_path_factory):
     model = write_hf_model(directory, seed=1, head_dim=24)
     write_byte_tokenizer(directory)
     return directory, model
+
+
+def random_head(target_config, causal: bool = True, seed: int = 0, layers: int = 2, block_size: int = 8,
+                target_layer_ids=(0, 1), mask_token_id: int = 300):
+    """A randomly initialised draft head that fits `target_config` (drafts are poor; losslessness is not)."""
+    from dataclasses import replace
+
+    from nanojet.head import DraftHead, HeadConfig
+    config = HeadConfig(layers=replace(target_config, num_hidden_layers=layers), block_size=block_size,
+                        num_target_layers=target_config.num_hidden_layers, target_layer_ids=list(target_layer_ids),
+                        mask_token_id=mask_token_id, causal=causal)
+    torch.manual_seed(seed)
+    head = DraftHead(config).eval()
+    with torch.no_grad():
+        for name, param in head.named_parameters():
+            if param.dim() == 1:
+                param.uniform_(0.5, 1.5)
+    return head

@@ -1,0 +1,132 @@
+"""The draft head: its paged, cached forward equals a naive dense implementation; checkpoints round-trip in the
+JetSpec / DFlash format; heads that do not fit the target are refused."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_engine, random_head
+from nanojet.config import ModelConfig
+from nanojet.head import load_head
+from nanojet.kv_cache import Sequence
+from nanojet.sampling import SamplingParams
+
+
+def rms(x, weight, eps=1e-6):
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rope(x, positions, theta, head_dim):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions[:, None].double() * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos().float(), torch.cat([angles, angles], -1).sin().float()
+    half = head_dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def naive_draft_logprobs(target, head, committed: list[int]) -> torch.Tensor:
+    """Dense [context ; block] attention written from the definition, independent of kernels/ and the pool."""
+    c = head.config.layers
+    n = len(committed)
+    _, taps = target.forward_dense(torch.tensor([committed[:-1]]), tap_layers=tuple(head.config.target_layer_ids))
+    context = rms(head.fc(taps[0]), head.hidden_norm)  # [n-1, H]
+    block = torch.full((head.config.block_size,), head.config.mask_token_id)
+    block[0] = committed[-1]
+    x = target.embed_tokens(block)
+    ctx_pos, blk_pos = torch.arange(n - 1), torch.arange(n - 1, n - 1 + head.config.block_size)
+    b = head.config.block_size
+    mask = torch.ones(b, n - 1 + b, dtype=torch.bool)
+    if head.config.causal:
+        mask[:, n - 1:] = torch.ones(b, b, dtype=torch.bool).tril()
+    for layer in head.layers:
+        attn = layer.self_attn
+        h = rms(x, layer.input_layernorm)
+        wq, wk, wv = attn.qkv_proj.weight.split([attn.q_size, attn.kv_size, attn.kv_size])
+        heads = lambda t, n_heads: t.view(t.shape[0], n_heads, c.head_dim)
+        q = rope(rms(heads(h @ wq.T, c.num_attention_heads), attn.q_norm), blk_pos, c.rope_theta, c.head_dim)
+        k = torch.cat([rope(rms(heads(src @ wk.T, c.num_key_value_heads), attn.k_norm), pos, c.rope_theta,
+                            c.head_dim) for src, pos in ((context, ctx_pos), (h, blk_pos))])
+        v = torch.cat([heads(src @ wv.T, c.num_key_value_heads) for src in (context, h)])
+        group = c.num_attention_heads // c.num_key_value_heads
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * c.head_dim ** -0.5
+        out = torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
+        x = x + attn.o_proj(out.flatten(1))
+        h = rms(x, layer.post_attention_layernorm)
+        gate, up = layer.mlp.gate_up_proj(h).chunk(2, -1)
+        x = x + layer.mlp.down_proj(F.silu(gate) * up)
+    return torch.log_softmax(target.logits(rms(x, head.norm)[1:]), -1)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_paged_draft_equals_naive_dense(hf_model_dir, causal):
+    directory, _ = hf_model_dir
+    head = random_head(ModelConfig.from_dir(directory), causal=causal, seed=5)
+    engine = make_engine(directory, page_size=4, head=head)
+    prompt = [4, 8, 15, 16, 23, 42, 100, 7, 9, 200, 3, 5, 1]
+    sequence = Sequence()
+    with torch.no_grad():
+        anchor = engine._prefill(sequence, prompt, SamplingParams(), tuple(head.config.target_layer_ids))
+        ours = engine._draft(sequence, anchor)
+        reference = naive_draft_logprobs(engine.target, head, prompt + [int(anchor)])
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_causal_rows_ignore_later_block_rows(hf_model_dir, causal):
+    """In a causal head row j sees rows <= j only, so a shorter block drafts the same first rows; in a
+    bidirectional head every row sees the whole block, so they change."""
+    directory, _ = hf_model_dir
+    head = random_head(ModelConfig.from_dir(directory), causal=causal)
+    engine = make_engine(directory, head=head)
+    drafts = []
+    for block_size in (8, 4):
+        head.config.block_size = block_size
+        sequence = Sequence()
+        with torch.no_grad():
+            anchor = engine._prefill(sequence, [11, 12, 13, 14, 15], SamplingParams(), (0, 1))
+            drafts.append(engine._draft(sequence, anchor))
+        engine.kv.free(sequence)
+    assert torch.allclose(drafts[0][:3], drafts[1], atol=1e-5) == causal
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path, hf_model_dir):
+    directory, _ = hf_model_dir
+    target = ModelConfig.from_dir(directory)
+    head = random_head(target, causal=True, seed=9)
+    head.save(tmp_path / "head")
+    raw = json.loads((tmp_path / "head" / "config.json").read_text())
+    assert raw["architectures"] == ["DFlashDraftModel"] and raw["block_size"] == 8
+    assert raw["dflash_config"]["target_layer_ids"] == [0, 1] and raw["dflash_config"]["causal"] is True
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "head" / "model.safetensors"), "pt") as handle:
+        names = set(handle.keys())
+    assert {"fc.weight", "hidden_norm.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
+            "layers.1.mlp.down_proj.weight", "layers.0.self_attn.k_norm.weight"} <= names
+    loaded = load_head(tmp_path / "head", target, torch.float32, torch.device("cpu"))
+    for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.config.causal and loaded.config.target_layer_ids == [0, 1]
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"hidden_size": 32}, "hidden size"),
+    ({"num_target_layers": 5}, "5-layer target"),
+    ({"dflash_config": {"target_layer_ids": [0, 2], "mask_token_id": 300}}, "target_layer_ids"),
+    ({"vocab_size": 999}, "vocabulary"),
+])
+def test_heads_that_do_not_fit_are_refused(tmp_path, hf_model_dir, patch, message):
+    directory, _ = hf_model_dir
+    target = ModelConfig.from_dir(directory)
+    random_head(target).save(tmp_path / "head")
+    raw = json.loads((tmp_path / "head" / "config.json").read_text())
+    (tmp_path / "head" / "config.json").write_text(json.dumps({**raw, **patch}))
+    with pytest.raises(ValueError, match=message):
+        load_head(tmp_path / "head", target, torch.float32, torch.device("cpu"))
+
+
+def test_missing_head_directory(tmp_path, hf_model_dir):
+    with pytest.raises(FileNotFoundError, match="no draft head"):
+        load_head(tmp_path / "nothing", ModelConfig.from_dir(hf_model_dir[0]), torch.float32, torch.device("cpu"))
