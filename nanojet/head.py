@@ -124,6 +124,24 @@ class DraftHead(nn.Module):
             x, residual = layer(x, residual, attend_for_layer(index))
         return kernels.rms_norm(x, self.norm, self.config.layers.rms_norm_eps, residual)[0]
 
+    def forward_dense(self, context: torch.Tensor, context_positions: torch.Tensor, block_embeds: torch.Tensor,
+                      block_positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Training forward without the pool: context rows `[C, H]`, many blocks flattened to `[Q, H]`, and a bool
+        `[Q, C + Q]` mask saying which context rows and block rows each block row sees (block-sparse: a block
+        sees the context before its anchor and, causally or fully, its own rows). Returns hidden `[Q, H]`."""
+        def attend(attn, h):
+            q, k, v = attn.project(h, block_positions, self.inv_freq)
+            k_context, v_context = attn.project_kv(context, context_positions, self.inv_freq)
+            k, v = torch.cat([k_context, k]), torch.cat([v_context, v])
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=attn.scale,
+                enable_gqa=True)
+            return attn.o_proj(out.transpose(0, 1).flatten(1))
+        x, residual = block_embeds, None
+        for layer in self.layers:
+            x, residual = layer(x, residual, attend)
+        return kernels.rms_norm(x, self.norm, self.config.layers.rms_norm_eps, residual)[0]
+
     def save(self, out_dir: str | Path) -> None:
         from safetensors.torch import save_file
         out = Path(out_dir)
