@@ -65,7 +65,9 @@ def main(argv=None) -> int:
                   "tokens_per_s": round(stats.tokens_per_s, 2), "prefill_s": round(stats.prefill_s, 4),
                   "finish_reason": stats.finish_reason, "mode": "speculative" if spec else "ar",
                   "rounds": stats.rounds, "accept_len": round(stats.accept_len, 3),
-                  "accept_hist": {str(k): v for k, v in sorted(stats.accept_hist.items())}}
+                  "accept_hist": {str(k): v for k, v in sorted(stats.accept_hist.items())},
+                  "tokens_per_forward": round(stats.new_tokens / max(1, stats.target_forwards), 3),
+                  "time_split_s": {k: round(v, 4) for k, v in stats.time_split.items()}}
         print(json.dumps(record))
     else:
         summary = f"{stats.new_tokens} tokens in {elapsed:.2f} s ({stats.tokens_per_s:.1f} tok/s)"

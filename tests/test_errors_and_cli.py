@@ -117,3 +117,28 @@ def test_cli_bad_input_exits_2_with_one_line(hf_model_dir, args, message):
     result = run_cli("--prompt", "hello world", *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_speculative_matches_ar(tmp_path, hf_model_dir):
+    from conftest import random_head
+    random_head(ModelConfig.from_dir(hf_model_dir[0])).save(tmp_path / "head")
+    common = ["--model", str(hf_model_dir[0]), "--prompt", "x = [1, 2", "--max-new-tokens", "20", "--ignore-eos",
+              "--json", "--raw", "--temperature", "0.7", "--seed", "4"]
+    spec = run_cli(*common, "--head", str(tmp_path / "head"), "--budget", "16", "--width", "2")
+    plain = run_cli(*common, "--ar")
+    assert spec.returncode == 0 and plain.returncode == 0, spec.stderr + plain.stderr
+    spec, plain = json.loads(spec.stdout), json.loads(plain.stdout)
+    assert spec["mode"] == "speculative" and plain["mode"] == "ar"
+    assert spec["token_ids"] == plain["token_ids"]
+    assert spec["rounds"] == sum(spec["accept_hist"].values()) and spec["accept_len"] >= 1
+    assert set(spec["time_split_s"]) == {"draft", "tree", "verify", "accept", "commit"}
+
+
+def test_cli_refuses_a_head_for_another_target(tmp_path, hf_model_dir):
+    from dataclasses import replace
+
+    from conftest import random_head
+    other = replace(ModelConfig.from_dir(hf_model_dir[0]), num_hidden_layers=5)
+    random_head(other).save(tmp_path / "head")
+    result = run_cli("--model", str(hf_model_dir[0]), "--prompt", "hi", "--head", str(tmp_path / "head"))
+    assert result.returncode == 2 and "does not fit" in result.stderr
