@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports kernels.triton_ops
 
+import inspect  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
@@ -43,8 +44,17 @@ def device(request) -> str:
     return request.param
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
+def randn(*shape, generator: torch.Generator, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Drawn on CPU from a seeded generator (same values on every device; the global RNG is left alone)."""
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("name", ["paged_attention", "rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv",
+                                  "move_kv"])
+def test_triton_ops_take_the_reference_arguments(name):
+    """kernels/__init__.py calls both modules with the reference's positional arguments."""
+    expected = list(inspect.signature(getattr(reference, name)).parameters)
+    assert list(inspect.signature(getattr(triton_ops, name)).parameters)[:len(expected)] == expected
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,8 +231,9 @@ def test_rms_norm(device, dtype, shape, with_residual):
 
 
 def test_rms_norm_fp32_weight_promotes(device):
-    x = randn(3, 64, dtype=torch.bfloat16, device=device)
-    weight = randn(64, device=device)
+    generator = torch.Generator().manual_seed(0)
+    x = randn(3, 64, dtype=torch.bfloat16, device=device, generator=generator)
+    weight = randn(64, device=device, generator=generator)
     normed, _ = triton_ops.rms_norm(x, weight, 1e-6)
     expected, _ = reference.rms_norm(x, weight, 1e-6)
     assert normed.dtype == torch.float32
@@ -257,7 +268,7 @@ def test_qk_norm_rope(device, dtype, head_dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5, 2 * 77), (2, 3, 2 * 1500)])
 def test_silu_and_mul(device, dtype, shape):
-    gate_up = randn(*shape, dtype=dtype, device=device) * 4
+    gate_up = randn(*shape, dtype=dtype, device=device, generator=torch.Generator().manual_seed(0)) * 4
     out = triton_ops.silu_and_mul(gate_up)
     expected = reference.silu_and_mul(gate_up)
     assert out.dtype == expected.dtype and out.shape == expected.shape
