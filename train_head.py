@@ -22,7 +22,7 @@ import torch
 
 from nanojet.config import ModelConfig
 from nanojet.head import DraftHead, HeadConfig, load_head
-from nanojet.llm import DEFAULT_MODEL, LLM, load_target, resolve_device
+from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, load_target, resolve_device
 from nanojet.tokenizer import Tokenizer
 
 
@@ -164,6 +164,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="dtype of the published head (the resume state keeps fp32)")
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (time-sliced jobs; --resume)")
@@ -197,7 +199,7 @@ def train(args) -> Path:
     if args.resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: {state_path} does not exist; train without --resume first")
-        head = load_head(out, target.config, torch.float32, device)
+        head = load_head(out, target.config, torch.float32, device)  # the config; fp32 weights come below
     else:
         head = build_head(args, target.config, tokenizer).to(device)
     stream = load_corpus(args.data, tokenizer, args.model, args.regen, args.device)
@@ -208,6 +210,7 @@ def train(args) -> Path:
     step = 0
     if args.resume:
         state = torch.load(state_path, weights_only=False)
+        head.load_state_dict(state["head"])  # fp32 master weights: the published file may be bf16
         optimizer.load_state_dict(state["optimizer"])
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -239,8 +242,8 @@ def train(args) -> Path:
               f"{rate * args.batch * args.seq:.0f} tok/s ETA {(args.steps - step) / rate / 60:.1f} min",
               end="", flush=True)
         if step % args.checkpoint_every == 0 or step in (args.steps, args.stop_at):
-            head.save(out)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
+            head.save(out, DTYPES[args.save_dtype])
+            torch.save({"step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
                         "torch_rng": torch.get_rng_state(), "args": vars(args)}, state_path)
             print(f"\ncheckpoint at step {step}: loss {loss.item():.4f}, per-depth accuracy "
                   f"{info['per_depth_accuracy']}", flush=True)

@@ -142,11 +142,13 @@ class DraftHead(nn.Module):
             x, residual = layer(x, residual, attend)
         return kernels.rms_norm(x, self.norm, self.config.layers.rms_norm_eps, residual)[0]
 
-    def save(self, out_dir: str | Path) -> None:
+    def save(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config.json + model.safetensors (in `dtype`, default the parameters' own)."""
         from safetensors.torch import save_file
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(hf_state_dict(self), str(out / "model.safetensors"), metadata={"format": "pt"})
+        tensors = {k: v.to(dtype or v.dtype) for k, v in hf_state_dict(self).items()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
 
 
