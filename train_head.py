@@ -169,7 +169,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (time-sliced jobs; --resume)")
-    parser.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts for the final tau eval (0: off)")
+    parser.add_argument("--eval-prompts", type=int, default=4,
+                        help="held-out stdlib prompts for the tau eval at each checkpoint (0: off)")
     return parser.parse_args(argv)
 
 
@@ -221,6 +222,7 @@ def train(args) -> Path:
             return args.lr * (s + 1) / args.warmup
         return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup))))
 
+    eval_prompts = [tokenizer.encode(p) for p in held_out_prompts(args.eval_prompts)] if args.eval_prompts else []
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     start, first_step = time.time(), step
     while step < min(args.steps, args.stop_at or args.steps):
@@ -247,18 +249,16 @@ def train(args) -> Path:
                         "torch_rng": torch.get_rng_state(), "args": vars(args)}, state_path)
             print(f"\ncheckpoint at step {step}: loss {loss.item():.4f}, per-depth accuracy "
                   f"{info['per_depth_accuracy']}", flush=True)
+            if eval_prompts:
+                print(json.dumps({"step": step, **evaluate_tau(args.model, out, eval_prompts, args.device)}),
+                      flush=True)
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        out = train(args)
-        if args.eval_prompts:
-            from nanojet.engine import SpeculativeParams  # noqa: F401
-            tokenizer = Tokenizer.from_dir(args.model)
-            prompts = [tokenizer.encode(p) for p in held_out_prompts(args.eval_prompts)]
-            print(json.dumps(evaluate_tau(args.model, out, prompts, args.device)))
+        train(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

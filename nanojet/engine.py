@@ -178,15 +178,19 @@ class Engine:
         choices = sample(self.target.logits(hidden), positions + 1, params)  # the target's token after each node
         start = self._timed(stats, "verify", start)
 
-        path, count = accept(tree, choices)
-        path = path[:int(count)]  # the round's one host read
+        path, count = accept(tree, choices)  # path is padded past `count` with its last node
+        # The round's one host read: the count, the path's tokens and the target's choices, in one transfer.
+        nodes = len(tree.tokens)
+        host = torch.cat([count[None], tree.tokens[path], choices[path]]).tolist()
+        count, path = host[0], path[:host[0]]
+        emitted = host[2:1 + count] + [host[nodes + count]]
         start = self._timed(stats, "accept", start)
 
         self.kv.commit(sequence, path, num_layers=self.num_target_layers)
         if spec is not None:
-            self.head.extend_context(taps[path], positions[path], meta.slot_mapping[:len(path)], self._head_pool())
+            self.head.extend_context(taps[path], positions[path], meta.slot_mapping[:count], self._head_pool())
         self._timed(stats, "commit", start)
         stats.rounds += 1
         stats.target_forwards += 1
-        stats.accept_hist[len(path)] += 1
-        return tree.tokens[path[1:]].tolist() + [int(choices[path[-1]])]
+        stats.accept_hist[count] += 1
+        return emitted
