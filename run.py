@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + generation)")
+    parser.add_argument("--kv-memory-gb", type=float, default=None,
+                        help="KV pool size (default: room for one sequence of --max-model-len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     return parser.parse_args(argv)
 
@@ -50,7 +52,8 @@ def main(argv=None) -> int:
         if head == "auto":
             head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
         spec = SpeculativeParams(args.budget, args.width, args.depth) if head else None
-        llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+        llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+                  kv_memory_gb=args.kv_memory_gb)
         chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
         stream = None if args.json else (lambda text: print(text, end="", flush=True))
         out = llm.generate(args.prompt, params, spec, chat=chat, on_text=stream)

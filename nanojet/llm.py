@@ -62,7 +62,7 @@ class Output:
 class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,
-                 max_tree_nodes: int = 512):
+                 max_tree_nodes: int = 512, kv_memory_gb: float | None = None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -71,13 +71,23 @@ class LLM:
         self.head: DraftHead | None = None if head is None else load_head(head, config, self.dtype, self.device)
         if self.head is not None:
             self.head.eval()
-        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        if max_model_len is not None and not 2 <= max_model_len <= config.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} must lie in 2..{config.max_position_embeddings} "
+                             f"(the model's max_position_embeddings)")
+        self.max_model_len = max_model_len or config.max_position_embeddings
         head_layers = self.head.config.layers.num_hidden_layers if self.head else 0
         # One sequence at a time: its context plus the widest scratch a round can ask for (tree or draft block).
         scratch = max(max_tree_nodes, self.head.config.block_size if self.head else 1)
-        pages = -(-(self.max_model_len + scratch) // kv_page_size)
-        self.kv_cache = KVCache(config.num_hidden_layers + head_layers, config.num_key_value_heads, config.head_dim,
-                                num_pages=pages, kv_page_size=kv_page_size, max_pages_per_sequence=pages,
+        pages_per_sequence = -(-(self.max_model_len + scratch) // kv_page_size)
+        layers = config.num_hidden_layers + head_layers
+        pages = pages_per_sequence
+        if kv_memory_gb is not None:  # a memory budget instead of room for one full-length sequence
+            page_bytes = layers * 2 * kv_page_size * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
+            pages = int(kv_memory_gb * 2**30 // page_bytes)
+            if pages < 1:
+                raise ValueError(f"kv_memory_gb {kv_memory_gb} holds no KV page ({page_bytes} bytes each)")
+        self.kv_cache = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages=pages,
+                                kv_page_size=kv_page_size, max_pages_per_sequence=pages_per_sequence,
                                 dtype=self.dtype, device=self.device)
         eos = sorted(set(config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         self.engine = Engine(self.model, self.kv_cache, self.max_model_len, eos, self.head)

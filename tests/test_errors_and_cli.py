@@ -110,6 +110,7 @@ def test_cli_streams_text_and_summary(hf_model_dir):
     (["--temperature", "-1"], "temperature"),
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--max-model-len", "4"], "context holds 4"),
+    (["--max-model-len", "100000"], "max_position_embeddings"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(hf_model_dir, args, message):
     if "--model" not in args:
@@ -142,3 +143,9 @@ def test_cli_refuses_a_head_for_another_target(tmp_path, hf_model_dir):
     random_head(other).save(tmp_path / "head")
     result = run_cli("--model", str(hf_model_dir[0]), "--prompt", "hi", "--head", str(tmp_path / "head"))
     assert result.returncode == 2 and "does not fit" in result.stderr
+
+
+def test_cli_exhausted_kv_pool_exits_2(hf_model_dir):
+    result = run_cli("--model", str(hf_model_dir[0]), "--prompt", "a" * 40, "--raw", "--kv-memory-gb", "0.0001",
+                     "--max-new-tokens", "200", "--ignore-eos")
+    assert result.returncode == 2 and "KV cache exhausted" in result.stderr
