@@ -80,10 +80,12 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, spec: SpeculativeParams | None = None,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+                 on_tokens: Callable[[list[int]], None] | None = None,
+                 first_token_ids: list[int] | None = None) -> Generation:
         """Generate up to `params.max_new_tokens` ids after `prompt_ids`; `spec=None` (or no head) decodes plainly.
 
-        `on_tokens` receives each round's emitted ids as soon as they are final (for streaming)."""
+        `on_tokens` receives each round's emitted ids as soon as they are final (for streaming).
+        `first_token_ids` restricts the first generated token (token healing)."""
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token")
         if len(prompt_ids) >= self.max_model_len:
@@ -98,7 +100,7 @@ class Engine:
         emitted: list[int] = []
         try:
             start = time.perf_counter()
-            anchor = self._prefill(sequence, prompt_ids, params, taps)
+            anchor = self._prefill(sequence, prompt_ids, params, taps, first_token_ids)
             stats.prefill_s = time.perf_counter() - start
             stats.target_forwards = 1
             start = time.perf_counter()
@@ -134,7 +136,7 @@ class Engine:
         return new
 
     def _prefill(self, sequence: Sequence, prompt_ids: list[int], params: SamplingParams,
-                 tap_layers: tuple[int, ...]) -> torch.Tensor:
+                 tap_layers: tuple[int, ...], first_token_ids: list[int] | None = None) -> torch.Tensor:
         n = len(prompt_ids)
         tokens = torch.tensor(prompt_ids, device=self.device)
         positions = torch.arange(n, device=self.device)
@@ -144,7 +146,12 @@ class Engine:
         sequence.length = n
         if tap_layers:
             self.head.extend_context(taps, positions, meta.slot_mapping, self._head_pool())
-        return sample(self.target.logits(hidden[-1:]), positions[-1:] + 1, params)[0]
+        logits = self.target.logits(hidden[-1:])
+        if first_token_ids:
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            allowed[:, first_token_ids] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return sample(logits, positions[-1:] + 1, params)[0]
 
     def _head_pool(self) -> torch.Tensor:
         return self.kv.pool[self.num_target_layers:]

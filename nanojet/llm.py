@@ -103,19 +103,34 @@ class LLM:
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                  spec: SpeculativeParams | None = None, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None) -> Output:
-        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting."""
+                 on_text: Callable[[str], None] | None = None, token_healing: bool = True) -> Output:
+        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting.
+
+        Token healing (raw text prompts): a prompt cut inside what training text tokenizes as one piece (e.g.
+        `"):"` where the data always has `"):\n"`) leaves the model an unusual last token. The last prompt token
+        is taken back and the first generated token must start with its bytes; the returned text and stream
+        begin after those bytes, so they continue the prompt exactly."""
         params = params or SamplingParams()
         if spec is not None and spec.budget > self.max_tree_nodes:
             raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
         ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        healed, first_token_ids = b"", None
+        if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
+            tail = self.tokenizer.decode_bytes(ids[-1:])
+            candidates = self.tokenizer.ids_starting_with(tail)
+            if candidates and tail.decode("utf-8", errors="replace") == tail.decode("utf-8", errors="ignore"):
+                healed, first_token_ids, ids = tail, candidates, ids[:-1]
         detokenizer = IncrementalDetokenizer(self.tokenizer)
+        skip = len(healed.decode("utf-8"))  # characters of the healed token the prompt already shows
 
         def stream(tokens: list[int]) -> None:
-            on_text("".join(detokenizer.push(t) for t in tokens))
+            nonlocal skip
+            text = "".join(detokenizer.push(t) for t in tokens)
+            text, skip = text[skip:], max(0, skip - len(text))
+            on_text(text)
 
-        result = self.engine.generate(ids, params, spec, stream if on_text else None)
+        result = self.engine.generate(ids, params, spec, stream if on_text else None, first_token_ids)
         if on_text:
             on_text(detokenizer.flush())
-        return Output(text=self.tokenizer.decode(result.token_ids), token_ids=result.token_ids,
-                      prompt_token_ids=ids, stats=result.stats)
+        text = self.tokenizer.decode_bytes(result.token_ids)[len(healed):].decode("utf-8", errors="replace")
+        return Output(text=text, token_ids=result.token_ids, prompt_token_ids=ids, stats=result.stats)

@@ -226,6 +226,10 @@ class Tokenizer:
         except KeyError:
             return b""
 
+    def ids_starting_with(self, prefix: bytes) -> list[int]:
+        """Ordinary tokens whose bytes start with `prefix` (token healing's candidates for a cut-off token)."""
+        return [i for token, i in self._ranks.items() if token.startswith(prefix)]
+
     def decode(self, ids: list[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 

@@ -1,6 +1,7 @@
 """The embedded default model in weights/: HF transformers loads it with the same logits, run.py's default
 command completes Python, and its shipped heads decode losslessly."""
 import json
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,20 @@ def test_it_writes_python(llm):
     out = llm.generate(SNIPPET, SamplingParams(max_new_tokens=24))
     assert out.stats.new_tokens == 24 or out.stats.finish_reason == "eos"
     # A trained model continues the block with indented code, not noise.
-    assert out.text.startswith("        ") and any(word in out.text for word in ("return", "f.", "=", "read"))
+    lines = [line for line in out.text.splitlines() if line.strip()]
+    assert lines and all(line.startswith("        ") for line in lines)
+    assert re.search(r"\b(if|for|return|raise|with|try|while)\b|=", out.text)
+
+
+def test_token_healing_continues_a_prompt_cut_mid_token(llm):
+    """"def f(n):" ends in the token "):" although the data has "):\n" as one token; healing regenerates it."""
+    ids = llm.tokenizer.encode("def fibonacci(n):")
+    healed = llm.generate("def fibonacci(n):", SamplingParams(max_new_tokens=8))
+    assert healed.prompt_token_ids == ids[:-1]
+    first = llm.tokenizer.decode([healed.token_ids[0]])
+    assert first.startswith("):") and first != "):"  # a longer token that begins with the cut-off text
+    assert healed.text.startswith("\n") and "def fibonacci(n):" + healed.text == \
+        llm.tokenizer.decode(ids[:-1] + healed.token_ids)
 
 
 @pytest.mark.parametrize("head", HEADS, ids=lambda p: p.name)

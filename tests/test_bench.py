@@ -1,0 +1,175 @@
+"""bench.py: a sweep on a random model reports sane figures, a corrupted run fails the lossless check,
+synthetic mode runs in real shapes (cut), and bad input exits 2 with one line."""
+import json
+import sys
+from collections import Counter
+
+import pytest
+import torch
+
+import bench
+from conftest import random_head
+from nanojet.config import ModelConfig
+from nanojet.engine import Engine, GenerationStats
+
+
+@pytest.fixture(scope="module")
+def bench_inputs(hf_model_dir, tmp_path_factory):
+    """The random checkpoint, a random head saved beside it (tmp) and a 2-prompt jsonl in two field styles."""
+    directory = tmp_path_factory.mktemp("bench")
+    random_head(ModelConfig.from_dir(hf_model_dir[0]), block_size=6).save(directory / "head")
+    prompts = directory / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "def add(a, b):\n"}) + "\n\n" +
+                       json.dumps({"turns": ["import os\nos.path.", "second turn"]}) + "\n")
+    return ["--model", str(hf_model_dir[0]), "--head", str(directory / "head"), "--prompts", str(prompts),
+            "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "12"]
+
+
+def test_sweep_reports_sane_figures(bench_inputs, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(bench_inputs + ["--budgets", "1,8", "--json", str(out), "--profile", "--peer", "hf"]) == 0
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert config["dtype"] == "float32" and config["max_new_tokens"] == 12 and config["samples"] == 2
+    assert config["prompts_source"].endswith("prompts.jsonl") and config["torch"]
+    assert [r["budget"] for r in result["budgets"]] == [1, 8]
+    for row in result["budgets"]:
+        assert row["lossless"] is True
+        assert row["tau"] >= 1 and row["tokens_per_forward"] >= 1
+        assert row["ar_tokens_per_s"] > 0 and row["spec_tokens_per_s"] > 0 and row["speedup"] > 0
+        assert row["round_over_ar_step"] > 0
+        assert all(0 <= a <= 1 for a in row["accept_rate_by_depth"])
+    one, eight = result["budgets"]
+    assert one["tau"] == 1 and one["accept_rate_by_depth"] == []  # budget 1 is plain decoding
+    assert set(eight["time_split_ms_per_round"]) == set(bench.COMPONENTS)
+    assert len(result["per_prompt"]) == 2
+    for entry in result["per_prompt"]:
+        assert entry["ar"]["new_tokens"] == len(entry["ar"]["token_ids"]) <= 12
+        assert entry["ar"]["rounds"] == entry["ar"]["new_tokens"] - 1  # one AR step per token after prefill
+        spec = entry["spec"]["8"]
+        assert spec["new_tokens"] == entry["ar"]["new_tokens"] and spec["lossless"]
+        rounds = sum(spec["accept_hist"].values())
+        assert rounds == spec["rounds"] and spec["target_forwards"] == rounds + 1
+        assert entry["peer_hf"]["agrees_with_ar"]  # fp32: HF greedy emits the very same ids
+    assert result["peer_hf"]["decode_tokens_per_s"] > 0
+    table = capsys.readouterr().out
+    assert "speedup" in table and "prefill excluded" in table and "acceptance by depth" in table
+    assert "per-component latency" in table and "HF transformers" in table
+
+
+def test_corrupted_speculative_output_fails_loudly(bench_inputs, monkeypatch, capsys):
+    generate = Engine.generate
+
+    def corrupted(self, prompt_ids, params, spec=None, *args, **kwargs):
+        out = generate(self, prompt_ids, params, spec, *args, **kwargs)
+        if spec is not None and spec.budget == 8 and len(out.token_ids) > 3:
+            out.token_ids[3] = (out.token_ids[3] + 1) % 256
+        return out
+
+    monkeypatch.setattr(Engine, "generate", corrupted)
+    assert bench.main(bench_inputs + ["--budgets", "1,8"]) == 1
+    error = capsys.readouterr().err
+    assert "not lossless: prompt 0, budget 8: token 3 differs" in error
+
+
+def test_synthetic_shape_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "synthetic.json"
+    argv = ["--synthetic", "qwen3-0.6b", "--synthetic-layers", "1", "--synthetic-vocab", "2048", "--samples", "1",
+            "--max-new-tokens", "4", "--budgets", "1,4", "--device", "cpu", "--dtype", "float32", "--json", str(out)]
+    assert bench.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["synthetic"] == "qwen3-0.6b" and result["config"]["layers"] == 1
+    # 0.6B shapes: tied 2048 x 1024 embedding read in full by lm_head, plus one layer, in fp32
+    layer = 1024 * (16 + 2 * 8) * 128 + 16 * 128 * 1024 + 3 * 1024 * 3072 + 2 * 1024 + 2 * 128
+    assert result["weight_bytes_per_step"] == 4 * (2048 * 1024 + layer + 1024)
+    assert result["ar_step_ms"] > 0 and result["achieved_bytes_per_s"] > 0
+    assert result["per_prompt"][0]["ar"]["new_tokens"] == 4
+    assert "GB/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--budgets", "1,x"], "comma-separated integers"),
+    (["--budgets", "1,600"], "budgets must lie in 1..512"),
+    (["--budget", "0"], "got [0]"),
+    (["--samples", "0"], "--samples must be >= 1"),
+    (["--max-new-tokens", "abc"], "invalid int value"),
+    (["--peer", "hf", "--temperature", "0.7"], "greedy"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_2_with_one_line(args, message, capsys):
+    assert bench.main(args) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+
+
+def test_bad_inputs_exit_2_with_one_line(bench_inputs, hf_model_dir, tmp_path, capsys, monkeypatch):
+    def run(*changes):
+        argv = list(bench_inputs)
+        for flag, value in changes:
+            argv[argv.index(flag) + 1] = value
+        assert bench.main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1
+        return error
+
+    assert "no draft head" in run(("--head", str(tmp_path / "missing")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n{"text": "no prompt field"}\n')
+    assert "line 2" in run(("--prompts", str(bad))) and "turns[0]" in run(("--prompts", str(bad)))
+    bad.write_text('{"prompt": "x"}\nnot json\n')
+    assert "line 2 is not valid JSON" in run(("--prompts", str(bad)))
+    assert "does not exist" in run(("--prompts", str(tmp_path / "none.jsonl")))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert bench.main(bench_inputs + ["--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_summary_of_acceptance_counts():
+    """tau, per-depth acceptance and time per token from hand-made statistics (catches off-by-one depths)."""
+    runs = [GenerationStats(new_tokens=9, decode_s=0.4, rounds=4, target_forwards=5,
+                            accept_hist=Counter({1: 1, 2: 1, 3: 2}), time_split=Counter(verify=0.2, draft=0.1)),
+            GenerationStats(new_tokens=5, decode_s=0.4, rounds=2, target_forwards=3, accept_hist=Counter({4: 1, 1: 1}))]
+    summary = bench.summarize(runs, depth=4)
+    assert summary["tau"] == (1 + 2 + 3 * 2 + 4 + 1) / 6
+    assert summary["accept_rate_by_depth"] == [4 / 6, 3 / 6, 1 / 6, 0.0]  # rounds accepting >= 1, 2, 3, 4 drafts
+    assert summary["decode_tokens"] == 12 and summary["decode_tokens_per_s"] == pytest.approx(12 / 0.8)
+    assert summary["tokens_per_forward"] == 14 / 8 and summary["round_ms"] == pytest.approx(800 / 6)
+    assert summary["time_split_ms_per_round"] == pytest.approx({"draft": 100 / 6, "verify": 200 / 6})
+
+
+def test_plot_is_written(bench_inputs, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert bench.main(bench_inputs + ["--budgets", "1,4", "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_figures_of_a_perfect_drafter(bench_inputs, tmp_path, monkeypatch):
+    """An oracle drafter that proposes the AR continuation is accepted at every depth, so the figures are known:
+    tau = block size (5 drafts + the bonus), every depth accepted, 1 + 23 / 6 rounds -> 24 tokens in 5 forwards."""
+    reference, generate = {}, Engine.generate
+
+    def recording_generate(self, prompt_ids, params, spec=None, *args, **kwargs):
+        self.prompt = list(prompt_ids)
+        out = generate(self, prompt_ids, params, spec, *args, **kwargs)
+        if spec is None:  # bench runs AR before the budgets, for the warmup and for every prompt
+            reference[tuple(prompt_ids)] = out.token_ids
+        return out
+
+    def oracle_draft(self, sequence, anchor):
+        emitted = sequence.length + 1 - len(self.prompt)  # the anchor is the last emitted token
+        rows = self.head.config.block_size - 1
+        logprobs = torch.full((rows, self.target.config.vocab_size), -30.0)
+        for depth, token in enumerate(reference[tuple(self.prompt)][emitted:emitted + rows]):
+            logprobs[depth, token] = 0.0
+        return logprobs
+
+    monkeypatch.setattr(Engine, "generate", recording_generate)
+    monkeypatch.setattr(Engine, "_draft", oracle_draft)
+    out = tmp_path / "bench.json"
+    argv = bench_inputs + ["--budgets", "1,8", "--max-new-tokens", "24", "--ignore-eos", "--json", str(out)]
+    assert bench.main(argv) == 0
+    one, eight = json.loads(out.read_text())["budgets"]
+    assert eight["lossless"] and eight["tau"] == 6 and eight["accept_rate_by_depth"] == [1.0] * 5
+    assert eight["tokens_per_forward"] == 24 / 5 and eight["accept_hist"] == {"6": 8}
+    assert one["tau"] == 1 and one["tokens_per_forward"] == 1
