@@ -96,6 +96,7 @@ def test_synthetic_shape_runs_on_cpu(tmp_path, capsys):
     (["--max-new-tokens", "abc"], "invalid int value"),
     (["--peer", "hf", "--temperature", "0.7"], "greedy"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--json", "/nonexistent/dir/out.json"], "directory does not exist"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message, capsys):
     assert bench.main(args) == 2
