@@ -1,0 +1,436 @@
+"""Benchmark nanojet: plain (AR) against speculative decoding on one engine, prompt by prompt.
+
+    python bench.py --budget 64                                    # embedded model, held-out stdlib prompts
+    python bench.py --budgets 1,8,16,32,64,128,256 --json out.json --plot out.png --profile
+    python bench.py --model DIR --prompts ../shared/data/humaneval.jsonl --samples 16 --peer hf
+    python bench.py --synthetic qwen3-8b --budgets 1,64            # random weights in the real shapes (GPU)
+
+After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
+other load) hits all modes alike. Speeds use decode time only (prefill excluded). AR and speculative decoding
+emit the same ids, so speedup = AR decode time / speculative decode time, which is what users wait for. Every
+speculative output is compared with AR token for token; a mismatch exits 1 naming the prompt and budget
+(not with --synthetic: random weights are full of near-ties, and that mode measures latency, not output).
+Bad input prints one line on stderr and exits 2.
+"""
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nanojet.config import ModelConfig
+from nanojet.engine import Engine, SpeculativeParams
+from nanojet.head import DraftHead, HeadConfig
+from nanojet.kv_cache import KVCache
+from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
+from nanojet.qwen3 import Qwen3, rope_inv_freq
+from nanojet.sampling import SamplingParams
+
+DEFAULT_HEAD_NAME = "head-causal"
+PROMPT_FIELDS = ("prompt", "question", "problem")
+COMPONENTS = ("draft", "tree", "verify", "accept", "commit")
+MAX_BUDGET = 512  # LLM's max_tree_nodes
+SYNTHETIC_PROMPT_TOKENS = 128
+SYNTHETIC_SHAPES = {  # the published Qwen3 configs
+    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+class NotLossless(Exception):
+    """Speculative decoding emitted other ids than plain decoding."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 (in main), not argparse's usage block
+        raise ValueError(message)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="Qwen3 checkpoint directory (default: the embedded model)")
+    p.add_argument("--head", default="auto", help="draft head directory, or 'auto' (<model>/head-causal)")
+    p.add_argument("--prompts", default=None, help="jsonl: each row's prompt, question, problem or turns[0] "
+                                                   "(default: held-out stdlib code prompts)")
+    p.add_argument("--samples", type=int, default=8, help="number of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
+    budgets = p.add_mutually_exclusive_group()
+    budgets.add_argument("--budget", type=int, default=None, help="draft tree nodes per round (default 64)")
+    budgets.add_argument("--budgets", default=None, help="comma-separated sweep, e.g. 1,8,16,32,64,128,256")
+    p.add_argument("--width", type=int, default=4, help="candidates per tree depth")
+    p.add_argument("--depth", type=int, default=None, help="tree depth limit (default: head block size - 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (sampling is lossless too)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    template = p.add_mutually_exclusive_group()
+    template.add_argument("--chat", dest="chat", action="store_true", default=None,
+                          help="apply the chat template (default for models that ship one)")
+    template.add_argument("--raw", dest="chat", action="store_false", help="use the prompts as they are")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every figure to this JSON file")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="acceptance and speedup vs budget (matplotlib)")
+    p.add_argument("--profile", action="store_true", help="per-component latency of a round and of an AR step")
+    p.add_argument("--synthetic", default=None, choices=sorted(SYNTHETIC_SHAPES),
+                   help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
+    p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
+    p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
+    p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
+    args = p.parse_args(argv)
+    if args.budgets is None:
+        args.budgets = [64 if args.budget is None else args.budget]
+    else:
+        try:
+            args.budgets = sorted({int(b) for b in args.budgets.split(",")})
+        except ValueError:
+            raise ValueError(f"--budgets takes comma-separated integers like 1,8,64; got {args.budgets!r}") from None
+    if not all(1 <= b <= MAX_BUDGET for b in args.budgets):
+        raise ValueError(f"budgets must lie in 1..{MAX_BUDGET} (tree nodes per round); got {args.budgets}")
+    for name in ("samples", "max_new_tokens", "threads", "width", "depth", "synthetic_layers", "synthetic_vocab"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for out in (args.json, args.plot):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise ValueError(f"cannot write {out}: its directory does not exist")
+    if args.peer and (args.temperature > 0 or args.synthetic):
+        raise ValueError("--peer hf compares greedy decoding of a checkpoint: drop --temperature / --synthetic")
+    return args
+
+
+def read_prompts(path: Path, count: int) -> list[str]:
+    """The first `count` prompts of a jsonl file: each row's prompt, question, problem or turns[0]."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if len(prompts) == count:
+            break
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not valid JSON ({error})") from None
+        row = row if isinstance(row, dict) else {}
+        turns = row.get("turns") if isinstance(row.get("turns"), list) else []
+        text = next((row[f] for f in PROMPT_FIELDS if f in row), turns[0] if turns else None)
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{path} line {number}: a row needs a text field {', '.join(PROMPT_FIELDS)} or "
+                             f"turns[0]; got keys {sorted(row)}")
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def builtin_prompts(count: int) -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "weights"))
+    from build_tiny import held_out_prompts
+    return held_out_prompts(count)
+
+
+def require(module: str, flag: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"{flag} needs {module}, which is not installed (pip install {module})") from None
+
+
+def build_engine(target: Qwen3, head: DraftHead, max_model_len: int, max_tree_nodes: int) -> Engine:
+    """An Engine over modules already on their device, with a KV pool sized the way LLM sizes it."""
+    config, kv_page_size = target.config, 16
+    pages = -(-(max_model_len + max(max_tree_nodes, head.config.block_size)) // kv_page_size)
+    kv_cache = KVCache(config.num_hidden_layers + head.config.layers.num_hidden_layers, config.num_key_value_heads,
+                       config.head_dim, pages, kv_page_size, pages, target.norm.dtype, target.norm.device)
+    return Engine(target, kv_cache, max_model_len, eos_token_ids=[], head=head)
+
+
+def random_module(build, config, dtype: torch.dtype, device: torch.device):
+    """`build(config)` with random weights, allocated once on `device` in `dtype` (no fp32 copy first)."""
+    with torch.device("meta"):
+        module = build(config)
+    module = module.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, 0.02)  # norms 1, matrices N(0, 0.02)
+    shape = getattr(config, "layers", config)
+    module.inv_freq = rope_inv_freq(shape.head_dim, shape.rope_theta).to(device)
+    return module.eval()
+
+
+def synthetic_setup(args, dtype: torch.dtype, device: torch.device):
+    """Target in a published shape and a head of the published JetSpec size (5 layers, block 16, 5 taps), random."""
+    shape = dict(SYNTHETIC_SHAPES[args.synthetic])
+    shape["num_hidden_layers"] = args.synthetic_layers or shape["num_hidden_layers"]
+    shape["vocab_size"] = args.synthetic_vocab or shape["vocab_size"]
+    config = ModelConfig(**shape, rope_theta=1_000_000.0, max_position_embeddings=40960)
+    layers = config.num_hidden_layers
+    # 5 taps spread over 0 .. L-2, never the last layer; a 1-layer cut can only tap its one layer.
+    taps = sorted({round(i * (layers - 2) / 4) for i in range(5)}) if layers > 1 else [0]
+    head_config = HeadConfig(layers=replace(config, num_hidden_layers=5), block_size=16, num_target_layers=layers,
+                             target_layer_ids=taps, mask_token_id=config.vocab_size - 1)
+    torch.manual_seed(args.seed)
+    target = random_module(Qwen3, config, dtype, device)
+    head = random_module(DraftHead, head_config, dtype, device)
+    prompts = [torch.randint(config.vocab_size - 1, (SYNTHETIC_PROMPT_TOKENS,)).tolist() for _ in range(args.samples)]
+    engine = build_engine(target, head, SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens + 1, max(args.budgets))
+    return engine, prompts, {"synthetic": args.synthetic, "layers": layers, "vocab_size": config.vocab_size,
+                             "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
+
+
+def checkpoint_setup(args, dtype_name: str):
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    ModelConfig.from_dir(model)  # name a missing model before a missing head
+    head = model / DEFAULT_HEAD_NAME if args.head == "auto" else Path(args.head)
+    if not (head / "config.json").is_file():
+        raise FileNotFoundError(f"no draft head at {head}; train one (train_head.py) or pass --head DIR")
+    llm = LLM(model, head=head, device=args.device, dtype=dtype_name, max_tree_nodes=MAX_BUDGET)
+    chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
+    texts = read_prompts(Path(args.prompts), args.samples) if args.prompts else builtin_prompts(args.samples)
+    prompts = [llm.encode_prompt(text, chat) for text in texts]
+    for index, ids in enumerate(prompts):  # fail now, not after minutes of benchmarking
+        if len(ids) >= llm.max_model_len:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; the model's context holds {llm.max_model_len}")
+    return llm.engine, prompts, {"model": str(model), "head": str(head), "chat_template": chat,
+                                 "prompts_source": args.prompts or "builtin: held-out stdlib code"}
+
+
+class HFPeer:
+    """Hugging Face transformers greedy `generate` on the same checkpoint, forced to the same token count;
+    decode time = time(n tokens) - time(1 token)."""
+
+    def __init__(self, model: str, dtype: torch.dtype, device: torch.device):
+        transformers = require("transformers", "--peer hf")
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+        self._generate([0], 2)  # warmup
+
+    def _generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
+        inputs = torch.tensor([ids], device=self.model.device)
+        start = synced_clock()
+        out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, pad_token_id=0)
+        return out[0, len(ids):].tolist(), synced_clock() - start
+
+    def run(self, ids: list[int], n: int) -> dict:
+        first_s = self._generate(ids, 1)[1]
+        tokens, total_s = self._generate(ids, n)
+        return {"new_tokens": n, "total_s": total_s, "decode_s": max(total_s - first_s, 1e-9), "token_ids": tokens}
+
+
+def synced_clock() -> float:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def copy_bandwidth(device: torch.device, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), over 256 MiB: far past any cache."""
+    source = torch.empty(2**28, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start = synced_clock()
+    for _ in range(repeats):
+        target.copy_(source)
+    return 2 * source.numel() * repeats / (synced_clock() - start)
+
+
+def weight_bytes_per_step(target: Qwen3) -> int:
+    """Bytes of weights one decode step reads: every parameter, but of an untied embedding only one row."""
+    total = sum(p.numel() * p.element_size() for p in target.parameters())
+    if target.lm_head is not None:
+        embed = target.embed_tokens.weight
+        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    return total
+
+
+def mismatch(prompt: int, budget: int, ar: list[int], spec: list[int], dtype: torch.dtype) -> str:
+    at = next((i for i, (a, s) in enumerate(zip(ar, spec)) if a != s), min(len(ar), len(spec)))
+    ar_token, spec_token = (ids[at] if at < len(ids) else "end" for ids in (ar, spec))
+    hint = "" if dtype == torch.float32 else ("; in reduced precision a near-tie can flip: rerun with "
+                                              "--dtype float32 to tell rounding from a bug")
+    return (f"not lossless: prompt {prompt}, budget {budget}: token {at} differs (AR {ar_token}, speculative "
+            f"{spec_token}; {len(ar)} vs {len(spec)} tokens){hint}")
+
+
+def measure(engine: Engine, prompts: list[list[int]], params: SamplingParams, args, peer: HFPeer | None):
+    """Warm up each mode, then per prompt: AR, every budget, the peer. Returns per-prompt records and the
+    GenerationStats of each mode ("ar" or a budget)."""
+    specs = {b: SpeculativeParams(b, args.width, args.depth) for b in args.budgets}
+    for spec in [None, *specs.values()]:
+        engine.generate(prompts[0], replace(params, max_new_tokens=min(16, params.max_new_tokens)), spec)
+    runs, per_prompt = {"ar": [], **{b: [] for b in specs}}, []
+    try:
+        for index, ids in enumerate(prompts):
+            print(f"\rbench: prompt {index + 1}/{len(prompts)} ({len(ids)} tokens)", end="", file=sys.stderr,
+                  flush=True)
+            ar = engine.generate(ids, params, None)
+            runs["ar"].append(ar.stats)
+            entry = {"prompt": index, "prompt_tokens": len(ids), "spec": {}, "ar": {
+                **summarize([ar.stats], 0), "finish_reason": ar.stats.finish_reason, "token_ids": ar.token_ids}}
+            for budget, spec in specs.items():
+                out = engine.generate(ids, params, spec)
+                lossless = out.token_ids == ar.token_ids
+                if not lossless and not args.synthetic:
+                    raise NotLossless(mismatch(index, budget, ar.token_ids, out.token_ids, engine.kv.pool.dtype))
+                runs[budget].append(out.stats)
+                depth = depth_limit(args, engine.head.config.block_size, budget)
+                entry["spec"][str(budget)] = {**summarize([out.stats], depth), "lossless": lossless}
+            if peer:
+                entry["peer_hf"] = peer.run(ids, len(ar.token_ids))
+                entry["peer_hf"]["agrees_with_ar"] = entry["peer_hf"]["token_ids"] == ar.token_ids
+            per_prompt.append(entry)
+    finally:
+        print(file=sys.stderr)  # end the progress line
+    return per_prompt, runs
+
+
+def depth_limit(args, block_size: int, budget: int) -> int:
+    """Depths a budget's tree can reach (0: budget 1 is plain decoding)."""
+    return 0 if budget == 1 else min(block_size - 1, args.depth or block_size)
+
+
+def summarize(runs: list, depth: int) -> dict:
+    """GenerationStats of several prompts, token-weighted, over decode time (prefill emits the first token, so
+    decode emits new_tokens - 1)."""
+    decode_s, decode_tokens = sum(s.decode_s for s in runs), sum(max(0, s.new_tokens - 1) for s in runs)
+    new_tokens, forwards = sum(s.new_tokens for s in runs), sum(s.target_forwards for s in runs)
+    rounds = sum(s.rounds for s in runs)
+    hist, split = sum((s.accept_hist for s in runs), Counter()), sum((s.time_split for s in runs), Counter())
+    per_round = max(1, rounds)
+    return {"new_tokens": new_tokens, "decode_tokens": decode_tokens, "decode_s": decode_s, "rounds": rounds,
+            "target_forwards": forwards, "prefill_s": sum(s.prefill_s for s in runs),
+            "decode_tokens_per_s": decode_tokens / max(decode_s, 1e-9),
+            "s_per_decode_token": decode_s / max(1, decode_tokens), "round_ms": 1e3 * decode_s / per_round,
+            "tau": sum(k * n for k, n in hist.items()) / per_round, "tokens_per_forward": new_tokens / max(1, forwards),
+            "accept_hist": {str(k): n for k, n in sorted(hist.items())},
+            # share of rounds that accepted >= d drafted tokens (a round's count k = accepted drafts + the bonus)
+            "accept_rate_by_depth": [sum(n for k, n in hist.items() if k > d) / per_round for d in range(1, depth + 1)],
+            "time_split_ms_per_round": {c: 1e3 * split[c] / per_round for c in COMPONENTS if c in split}}
+
+
+def aggregate(args, config: dict, per_prompt: list[dict], runs: dict, extra: dict) -> dict:
+    ar, rows = summarize(runs["ar"], 0), []
+    for budget in args.budgets:
+        spec = summarize(runs[budget], depth_limit(args, config["head_block_size"], budget))
+        rows.append({"budget": budget, "ar_tokens_per_s": ar["decode_tokens_per_s"],
+                     "spec_tokens_per_s": spec["decode_tokens_per_s"],
+                     "speedup": ar["s_per_decode_token"] / max(spec["s_per_decode_token"], 1e-12),
+                     "round_over_ar_step": spec["round_ms"] / max(ar["round_ms"], 1e-12),
+                     "lossless": all(p["spec"][str(budget)]["lossless"] for p in per_prompt), **spec})
+    extra["ar_step_ms"] = ar["round_ms"]
+    extra["achieved_bytes_per_s"] = extra["weight_bytes_per_step"] / (ar["round_ms"] / 1e3)
+    if "copy_bytes_per_s" in extra:
+        extra["bandwidth_fraction"] = extra["achieved_bytes_per_s"] / extra["copy_bytes_per_s"]
+    if "peer_hf" in per_prompt[0]:
+        peers = [p["peer_hf"] for p in per_prompt]
+        tokens, decode_s = sum(p["new_tokens"] - 1 for p in peers), sum(p["decode_s"] for p in peers)
+        extra["peer_hf"] = {"decode_tokens_per_s": tokens / decode_s,
+                            "agrees_with_ar": sum(p["agrees_with_ar"] for p in peers)}
+    return {"config": config, "ar": ar, "budgets": rows, **extra, "per_prompt": per_prompt}
+
+
+def print_report(result: dict, profile: bool) -> None:
+    config, ar, rows, prompts = result["config"], result["ar"], result["budgets"], len(result["per_prompt"])
+    sampling = f"temperature {config['temperature']}" if config["temperature"] else "greedy"
+    print(f"nanojet bench | {config.get('synthetic') or config['model']} | {config['device']} {config['dtype']} | "
+          f"{prompts} prompts ({config['prompts_source']}) | max_new_tokens {config['max_new_tokens']} | {sampling}")
+    print("tok/s and speedup over decode time (prefill excluded); tau: tokens per round incl. the bonus; "
+          "tok/fwd: new tokens per target forward")
+    print(f"{'budget':>6} {'AR tok/s':>9} {'spec tok/s':>10} {'speedup':>8} {'tau':>6} {'tok/fwd':>8} "
+          f"{'round/AR step':>13}")
+    for r in rows:
+        print(f"{r['budget']:>6} {r['ar_tokens_per_s']:>9.1f} {r['spec_tokens_per_s']:>10.1f} {r['speedup']:>7.2f}x "
+              f"{r['tau']:>6.2f} {r['tokens_per_forward']:>8.2f} {r['round_over_ar_step']:>13.2f}")
+    drafted = [r for r in rows if r["accept_rate_by_depth"]]
+    if drafted:
+        print("acceptance by depth d: share of rounds that accepted >= d drafted tokens")
+        depths = range(1, len(drafted[0]["accept_rate_by_depth"]) + 1)
+        print(f"{'budget':>6} " + " ".join(f"{'d' + str(d):>5}" for d in depths))
+        for r in drafted:
+            print(f"{r['budget']:>6} " + " ".join(f"{a:>5.2f}" for a in r["accept_rate_by_depth"]))
+    if profile:
+        print("per-component latency, ms per round (AR: per step); wall also counts the loop around them")
+        print(f"{'mode':>6} " + " ".join(f"{c:>8}" for c in COMPONENTS) + f" {'total':>8} {'wall':>8}")
+        for name, s in [("AR", ar)] + [(str(r["budget"]), r) for r in rows]:
+            split = s["time_split_ms_per_round"]
+            print(f"{name:>6} " + " ".join(f"{split.get(c, 0.0):>8.3f}" for c in COMPONENTS) +
+                  f" {sum(split.values()):>8.3f} {s['round_ms']:>8.3f}")
+    bandwidth = (f"AR step {result['ar_step_ms']:.3f} ms reads {result['weight_bytes_per_step'] / 1e9:.3f} GB of "
+                 f"weights: {result['achieved_bytes_per_s'] / 1e9:.1f} GB/s")
+    if "bandwidth_fraction" in result:
+        bandwidth += (f" = {100 * result['bandwidth_fraction']:.1f}% of the measured device copy bandwidth "
+                      f"({result['copy_bytes_per_s'] / 1e9:.0f} GB/s)")
+    print(bandwidth)
+    if config.get("synthetic"):
+        agree = sum(all(s["lossless"] for s in p["spec"].values()) for p in result["per_prompt"])
+        print(f"synthetic: {agree}/{prompts} prompts match AR (random weights make near-ties; not checked)")
+    if "peer_hf" in result:
+        peer, best = result["peer_hf"], max(rows, key=lambda r: r["speedup"])
+        print(f"HF transformers generate: {peer['decode_tokens_per_s']:.1f} tok/s decode | nanojet AR "
+              f"{ar['decode_tokens_per_s']:.1f} | speculative {best['spec_tokens_per_s']:.1f} "
+              f"(budget {best['budget']}) | same greedy ids as nanojet AR on {peer['agrees_with_ar']}/{prompts}")
+
+
+def plot(path: str, rows: list[dict]) -> None:
+    matplotlib = require("matplotlib", "--plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, key, label in zip(axes, ("tau", "speedup"), ("tau (tokens per round)", "speedup over AR (decode)")):
+        axis.plot([r["budget"] for r in rows], [r[key] for r in rows], "o-")
+        axis.axhline(1.0, color="grey", linestyle=":")
+        axis.set_xscale("log", base=2)
+        axis.set(xlabel="tree budget (nodes per round)", ylabel=label)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.plot:
+            require("matplotlib", "--plot")  # fail before the run, not after it
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos or bool(args.synthetic))
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+        engine, prompts, config = (synthetic_setup(args, dtype, device) if args.synthetic else
+                                   checkpoint_setup(args, dtype_name))
+        extra = {"weight_bytes_per_step": weight_bytes_per_step(engine.target)}
+        if device.type == "cuda":
+            extra["copy_bytes_per_s"] = copy_bandwidth(device)
+        config.update(head_block_size=engine.head.config.block_size, device=str(device), dtype=dtype_name,
+                      torch=torch.__version__, samples=len(prompts), max_new_tokens=args.max_new_tokens,
+                      budgets=args.budgets, width=args.width, depth=args.depth, temperature=args.temperature,
+                      top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads())
+        peer = HFPeer(config["model"], dtype, device) if args.peer else None
+        per_prompt, runs = measure(engine, prompts, params, args, peer)
+    except NotLossless as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    result = aggregate(args, config, per_prompt, runs, extra)
+    print_report(result, args.profile)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(args.plot, result["budgets"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
