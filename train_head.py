@@ -114,9 +114,11 @@ def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, d
         elif "messages" in row:
             ids += tokenizer.encode(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=False))
         elif "prompt" in row:
-            prompt_ids = llm.encode_prompt(row["prompt"], chat=tokenizer.has_chat_template) if llm else \
-                tokenizer.encode(row["prompt"])
-            if regen:
+            prompt = row["prompt"]
+            if tokenizer.has_chat_template:
+                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=False)
+            prompt_ids = tokenizer.encode(prompt)
+            if llm is not None:
                 from nanojet.sampling import SamplingParams
                 prompt_ids += llm.generate(prompt_ids, SamplingParams(max_new_tokens=256)).token_ids
             ids += prompt_ids

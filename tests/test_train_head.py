@@ -109,3 +109,33 @@ def test_trained_head_decodes_losslessly(tmp_path, hf_model_dir):
 def test_cli_bad_input_exits_2(tmp_path, hf_model_dir, capsys):
     assert train_head.main(["--model", str(tmp_path / "missing"), "--eval-prompts", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_data_formats_and_regen(tmp_path, hf_model_dir):
+    """text, messages and prompt rows load; with --regen the target's own greedy continuation follows a prompt."""
+    from nanojet.tokenizer import Tokenizer
+    directory, _ = hf_model_dir
+    tokenizer = Tokenizer.from_dir(directory)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "abc"}, {"messages": [{"role": "user", "content": "hi"}]}, {"prompt": "xyz"}]))
+    plain = train_head.load_corpus(str(data), tokenizer, directory, regen=False, device="cpu")
+    eos = tokenizer.eos_token_ids[0]
+    chat = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                          add_generation_prompt=False))
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "xyz"}],
+                                                            enable_thinking=False))
+    assert plain == tokenizer.encode("abc") + [eos] + chat + [eos] + prompt + [eos]
+    regen = train_head.load_corpus(str(data), tokenizer, directory, regen=True, device="cpu")
+    continuation = regen[len(plain) - 1:-1]
+    engine = make_engine(directory, max_model_len=512)  # the checkpoint's context, as LLM uses
+    engine.eos_token_ids = set(tokenizer.eos_token_ids)
+    assert continuation == engine.generate(prompt, SamplingParams(max_new_tokens=256)).token_ids
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}))
+    try:
+        train_head.load_corpus(str(bad), tokenizer, directory, regen=False, device="cpu")
+    except ValueError as error:
+        assert "'text', 'messages' or 'prompt'" in str(error)
+    else:
+        raise AssertionError("a row without text/messages/prompt was accepted")
