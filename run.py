@@ -17,7 +17,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--head", default="auto",
                         help="draft head directory, 'none' for plain decoding, or 'auto' (the model's shipped head)")
     parser.add_argument("--ar", action="store_true", help="plain autoregressive decoding (no draft head)")
-    parser.add_argument("--budget", type=int, default=64, help="draft tree nodes per round, anchor included")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="draft tree nodes per round, anchor included (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--width", type=int, default=4, help="candidates per tree depth")
     parser.add_argument("--depth", type=int, default=None, help="tree depth limit (default: head block size - 1)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -51,9 +52,12 @@ def main(argv=None) -> int:
         head = None if args.ar or args.head == "none" else args.head
         if head == "auto":
             head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
-        spec = SpeculativeParams(args.budget, args.width, args.depth) if head else None
         llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                   kv_memory_gb=args.kv_memory_gb)
+        # A GPU verifies 64 nodes for about the price of one (memory-bound); a CPU pays per node, and on the
+        # embedded model budget 8 is the fastest there (README, bench.py).
+        budget = args.budget if args.budget is not None else (64 if llm.device.type == "cuda" else 8)
+        spec = SpeculativeParams(budget, args.width, args.depth) if head else None
         chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
         stream = None if args.json else (lambda text: print(text, end="", flush=True))
         out = llm.generate(args.prompt, params, spec, chat=chat, on_text=stream)
