@@ -408,6 +408,7 @@ def main(argv=None) -> int:
         dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
         engine, prompts, config = (synthetic_setup(args, dtype, device) if args.synthetic else
                                    checkpoint_setup(args, dtype_name))
+        engine.profile = args.profile  # CUDA: per-part device syncs only when a split is asked for
         extra = {"weight_bytes_per_step": weight_bytes_per_step(engine.target)}
         if device.type == "cuda":
             extra["copy_bytes_per_s"] = copy_bandwidth(device)
