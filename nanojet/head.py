@@ -164,7 +164,7 @@ def load_head(head_dir: str | Path, target: ModelConfig, dtype: torch.dtype, dev
     config.check_fits(target)
     with torch.device("meta"):
         head = DraftHead(config)
-    head = head.to_empty(device=device).to(dtype)
+    head = head.to(dtype).to_empty(device=device)
     head.inv_freq = rope_inv_freq(config.layers.head_dim, config.layers.rope_theta).to(device)
     # Published heads sometimes carry copies of the target's embedding / lm_head; the target's are used.
     load_weights(head, path, ignore=("embed_tokens.weight", "lm_head.weight"))

@@ -45,7 +45,7 @@ def load_target(model_dir: str | Path, dtype: torch.dtype, device: torch.device)
     config = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
         model = Qwen3(config)  # no random init: every parameter comes from the checkpoint
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no full-precision copy on the device
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
     load_weights(model, model_dir, ignore=("lm_head.weight",) if config.tie_word_embeddings else ())
     return model.eval()
