@@ -25,23 +25,15 @@ import torch
 
 from nanojet.config import ModelConfig
 from nanojet.engine import Engine, SpeculativeParams
-from nanojet.head import DraftHead, HeadConfig
-from nanojet.kv_cache import KVCache
-from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
-from nanojet.qwen3 import Qwen3, rope_inv_freq
+from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
+from nanojet.qwen3 import Qwen3
 from nanojet.sampling import SamplingParams
+from nanojet.synthetic import SHAPES, build_engine, synthetic_models
 
-DEFAULT_HEAD_NAME = "head-causal"
 PROMPT_FIELDS = ("prompt", "question", "problem")
 COMPONENTS = ("draft", "tree", "verify", "accept", "commit")
 MAX_BUDGET = 512  # LLM's max_tree_nodes
 SYNTHETIC_PROMPT_TOKENS = 128
-SYNTHETIC_SHAPES = {  # the published Qwen3 configs
-    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
-    "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
-}
 
 
 class NotLossless(Exception):
@@ -80,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure to this JSON file")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="acceptance and speedup vs budget (matplotlib)")
     p.add_argument("--profile", action="store_true", help="per-component latency of a round and of an AR step")
-    p.add_argument("--synthetic", default=None, choices=sorted(SYNTHETIC_SHAPES),
+    p.add_argument("--synthetic", default=None, choices=sorted(SHAPES),
                    help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
@@ -145,46 +137,15 @@ def require(module: str, flag: str):
         raise ValueError(f"{flag} needs {module}, which is not installed (pip install {module})") from None
 
 
-def build_engine(target: Qwen3, head: DraftHead, max_model_len: int, max_tree_nodes: int) -> Engine:
-    """An Engine over modules already on their device, with a KV pool sized the way LLM sizes it."""
-    config, kv_page_size = target.config, 16
-    pages = -(-(max_model_len + max(max_tree_nodes, head.config.block_size)) // kv_page_size)
-    kv_cache = KVCache(config.num_hidden_layers + head.config.layers.num_hidden_layers, config.num_key_value_heads,
-                       config.head_dim, pages, kv_page_size, pages, target.norm.dtype, target.norm.device)
-    return Engine(target, kv_cache, max_model_len, eos_token_ids=[], head=head)
-
-
-def random_module(build, config, dtype: torch.dtype, device: torch.device):
-    """`build(config)` with random weights, allocated once on `device` in `dtype` (no fp32 copy first)."""
-    with torch.device("meta"):
-        module = build(config)
-    module = module.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.fill_(1.0) if param.dim() == 1 else param.normal_(0.0, 0.02)  # norms 1, matrices N(0, 0.02)
-    shape = getattr(config, "layers", config)
-    module.inv_freq = rope_inv_freq(shape.head_dim, shape.rope_theta).to(device)
-    return module.eval()
-
-
 def synthetic_setup(args, dtype: torch.dtype, device: torch.device):
-    """Target in a published shape and a head of the published JetSpec size (5 layers, block 16, 5 taps), random."""
-    shape = dict(SYNTHETIC_SHAPES[args.synthetic])
-    shape["num_hidden_layers"] = args.synthetic_layers or shape["num_hidden_layers"]
-    shape["vocab_size"] = args.synthetic_vocab or shape["vocab_size"]
-    config = ModelConfig(**shape, rope_theta=1_000_000.0, max_position_embeddings=40960)
-    layers = config.num_hidden_layers
-    # 5 taps spread over 0 .. L-2, never the last layer; a 1-layer cut can only tap its one layer.
-    taps = sorted({round(i * (layers - 2) / 4) for i in range(5)}) if layers > 1 else [0]
-    head_config = HeadConfig(layers=replace(config, num_hidden_layers=5), block_size=16, num_target_layers=layers,
-                             target_layer_ids=taps, mask_token_id=config.vocab_size - 1)
+    """Random target in a published shape and a random head of the published JetSpec size, plus random prompts."""
     torch.manual_seed(args.seed)
-    target = random_module(Qwen3, config, dtype, device)
-    head = random_module(DraftHead, head_config, dtype, device)
-    prompts = [torch.randint(config.vocab_size - 1, (SYNTHETIC_PROMPT_TOKENS,)).tolist() for _ in range(args.samples)]
+    target, head = synthetic_models(args.synthetic, dtype, device, args.synthetic_layers, args.synthetic_vocab)
+    vocab = target.config.vocab_size
+    prompts = [torch.randint(vocab - 1, (SYNTHETIC_PROMPT_TOKENS,)).tolist() for _ in range(args.samples)]
     engine = build_engine(target, head, SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens + 1, max(args.budgets))
-    return engine, prompts, {"synthetic": args.synthetic, "layers": layers, "vocab_size": config.vocab_size,
-                             "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
+    return engine, prompts, {"synthetic": args.synthetic, "layers": target.config.num_hidden_layers,
+                             "vocab_size": vocab, "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
 
 
 def checkpoint_setup(args, dtype_name: str):

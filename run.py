@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_HEAD_NAME = "head-causal"  # the draft head shipped beside a model, in <model>/<this name>
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="nanojet: Qwen3 generation with parallel tree speculative decoding")
@@ -45,7 +43,7 @@ def main(argv=None) -> int:
     try:
         import torch  # noqa: F401  (imported here so --help stays instant)
         from nanojet import LLM, SamplingParams, SpeculativeParams
-        from nanojet.llm import DEFAULT_MODEL
+        from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
         model = Path(args.model) if args.model else DEFAULT_MODEL

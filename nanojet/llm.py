@@ -18,6 +18,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "qwen3-stdlib-tiny"
+DEFAULT_HEAD_NAME = "head-causal"  # the draft head shipped beside a model: <model>/head-causal
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
