@@ -103,11 +103,10 @@ class Engine:
         emitted: list[int] = []
         try:
             start = time.perf_counter()
-            anchor = self._prefill(sequence, prompt_ids, params, taps, first_token_ids)
+            new = [int(self._prefill(sequence, prompt_ids, params, taps, first_token_ids))]  # (a host read)
             stats.prefill_s = time.perf_counter() - start
             stats.target_forwards = 1
             start = time.perf_counter()
-            new = [int(anchor)]
             while True:
                 new = self._truncate(new, len(prompt_ids), len(emitted), params, stats)
                 emitted += new
