@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from nanojet.cli import ArgumentParser  # light: torch is imported in main, after parsing
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="nanojet: Qwen3 generation with parallel tree speculative decoding")
+    parser = ArgumentParser(description="nanojet: Qwen3 generation with parallel tree speculative decoding")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--model", default=None, help="Qwen3 checkpoint directory (default: the embedded model)")
     parser.add_argument("--head", default="auto",
@@ -40,8 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        import torch  # noqa: F401  (imported here so --help stays instant)
+    try:  # nanojet (and torch) are imported here, after parsing, so --help stays instant
         from nanojet import LLM, SamplingParams, SpeculativeParams
         from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

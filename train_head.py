@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nanojet.cli import ArgumentParser
 from nanojet.config import ModelConfig
 from nanojet.head import DraftHead, HeadConfig, load_head
 from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, load_target, resolve_device
@@ -145,7 +146,7 @@ def evaluate_tau(model_dir: Path, head_dir: Path, prompts: list[list[int]], devi
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=None, help="head directory (default: <model>/head-causal)")
     parser.add_argument("--data", default="builtin")

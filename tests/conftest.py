@@ -52,8 +52,7 @@ def write_hf_model(directory: Path, seed: int = 0, max_shard_size: str | None = 
 
 def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
     """A tokenizer of the 256 bytes plus specials, so run.py / LLM can be driven on a random model."""
-    from nanojet.tokenizer import QWEN_PATTERN, write_tokenizer_files  # noqa: F401
-    from nanojet.tokenizer import BYTE_TO_CHAR
+    from nanojet.tokenizer import BYTE_TO_CHAR, write_tokenizer_files
     ranks = {bytes([b]): i for i, b in enumerate(BYTE_TO_CHAR)}
     specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
     assert vocab_size > 258

@@ -114,6 +114,8 @@ def test_cli_streams_text_and_summary(hf_model_dir):
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--max-model-len", "4"], "context holds 4"),
     (["--max-model-len", "100000"], "max_position_embeddings"),
+    (["--device", "tpu"], "invalid choice"),
+    (["--budget", "x"], "invalid int value"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(hf_model_dir, args, message):
     if "--model" not in args:
