@@ -125,8 +125,7 @@ def read_prompts(path: Path, count: int) -> list[str]:
 
 
 def builtin_prompts(count: int) -> list[str]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "weights"))
-    from build_tiny import held_out_prompts
+    from weights.build_tiny import held_out_prompts
     return held_out_prompts(count)
 
 

@@ -101,8 +101,7 @@ def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, d
     """Training text as one id stream with <|endoftext|>-style separators."""
     separator = tokenizer.eos_token_ids[0]
     if data == "builtin":
-        sys.path.insert(0, str(Path(__file__).resolve().parent / "weights"))
-        from build_tiny import corpus
+        from weights.build_tiny import corpus
         return corpus(held_out=False).tolist()
     ids: list[int] = []
     llm = LLM(model_dir, device=device) if regen else None
@@ -270,8 +269,7 @@ def main(argv=None) -> int:
 
 def held_out_prompts(count: int) -> list[str]:
     """Function headers from the held-out stdlib modules (never trained on by the target or the head)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "weights"))
-    from build_tiny import held_out_prompts as prompts
+    from weights.build_tiny import held_out_prompts as prompts
     return prompts(count)
 
 

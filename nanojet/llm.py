@@ -52,6 +52,14 @@ def load_target(model_dir: str | Path, dtype: torch.dtype, device: torch.device)
     return model.eval()
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 @dataclass
 class Output:
     text: str
@@ -119,7 +127,7 @@ class LLM:
         if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
             tail = self.tokenizer.decode_bytes(ids[-1:])
             candidates = self.tokenizer.ids_starting_with(tail)
-            if candidates and tail.decode("utf-8", errors="replace") == tail.decode("utf-8", errors="ignore"):
+            if candidates and _is_utf8(tail):  # a token that is part of a character is left alone
                 healed, first_token_ids, ids = tail, candidates, ids[:-1]
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         skip = len(healed.decode("utf-8"))  # characters of the healed token the prompt already shows
