@@ -1,7 +1,15 @@
 """One function per kernel: Triton on CUDA tensors, the pure-torch reference elsewhere.
 
 `set_backend("triton")` forces the Triton kernels (on CPU they need TRITON_INTERPRET=1, set before triton is
-imported); `set_backend("torch")` forces the reference; `set_backend(None)` restores the automatic choice."""
+imported); `set_backend("torch")` forces the reference; `set_backend(None)` restores the automatic choice.
+
+Under torch.compile the elementwise kernels are traced from their torch reference (the compiler writes its own
+fused kernels, Triton ones on CUDA), and the three kernels that touch the KV pool are opaque custom ops
+(`torch.ops.nanojet.*`, dispatching to Triton or the reference when they run): the compiler fuses the glue
+around them but never traces into them. Traced, a write into a view of the pool becomes a functional copy of the
+whole pool (O(context) per step, for a few rows), and the reference attention's per-sequence host loop would
+break the graph. Their data dependencies (each write consumes what the previous read produced) keep them in
+program order."""
 import torch
 
 from . import reference
@@ -17,6 +25,8 @@ def set_backend(name: str | None) -> None:
 
 
 def _impl(tensor: torch.Tensor):
+    if torch.compiler.is_compiling():
+        return reference  # traced: the compiler generates its own fused kernels from the torch code
     use_triton = _forced_backend == "triton" or (_forced_backend is None and tensor.is_cuda)
     if use_triton:
         from . import triton_ops  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
@@ -37,13 +47,44 @@ def silu_and_mul(gate_up):
 
 
 def store_kv(k_cache, v_cache, k, v, slot_mapping):
+    if torch.compiler.is_compiling():
+        return torch.ops.nanojet.store_kv(k_cache, v_cache, k, v, slot_mapping)
     return _impl(k).store_kv(k_cache, v_cache, k, v, slot_mapping)
 
 
 def move_kv(pool, src_slots, dst_slots):
+    if torch.compiler.is_compiling():
+        return torch.ops.nanojet.move_kv(pool, src_slots, dst_slots)
     return _impl(pool).move_kv(pool, src_slots, dst_slots)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale):
+    if torch.compiler.is_compiling():
+        return torch.ops.nanojet.paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts,
+                                                 visibility, scale)
     return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts,
                                     visibility, scale)
+
+
+@torch.library.custom_op("nanojet::store_kv", mutates_args=("k_cache", "v_cache"))
+def _store_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    _impl(k).store_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+@torch.library.custom_op("nanojet::move_kv", mutates_args=("pool",))
+def _move_kv_op(pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    _impl(pool).move_kv(pool, src_slots, dst_slots)
+
+
+@torch.library.custom_op("nanojet::paged_attention", mutates_args=())
+def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        prefix_lens: torch.Tensor, query_starts: torch.Tensor, visibility: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility,
+                                    scale)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale):
+    return torch.empty_like(q)

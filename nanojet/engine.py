@@ -14,8 +14,15 @@ import torch
 from .head import DraftHead
 from .kv_cache import KVCache, Sequence
 from .qwen3 import Qwen3
+from .round_runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
 from .sampling import SamplingParams, sample
+from .static_round import StaticRound
 from .tree import DraftTree, accept, build_tree
+
+# How rounds run: "eager" builds each round's metadata on the host (the reference); "static" runs the static-shape
+# round over persistent buffers without compiling (what the other modes build graphs of); "compiled" is
+# torch.compile, inside one CUDA graph per round shape on CUDA; "graphed" is the CUDA graph alone (CUDA only).
+EXECUTIONS = ("eager", "static", "compiled", "graphed")
 
 
 @dataclass
@@ -40,6 +47,9 @@ class GenerationStats:
     accept_hist: Counter = field(default_factory=Counter)  # accepted tokens per round (bonus included) -> rounds
     time_split: Counter = field(default_factory=Counter)   # draft / tree / verify / accept / commit seconds
     finish_reason: str = ""
+    compile_s: float = 0.0  # rounds that compiled or captured a graph (not in decode_s)
+    compiles: int = 0       # graphs built during this generation
+    recompiles: int = 0     # of those, graphs built for a round shape that had been built before (should be 0)
 
     @property
     def accept_len(self) -> float:
@@ -59,7 +69,14 @@ class Generation:
 
 class Engine:
     def __init__(self, target: Qwen3, kv_cache: KVCache, max_model_len: int, eos_token_ids: list[int],
-                 head: DraftHead | None = None):
+                 head: DraftHead | None = None, execution: str = "eager"):
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
+        if execution == "graphed" and kv_cache.pool.device.type != "cuda":
+            raise ValueError("execution 'graphed' needs CUDA (CUDA graphs); use 'compiled' on the CPU")
+        self.execution = execution
+        self._runners: dict[tuple, RoundRunner] = {}
+        self._graph_memory_pool = None
         self.target = target
         self.head = head
         self.kv = kv_cache
@@ -107,6 +124,7 @@ class Engine:
             stats.prefill_s = time.perf_counter() - start
             stats.target_forwards = 1
             start = time.perf_counter()
+            runner = None
             while True:
                 new = self._truncate(new, len(prompt_ids), len(emitted), params, stats)
                 emitted += new
@@ -114,9 +132,15 @@ class Engine:
                     on_tokens(new)
                 if stats.finish_reason:
                     break
-                new = self._round(sequence, torch.tensor(emitted[-1], device=self.device), params,
-                                  spec if drafting else None, taps, stats)
-            stats.decode_s = time.perf_counter() - start
+                if self.execution == "eager":
+                    new = self._round(sequence, torch.tensor(emitted[-1], device=self.device), params,
+                                      spec if drafting else None, taps, stats)
+                    continue
+                if runner is None:
+                    runner = self.runner(spec if drafting else None, params)
+                    runner.round.begin(sequence, emitted[-1], params.seed)
+                new = self._static_round(runner, sequence, stats)
+            stats.decode_s = time.perf_counter() - start - stats.compile_s
         finally:
             self.kv.free(sequence)
         stats.new_tokens = len(emitted)
@@ -202,4 +226,32 @@ class Engine:
         stats.rounds += 1
         stats.target_forwards += 1
         stats.accept_hist[count] += 1
+        return emitted
+
+    def runner(self, spec: SpeculativeParams | None, params: SamplingParams) -> RoundRunner:
+        """The runner of static rounds for this tree shape and sampling mode (built once, reused)."""
+        key = (None if spec is None else (spec.budget, spec.width, spec.depth),
+               params.temperature, params.top_k, params.top_p)
+        if key not in self._runners:
+            static_round = StaticRound(self.target, self.head, self.kv, spec, params)
+            runner = CompiledRunner(static_round) if self.execution == "compiled" else EagerRunner(static_round)
+            if self.device.type == "cuda" and self.execution in ("compiled", "graphed"):
+                if self._graph_memory_pool is None:
+                    self._graph_memory_pool = torch.cuda.graph_pool_handle()
+                runner = GraphedRunner(runner, self._graph_memory_pool)
+            self._runners[key] = runner
+        return self._runners[key]
+
+    def _static_round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
+        table = runner.round.table(sequence)
+        compiles, start = runner.compiles, time.perf_counter()
+        summary = runner(table).tolist()  # the round's one host read
+        if runner.compiles > compiles:
+            stats.compile_s += time.perf_counter() - start
+            stats.compiles += runner.compiles - compiles
+            stats.recompiles += runner.calls > 1  # the first call builds the graph; any later build is a miss
+        emitted = runner.round.finish(sequence, summary)
+        stats.rounds += 1
+        stats.target_forwards += 1
+        stats.accept_hist[summary[0]] += 1
         return emitted

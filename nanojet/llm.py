@@ -71,7 +71,9 @@ class Output:
 class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,
-                 max_tree_nodes: int = 512, kv_memory_gb: float | None = None):
+                 max_tree_nodes: int = 512, kv_memory_gb: float | None = None, compile: bool = False):
+        """`compile`: run decode rounds compiled (torch.compile on CPU; torch.compile inside CUDA graphs on CUDA).
+        Each round shape (tree budget/width/depth, sampling mode) compiles once, on first use."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -99,7 +101,8 @@ class LLM:
                                 kv_page_size=kv_page_size, max_pages_per_sequence=pages_per_sequence,
                                 dtype=self.dtype, device=self.device)
         eos = sorted(set(config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
-        self.engine = Engine(self.model, self.kv_cache, self.max_model_len, eos, self.head)
+        self.engine = Engine(self.model, self.kv_cache, self.max_model_len, eos, self.head,
+                             execution="compiled" if compile else "eager")
         self.max_tree_nodes = max_tree_nodes
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None,

@@ -45,9 +45,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """`[N, V]` fp32 Gumbel noise; row i depends only on (seed, positions[i])."""
-    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(torch.tensor(seed, device=positions.device))))
+def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[N, V]` fp32 Gumbel noise; row i depends only on (seed, positions[i]). A 0-dim tensor seed keeps the
+    value out of a compiled graph's constants (one graph serves every seed)."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=positions.device)
+    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(seed)))
     column = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
     bits = _mix32((row[:, None] * 0x01000193 + column[None, :] * 0x9E3779B1) & _MASK32)
     uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 random bits, strictly inside (0, 1)
@@ -69,9 +71,12 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits `[N, V]` fp32 of the rows that choose the tokens at `positions` `[N]` -> token ids `[N]` int64."""
+def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams,
+           seed: torch.Tensor | None = None) -> torch.Tensor:
+    """logits `[N, V]` fp32 of the rows that choose the tokens at `positions` `[N]` -> token ids `[N]` int64.
+    `seed` (a 0-dim tensor) overrides `params.seed`."""
     if params.greedy:
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    return (filtered + gumbel_noise(params.seed, positions, logits.shape[-1])).argmax(dim=-1)
+    noise = gumbel_noise(params.seed if seed is None else seed, positions, logits.shape[-1])
+    return (filtered + noise).argmax(dim=-1)

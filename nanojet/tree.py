@@ -109,6 +109,38 @@ def _finish(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, m
     return DraftTree(tokens, parents, depths, visibility)
 
 
+TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # verify shapes a compiled engine is built for
+
+
+def tree_bucket(num_nodes: int) -> int:
+    """The smallest bucket that holds `num_nodes` nodes."""
+    for bucket in TREE_BUCKETS:
+        if num_nodes <= bucket:
+            return bucket
+    raise ValueError(f"tree: {num_nodes} nodes exceed the largest bucket ({TREE_BUCKETS[-1]}); lower the budget")
+
+
+def pad_tree(tree: DraftTree, size: int) -> DraftTree:
+    """Append `size - N` padding nodes so the verify forward has a fixed shape. A padding node carries token -1,
+    which no target choice equals, so `accept` never takes it (and nothing hangs below it); it hangs under the
+    anchor at depth 1 and sees only itself, because a row with no visible new token is not a tree row.
+    The verify forward embeds `tokens.clamp(min=0)`; padding rows' outputs are never read."""
+    num_nodes = tree.tokens.numel()
+    if size < num_nodes:
+        raise ValueError(f"tree: cannot pad {num_nodes} nodes to {size}")
+    if size == num_nodes:
+        return tree
+    extra = size - num_nodes
+    device = tree.tokens.device
+    visible = torch.zeros(size, size, dtype=torch.bool, device=device)
+    visible[:num_nodes, :num_nodes] = unpack_visibility(tree.visibility, num_nodes)
+    visible[num_nodes:, num_nodes:] = torch.eye(extra, dtype=torch.bool, device=device)  # the self edge
+    return DraftTree(tokens=torch.cat([tree.tokens, torch.full((extra,), -1, dtype=torch.int64, device=device)]),
+                     parents=torch.cat([tree.parents, torch.zeros(extra, dtype=torch.int64, device=device)]),
+                     depths=torch.cat([tree.depths, torch.ones(extra, dtype=torch.int64, device=device)]),
+                     visibility=pack_visibility(visible))
+
+
 def chain_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, depth: int) -> DraftTree:
     """The greedy chain: the anchor and the best token of each of the first `depth` draft rows."""
     return build_tree(anchor, draft_logprobs, budget=depth + 1, width=1, depth=depth)

@@ -60,18 +60,18 @@ def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
 
 
 def make_engine(model_dir: Path, page_size: int = 8, max_model_len: int = 256, head=None,
-                dtype=torch.float32):
+                dtype=torch.float32, device: str = "cpu", execution: str = "eager"):
     """An Engine over a checkpoint directory, without a tokenizer."""
     from nanojet.engine import Engine
     from nanojet.kv_cache import KVCache
     from nanojet.llm import load_target
-    model = load_target(model_dir, dtype, torch.device("cpu"))
+    model = load_target(model_dir, dtype, torch.device(device))
     config = model.config
     layers = config.num_hidden_layers + (head.config.layers.num_hidden_layers if head else 0)
     pages = -(-(max_model_len + 512) // page_size)
     cache = KVCache(layers, config.num_key_value_heads, config.head_dim, pages, page_size, pages, dtype,
-                    torch.device("cpu"))
-    return Engine(model, cache, max_model_len, eos_token_ids=[], head=head)
+                    torch.device(device))
+    return Engine(model, cache, max_model_len, eos_token_ids=[], head=head, execution=execution)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.reference import unpack_visibility
-from nanojet.tree import DraftTree, accept, build_tree, chain_tree, tree_size
+from nanojet.tree import TREE_BUCKETS, DraftTree, accept, build_tree, chain_tree, pad_tree, tree_bucket, tree_size
 
 VOCAB = 50
 ROWS = 12  # draft rows: depths 1..12
@@ -217,3 +217,37 @@ def test_build_and_accept_need_no_tensor_data() -> None:
     assert tree.visibility.shape == (100, 4)
     path_nodes, accept_count = accept(tree, torch.zeros(100, dtype=torch.int64, device="meta"))
     assert path_nodes.shape == (100,) and accept_count.shape == ()
+
+
+def test_tree_bucket() -> None:
+    assert [tree_bucket(n) for n in (1, 2, 3, 8, 9, 50, 64, 65, 512)] == [1, 2, 4, 8, 16, 64, 64, 128, 512]
+    assert TREE_BUCKETS[-1] == 512
+    with pytest.raises(ValueError, match="largest bucket"):
+        tree_bucket(513)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_padding_nodes_are_never_accepted(seed: int) -> None:
+    """A padded tree accepts exactly what the tree accepts, even when the target's choice after the anchor is
+    token 0 (what padding rows embed) or the choice after a padding node is a real child's token."""
+    generator = torch.Generator().manual_seed(seed)
+    for budget in (3, 9, 50):
+        tree = build_tree(torch.tensor(7), random_logprobs(seed * 10 + budget), budget, 4)
+        num_nodes, size = tree.tokens.numel(), tree_bucket(tree.tokens.numel()) * 2
+        padded = pad_tree(tree, size)
+        assert padded.tokens[num_nodes:].eq(-1).all() and padded.parents[num_nodes:].eq(0).all()
+        visible = unpack_visibility(padded.visibility, size)
+        assert torch.equal(visible[:num_nodes, :num_nodes], unpack_visibility(tree.visibility, num_nodes))
+        assert torch.equal(visible[num_nodes:], torch.eye(size, dtype=torch.bool)[num_nodes:])  # self edge only
+        for trial in range(10):
+            child = torch.randint(1, num_nodes, (size,), generator=generator)
+            target_tokens = torch.where(torch.rand(size) < 0.8, tree.tokens[child] if num_nodes > 1 else 0,
+                                        torch.randint(0, VOCAB, (size,), generator=generator))
+            if trial == 0:
+                target_tokens[0] = 0
+            path, count = accept(tree, target_tokens[:num_nodes])
+            padded_path, padded_count = accept(padded, target_tokens)
+            assert padded_count == count and padded_path[:count].tolist() == path[:count].tolist()
+            assert padded_path.max() < num_nodes
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_tree(tree, num_nodes - 1)

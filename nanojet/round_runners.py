@@ -1,0 +1,96 @@
+"""Three ways to run a `StaticRound`: eagerly (the reference for the other two), torch.compile'd (the CPU fast
+path) and as a CUDA graph (the GPU fast path). Each counts the graphs it builds, so a recompile in steady state is
+visible (GenerationStats.recompiles) instead of silently costing a fallback to slower code."""
+import torch
+
+from .static_round import StaticRound
+
+
+class RoundRunner:
+    def __init__(self, static_round: StaticRound):
+        self.round = static_round
+        self.compiles = 0  # graphs built: torch.compile compilations or CUDA graph captures
+        self.calls = 0
+
+    def __call__(self, table: torch.Tensor) -> torch.Tensor:
+        """Run one round with block table `table`; returns the step's summary tensor (read it before the next call)."""
+        self.calls += 1
+        return self._run(table)
+
+    def _run(self, table: torch.Tensor) -> torch.Tensor:
+        r = self.round
+        return r.step(r.kv.pool, r.anchor, r.length, table, r.seed)
+
+
+class EagerRunner(RoundRunner):
+    """The static round without compilation: the same ops the compiled runners build graphs of."""
+
+
+class CompiledRunner(RoundRunner):
+    """torch.compile (inductor) over the whole round, one graph (fullgraph: a graph break is an error, not a
+    silent split). Every input keeps its shape from round to round, so one graph serves the whole generation."""
+
+    def __init__(self, static_round: StaticRound):
+        super().__init__(static_round)
+        # Every runner compiles the same code object (StaticRound.step), and dynamo's limit on graphs per code
+        # object (8) would silently fall back to eager once a process has seen enough budgets: raise it, and
+        # make hitting it an error.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 256)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+        config.fail_on_recompile_limit_hit = True
+        self._step = torch.compile(static_round.step, fullgraph=True, dynamic=False, backend=self._backend)
+
+    def _backend(self, graph_module, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        self.compiles += 1
+        return compile_fx(graph_module, example_inputs)
+
+    def _run(self, table: torch.Tensor) -> torch.Tensor:
+        r = self.round
+        return self._step(r.kv.pool, r.anchor, r.length, table, r.seed)
+
+
+class GraphedRunner(RoundRunner):
+    """The whole round as one CUDA graph around another runner's step (compiled or eager). Captured on first use
+    with the live sequence's buffers, so the two warmup launches (which compile and autotune) write only that
+    sequence's scratch slots, never another page; anchor and length are restored after them. The graph remembers
+    the pool's and the table's addresses: if either was reallocated since, the graph is captured again rather
+    than replayed onto freed memory."""
+
+    def __init__(self, inner: RoundRunner, memory_pool):
+        super().__init__(inner.round)
+        self.inner = inner
+        self.memory_pool = memory_pool  # shared by every graph of an engine: rounds never run concurrently
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_for: tuple | None = None
+        self.summary: torch.Tensor | None = None
+
+    def _signature(self, table: torch.Tensor) -> tuple:
+        pool = self.round.kv.pool
+        return pool.data_ptr(), tuple(pool.shape), pool.dtype, table.data_ptr(), tuple(table.shape)
+
+    def _capture(self, table: torch.Tensor) -> None:
+        r = self.round
+        saved = r.anchor.clone(), r.length.clone()
+        compiles = self.inner.compiles
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.inner._run(table)
+                r.anchor.copy_(saved[0])
+                r.length.copy_(saved[1])
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = None  # free the old graph before capturing its replacement
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.memory_pool):
+            self.summary = self.inner._run(table)
+        self.graph, self.captured_for = graph, self._signature(table)
+        self.compiles += 1 + self.inner.compiles - compiles
+
+    def _run(self, table: torch.Tensor) -> torch.Tensor:
+        if self.graph is None or self.captured_for != self._signature(table):
+            self._capture(table)
+        self.graph.replay()
+        return self.summary

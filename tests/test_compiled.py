@@ -1,0 +1,160 @@
+"""Compiled execution (DESIGN.md section 7): the static-shape round, torch.compile on CPU, CUDA graphs on a GPU.
+
+Every mode must give the token ids of the eager engine (greedy and seeded sampling), across tree buckets, and a
+steady-state round must not compile again."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from conftest import ROOT, make_engine, random_head
+from nanojet.config import ModelConfig
+from nanojet.engine import Engine, SpeculativeParams
+from nanojet.llm import DEFAULT_MODEL
+from nanojet.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=30, ignore_eos=True)
+SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=30, ignore_eos=True)
+PROMPT = [7, 3, 250, 19, 19, 4, 88, 1, 64, 2, 33]  # 11 tokens: crosses KV pages of 4
+# (budget, width, depth): None is plain decoding; 3 nodes pad to bucket 4, 50 to 64; a depth limit shortens paths.
+SHAPES = [None, (3, 2, None), (8, 4, None), (50, 4, None), (16, 2, 3)]
+
+
+def spec_of(shape):
+    return None if shape is None else SpeculativeParams(*shape)
+
+
+@pytest.fixture(scope="module")
+def head(hf_model_dir):
+    directory, _ = hf_model_dir
+    return random_head(ModelConfig.from_dir(directory), seed=2)
+
+
+@pytest.fixture(scope="module")
+def eager(hf_model_dir, head):
+    return make_engine(hf_model_dir[0], page_size=4, head=head)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "top-p"])
+def test_static_round_equals_eager(hf_model_dir, head, eager, params):
+    """The uncompiled static round (padded tree, persistent buffers, fixed-size commit) is what the compiled
+    modes build graphs of: same ids and same acceptance as the eager round, for every tree shape."""
+    static = make_engine(hf_model_dir[0], page_size=4, head=head, execution="static")
+    for shape in SHAPES + [(8, 4, None)]:  # and back to a shape seen before
+        expected = eager.generate(PROMPT, params, spec_of(shape))
+        got = static.generate(PROMPT, params, spec_of(shape))
+        assert got.token_ids == expected.token_ids, shape
+        assert got.stats.accept_hist == expected.stats.accept_hist, shape
+    assert static.kv.free_pages == eager.kv.free_pages  # every page came back
+
+
+def test_compiled_equals_eager_without_steady_state_recompiles(hf_model_dir, head, eager):
+    from torch._inductor.utils import run_and_get_code
+    compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled")
+    runs = [(GREEDY, None), (GREEDY, (8, 4, None)), (GREEDY, (32, 4, None)), (GREEDY, (8, 4, None)),
+            (SAMPLED, (8, 4, None)), (SamplingParams(**{**SAMPLED.__dict__, "seed": 12}), (8, 4, None))]
+    seen = set()
+    for index, (params, shape) in enumerate(runs):
+        expected = eager.generate(PROMPT, params, spec_of(shape))
+        if index == 1:  # look at the code of one compiled round: no kernel may copy the KV pool
+            got, code = run_and_get_code(compiled.generate, PROMPT, params, spec_of(shape))
+            pool = compiled.kv.pool
+            for size in (pool.numel(), pool[0, 0].numel()):
+                assert f"{size}L" not in "".join(code), "the compiled round copies the KV pool"
+        else:
+            got = compiled.generate(PROMPT, params, spec_of(shape))
+        assert got.token_ids == expected.token_ids, (params, shape)
+        assert got.stats.accept_hist == expected.stats.accept_hist
+        key = (shape, params.temperature)  # the seed lives in a tensor: a new seed is no new graph
+        assert got.stats.compiles == (0 if key in seen else 1), (params, shape)
+        assert got.stats.recompiles == 0 and got.stats.rounds > 5
+        assert got.stats.compile_s > 0 if key not in seen else got.stats.compile_s == 0
+        seen.add(key)
+    assert len(compiled._runners) == 4
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="the embedded model is not built")
+def test_run_py_compile_on_the_embedded_model():
+    """A trained head accepts long paths, so the fixed-size commit moves real rows: compiled == eager through the
+    CLI, acceptance included, and compile time is reported apart."""
+    snippet = 'def read_config(path):\n    """Return the parsed configuration file."""\n    with open(path) as f:\n'
+    command = [sys.executable, str(ROOT / "run.py"), "--prompt", snippet, "--max-new-tokens", "40",
+               "--budget", "8", "--json", "--device", "cpu"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [json.loads(subprocess.run(command + flags, capture_output=True, text=True, check=True, cwd=ROOT,
+                                      env=environment).stdout) for flags in ([], ["--compile"])]
+    eager_run, compiled_run = runs
+    assert compiled_run["token_ids"] == eager_run["token_ids"]
+    assert compiled_run["accept_hist"] == eager_run["accept_hist"]
+    assert max(int(k) for k in compiled_run["accept_hist"]) >= 4
+    assert compiled_run["compiled"] and compiled_run["compiles"] == 1 and compiled_run["recompiles"] == 0
+    assert compiled_run["compile_s"] > 0 and not eager_run["compiled"] and eager_run["compile_s"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton needs CUDA or TRITON_INTERPRET=1")
+def test_compiled_round_on_triton_kernels(hf_model_dir, head):
+    """The CUDA configuration of torch.compile (the Triton kernels as opaque custom ops inside the compiled
+    graph), run by the interpreter on CPU tensors."""
+    kernels.set_backend("triton")
+    try:
+        compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled")
+        params = SamplingParams(**{**SAMPLED.__dict__, "max_new_tokens": 8})
+        got = compiled.generate(PROMPT, params, SpeculativeParams(8, 2))
+    finally:
+        kernels.set_backend(None)
+    expected = make_engine(hf_model_dir[0], page_size=4, head=head).generate(PROMPT, params, SpeculativeParams(8, 2))
+    assert got.token_ids == expected.token_ids and got.stats.compiles == 1
+
+
+def test_bad_execution_modes(eager):
+    with pytest.raises(ValueError, match="execution must be one of"):
+        Engine(eager.target, eager.kv, 64, [], eager.head, execution="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            Engine(eager.target, eager.kv, 64, [], eager.head, execution="graphed")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("execution", ["graphed", "compiled"])
+def test_cuda_graphs_equal_eager(hf_model_dir, head, execution):
+    """fp32 on the GPU: CUDA-graphed rounds (with and without torch.compile inside) give the eager ids."""
+    cuda_head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).cuda()
+    reference = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda")
+    graphed = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda", execution=execution)
+    for params in (GREEDY, SAMPLED):
+        for shape in SHAPES:
+            expected = reference.generate(PROMPT, params, spec_of(shape)).token_ids
+            got = graphed.generate(PROMPT, params, spec_of(shape))
+            assert got.token_ids == expected, (execution, params, shape)
+            assert got.stats.recompiles == 0
+    again = graphed.generate(PROMPT, GREEDY, spec_of((8, 4, None)))
+    assert again.stats.compiles == 0 and again.token_ids == reference.generate(PROMPT, GREEDY,
+                                                                               spec_of((8, 4, None))).token_ids
+
+
+@pytest.mark.gpu
+def test_cuda_graph_is_recaptured_after_the_pool_moves(hf_model_dir):
+    """A graph holds the pool's address: after the pool is reallocated (grown), replaying it would read and write
+    freed memory. The runner must notice and capture again, and the ids must stay right."""
+    cuda_head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).cuda()
+    reference = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda")
+    graphed = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda", execution="graphed")
+    spec = SpeculativeParams(8, 4)
+    expected = reference.generate(PROMPT, SAMPLED, spec).token_ids
+    assert graphed.generate(PROMPT, SAMPLED, spec).token_ids == expected
+    old = graphed.kv.pool
+    grown = torch.zeros((old.shape[0], old.shape[1], old.shape[2] * 2, *old.shape[3:]), dtype=old.dtype,
+                        device=old.device)
+    grown[:, :, :old.shape[2]] = old
+    graphed.kv.pool = grown
+    graphed.kv.free_pages += list(range(grown.shape[2] - 1, old.shape[2] - 1, -1))
+    del old
+    torch.cuda.empty_cache()
+    after = graphed.generate(PROMPT, SAMPLED, spec)
+    assert after.token_ids == expected
+    assert after.stats.compiles == 1 and after.stats.recompiles == 1  # captured again, and counted as such
