@@ -4,9 +4,11 @@
     python bench.py --budgets 1,8,16,32,64,128,256 --json out.json --plot out.png --profile
     python bench.py --model DIR --prompts ../shared/data/humaneval.jsonl --samples 16 --peer hf
     python bench.py --synthetic qwen3-8b --budgets 1,64            # random weights in the real shapes (GPU)
+    python bench.py --compile --budgets 1,8                        # compiled rounds (CUDA graphs on a GPU)
 
 After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
-other load) hits all modes alike. Speeds use decode time only (prefill excluded). AR and speculative decoding
+other load) hits all modes alike. Speeds use decode time only (prefill excluded). With --compile the warmup
+builds every graph; its time is reported on its own line, and a graph built while measuring is reported too. AR and speculative decoding
 emit the same ids, so speedup = AR decode time / speculative decode time, which is what users wait for. Every
 speculative output is compared with AR token for token; a mismatch exits 1 naming the prompt and budget
 (not with --synthetic: random weights are full of near-ties, and that mode measures latency, not output).
@@ -71,7 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure to this JSON file")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="acceptance and speedup vs budget (matplotlib)")
-    p.add_argument("--profile", action="store_true", help="per-component latency of a round and of an AR step")
+    p.add_argument("--profile", action="store_true", help="per-component latency of a round and of an AR step "
+                                                          "(eager rounds only: a compiled round is one graph)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled rounds: torch.compile on CPU, torch.compile inside CUDA graphs on CUDA")
     p.add_argument("--synthetic", default=None, choices=sorted(SHAPES),
                    help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
@@ -142,7 +147,8 @@ def synthetic_setup(args, dtype: torch.dtype, device: torch.device):
     target, head = synthetic_models(args.synthetic, dtype, device, args.synthetic_layers, args.synthetic_vocab)
     vocab = target.config.vocab_size
     prompts = [torch.randint(vocab - 1, (SYNTHETIC_PROMPT_TOKENS,)).tolist() for _ in range(args.samples)]
-    engine = build_engine(target, head, SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens + 1, max(args.budgets))
+    engine = build_engine(target, head, SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens + 1, max(args.budgets),
+                          execution="compiled" if args.compile else "eager")
     return engine, prompts, {"synthetic": args.synthetic, "layers": target.config.num_hidden_layers,
                              "vocab_size": vocab, "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
 
@@ -153,7 +159,8 @@ def checkpoint_setup(args, dtype_name: str):
     head = model / DEFAULT_HEAD_NAME if args.head == "auto" else Path(args.head)
     if not (head / "config.json").is_file():
         raise FileNotFoundError(f"no draft head at {head}; train one (train_head.py) or pass --head DIR")
-    llm = LLM(model, head=head, device=args.device, dtype=dtype_name, max_tree_nodes=MAX_BUDGET)
+    llm = LLM(model, head=head, device=args.device, dtype=dtype_name, max_tree_nodes=MAX_BUDGET,
+              compile=args.compile)
     chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
     texts = read_prompts(Path(args.prompts), args.samples) if args.prompts else builtin_prompts(args.samples)
     prompts = [llm.encode_prompt(text, chat) for text in texts]
@@ -225,8 +232,10 @@ def measure(engine: Engine, prompts: list[list[int]], params: SamplingParams, ar
     """Warm up each mode, then per prompt: AR, every budget, the peer. Returns per-prompt records and the
     GenerationStats of each mode ("ar" or a budget)."""
     specs = {b: SpeculativeParams(b, args.width, args.depth) for b in args.budgets}
-    for spec in [None, *specs.values()]:
-        engine.generate(prompts[0], replace(params, max_new_tokens=min(16, params.max_new_tokens)), spec)
+    warmup = {}  # compile / capture seconds of each mode (0 when eager)
+    for name, spec in [("ar", None), *specs.items()]:
+        out = engine.generate(prompts[0], replace(params, max_new_tokens=min(16, params.max_new_tokens)), spec)
+        warmup[name] = out.stats.compile_s
     runs, per_prompt = {"ar": [], **{b: [] for b in specs}}, []
     try:
         for index, ids in enumerate(prompts):
@@ -250,7 +259,27 @@ def measure(engine: Engine, prompts: list[list[int]], params: SamplingParams, ar
             per_prompt.append(entry)
     finally:
         print(file=sys.stderr)  # end the progress line
-    return per_prompt, runs
+    measured = [s for stats in runs.values() for s in stats]
+    compiled = {"compile_s": warmup, "graphs_built_while_measuring": sum(s.compiles for s in measured)}
+    if engine.device.type == "cuda":
+        compiled["host_syncs_per_round"] = {name: host_syncs_per_round(engine, prompts[0], params, spec)
+                                            for name, spec in [("ar", None), *specs.items()]}
+    return per_prompt, runs, compiled
+
+
+def host_syncs_per_round(engine: Engine, ids: list[int], params: SamplingParams, spec) -> float:
+    """Device synchronisations the host waits on, per decode round (CUDA's sync debug mode warns at each)."""
+    import warnings
+    engine.generate(ids, params, spec)  # anything lazy (graphs, kernels) happens before counting
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = engine.generate(ids, params, spec)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    return (syncs - 1) / max(1, out.stats.rounds)  # less the prefill's read of the first token
 
 
 def depth_limit(args, block_size: int, budget: int) -> int:
@@ -330,6 +359,15 @@ def print_report(result: dict, profile: bool) -> None:
         bandwidth += (f" = {100 * result['bandwidth_fraction']:.1f}% of the measured device copy bandwidth "
                       f"({result['copy_bytes_per_s'] / 1e9:.0f} GB/s)")
     print(bandwidth)
+    compiled = result["compiled"]
+    if config["compile"]:
+        times = ", ".join(f"{'AR' if name == 'ar' else 'budget ' + str(name)} {seconds:.1f} s"
+                          for name, seconds in compiled["compile_s"].items())
+        print(f"compile/capture during warmup (not in the times above): {times}; graphs built while measuring: "
+              f"{compiled['graphs_built_while_measuring']} (0 expected)")
+    if "host_syncs_per_round" in compiled:
+        print("host syncs per round: " + ", ".join(f"{'AR' if name == 'ar' else 'budget ' + str(name)} {n:.2f}"
+                                                   for name, n in compiled["host_syncs_per_round"].items()))
     if config.get("synthetic"):
         agree = sum(all(s["lossless"] for s in p["spec"].values()) for p in result["per_prompt"])
         print(f"synthetic: {agree}/{prompts} prompts match AR (random weights make near-ties; not checked)")
@@ -375,9 +413,9 @@ def main(argv=None) -> int:
         config.update(head_block_size=engine.head.config.block_size, device=str(device), dtype=dtype_name,
                       torch=torch.__version__, samples=len(prompts), max_new_tokens=args.max_new_tokens,
                       budgets=args.budgets, width=args.width, depth=args.depth, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads())
+                      top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile)
         peer = HFPeer(config["model"], dtype, device) if args.peer else None
-        per_prompt, runs = measure(engine, prompts, params, args, peer)
+        per_prompt, runs, extra["compiled"] = measure(engine, prompts, params, args, peer)
     except NotLossless as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

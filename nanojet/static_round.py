@@ -49,6 +49,9 @@ class StaticRound:
         self.length = torch.zeros((), dtype=torch.int64, device=device)
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
         self.block_table = torch.zeros(1, kv.max_pages_per_sequence, dtype=torch.int32, device=device)
+        # Staging for new page ids: pinned, so the copy to the device is truly asynchronous (never a host sync).
+        self._host_pages = torch.zeros(kv.max_pages_per_sequence, dtype=torch.int32,
+                                       pin_memory=device.type == "cuda")
         self._pages_written = 0
 
     # --- host side, between rounds ------------------------------------------------------------------------
@@ -65,8 +68,10 @@ class StaticRound:
         self.kv.reserve(sequence, sequence.length + self.scratch_slots)
         pages = len(sequence.pages)
         if pages > self._pages_written:
-            new = torch.tensor(sequence.pages[self._pages_written:], dtype=torch.int32)
-            self.block_table[0, self._pages_written:pages].copy_(new, non_blocking=True)
+            # Entries being written were not in flight: every earlier copy finished before the last host read.
+            staged = self._host_pages[self._pages_written:pages]
+            staged.copy_(torch.tensor(sequence.pages[self._pages_written:], dtype=torch.int32))
+            self.block_table[0, self._pages_written:pages].copy_(staged, non_blocking=True)
             self._pages_written = pages
         return self.block_table
 

@@ -45,10 +45,11 @@ def synthetic_models(name: str, dtype: torch.dtype, device: torch.device, layers
     return random_module(Qwen3, config, dtype, device), random_module(DraftHead, head_config, dtype, device)
 
 
-def build_engine(target: Qwen3, head: DraftHead, max_model_len: int, max_tree_nodes: int) -> Engine:
+def build_engine(target: Qwen3, head: DraftHead, max_model_len: int, max_tree_nodes: int,
+                 execution: str = "eager") -> Engine:
     """An Engine over modules already on their device, with a KV pool sized the way LLM sizes it."""
     config, kv_page_size = target.config, 16
     pages = -(-(max_model_len + max(max_tree_nodes, head.config.block_size)) // kv_page_size)
     kv_cache = KVCache(config.num_hidden_layers + head.config.layers.num_hidden_layers, config.num_key_value_heads,
                        config.head_dim, pages, kv_page_size, pages, target.norm.dtype, target.norm.device)
-    return Engine(target, kv_cache, max_model_len, eos_token_ids=[], head=head)
+    return Engine(target, kv_cache, max_model_len, eos_token_ids=[], head=head, execution=execution)

@@ -57,6 +57,19 @@ def test_sweep_reports_sane_figures(bench_inputs, tmp_path, capsys):
     assert "per-component latency" in table and "HF transformers" in table
 
 
+def test_compiled_sweep_reports_compile_time_apart(bench_inputs, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(bench_inputs + ["--budgets", "1,8", "--json", str(out), "--compile"]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["compile"] is True
+    assert all(row["lossless"] for row in result["budgets"])
+    compiled = result["compiled"]
+    assert compiled["compile_s"]["ar"] > 0 and compiled["compile_s"]["8"] > 0
+    assert compiled["compile_s"]["1"] == 0  # budget 1 is plain decoding: the AR graph, built already
+    assert compiled["graphs_built_while_measuring"] == 0
+    assert "graphs built while measuring: 0" in capsys.readouterr().out
+
+
 def test_corrupted_speculative_output_fails_loudly(bench_inputs, monkeypatch, capsys):
     generate = Engine.generate
 

@@ -158,3 +158,14 @@ def test_cuda_graph_is_recaptured_after_the_pool_moves(hf_model_dir):
     after = graphed.generate(PROMPT, SAMPLED, spec)
     assert after.token_ids == expected
     assert after.stats.compiles == 1 and after.stats.recompiles == 1  # captured again, and counted as such
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("execution", ["graphed", "compiled"])
+def test_one_host_sync_per_graphed_round(hf_model_dir, execution):
+    """The host waits on the device once per round: the read of the accepted count and tokens."""
+    import bench
+    cuda_head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).cuda()
+    engine = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda", execution=execution)
+    for spec in (None, SpeculativeParams(8, 4)):
+        assert bench.host_syncs_per_round(engine, PROMPT, GREEDY, spec) == pytest.approx(1.0)
