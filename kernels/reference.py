@@ -92,22 +92,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     new token j (logical slot prefix + j, already stored) is visible to query i when bit j of
     `visibility[i]` is set. A query that sees nothing returns zeros instead of NaN. fp32 accumulation."""
     out = torch.zeros_like(q)
-    page_size = k_cache.shape[1]
-    group = q.shape[1] // k_cache.shape[2]
+    page_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = q.shape[1] // num_kv_heads
+    offsets = torch.arange(page_size, device=q.device)
+    k_rows, v_rows = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     starts = query_starts.tolist()
     for s, prefix in enumerate(prefix_lens.tolist()):
         lo, hi = starts[s], starts[s + 1]
-        if hi == lo:
+        n = hi - lo
+        if n == 0:
             continue
-        n_keys = prefix + hi - lo
-        logical = torch.arange(n_keys, device=q.device)
-        slots = block_tables[s].long()[logical // page_size] * page_size + logical % page_size
-        keys = k_cache.view(-1, *k_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
-        values = v_cache.view(-1, *v_cache.shape[2:])[slots].float().repeat_interleave(group, dim=1)
-        visible = torch.ones(hi - lo, n_keys, dtype=torch.bool, device=q.device)
-        visible[:, prefix:] = unpack_visibility(visibility[lo:hi], hi - lo)
-        scores = torch.einsum("thd,khd->htk", q[lo:hi].float(), keys) * scale
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[lo:hi] = torch.einsum("htk,khd->thd", probs, values).to(q.dtype)
+        n_keys = prefix + n
+        pages = block_tables[s, :-(-n_keys // page_size)].long()
+        slots = (pages[:, None] * page_size + offsets).flatten()[:n_keys]
+        keys = k_rows[slots].float().transpose(0, 1)  # [Hkv, keys, D]
+        values = v_rows[slots].float().transpose(0, 1)
+        visible = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=q.device),
+                             unpack_visibility(visibility[lo:hi], n)], dim=1)  # [n, keys]
+        # Query heads grouped under their KV head: [Hkv, G * n, D] against [Hkv, keys, D], no K/V repeat.
+        queries = q[lo:hi].float().view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).flatten(1, 2)
+        scores = (queries @ keys.transpose(1, 2)).view(num_kv_heads, group, n, n_keys) * scale
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
+        mixed = (probs.flatten(1, 2) @ values).view(num_kv_heads, group, n, head_dim)
+        out[lo:hi] = mixed.permute(2, 0, 1, 3).reshape(n, -1, head_dim).to(q.dtype)
     return out
