@@ -297,10 +297,12 @@ def test_store_kv(device, source_dtype, cache_dtype):
             torch.testing.assert_close(actual, wanted, **TOLERANCE[cache_dtype])
 
 
-@pytest.mark.parametrize("kept", [[0], [0, 1, 2], [0, 2, 3], [1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 9, 13], [2, 5, 11]])
+@pytest.mark.parametrize("kept", [[0], [0, 1, 2], [0, 2, 3], [1, 2, 3, 4, 5, 6, 7], [0, 3, 4, 9, 13], [2, 5, 11],
+                                  [0, 5, 9, 3, 4, 5, 6, 7], [0, 1, 2, 3]])
 def test_move_kv_commit_pattern(device, kept):
     """Commit moves rows kept[j] -> j of the scratch, where a destination is often an earlier move's source
-    (e.g. [1, 2, ...]: row 1 -> 0 and row 2 -> 1); every layer, k and v, across pages."""
+    (e.g. [1, 2, ...]: row 1 -> 0 and row 2 -> 1); every layer, k and v, across pages. The compiled round's
+    fixed-size commit pads with identity moves (j -> j past the accepted count: [0, 5, 9, 3, 4, ...])."""
     generator = torch.Generator().manual_seed(len(kept))
     layers, pages, page_size, kv_heads, head_dim = 3, 8, 4, 2, 16
     pool = randn(layers, 2, pages, page_size, kv_heads, head_dim, dtype=torch.bfloat16, device=device,
