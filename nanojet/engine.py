@@ -230,8 +230,7 @@ class Engine:
 
     def runner(self, spec: SpeculativeParams | None, params: SamplingParams) -> RoundRunner:
         """The runner of static rounds for this tree shape and sampling mode (built once, reused)."""
-        key = (None if spec is None else (spec.budget, spec.width, spec.depth),
-               params.temperature, params.top_k, params.top_p)
+        key = self.runner_key(spec, params)
         if key not in self._runners:
             static_round = StaticRound(self.target, self.head, self.kv, spec, params)
             runner = CompiledRunner(static_round) if self.execution == "compiled" else EagerRunner(static_round)
@@ -241,6 +240,12 @@ class Engine:
                 runner = GraphedRunner(runner, self._graph_memory_pool)
             self._runners[key] = runner
         return self._runners[key]
+
+    @staticmethod
+    def runner_key(spec: SpeculativeParams | None, params: SamplingParams) -> tuple:
+        """What a compiled round is specialised on: the tree shape and the sampling mode (not the seed)."""
+        return (None if spec is None else (spec.budget, spec.width, spec.depth),
+                params.temperature, params.top_k, params.top_p)
 
     def _static_round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
         table = runner.round.table(sequence)

@@ -1,6 +1,8 @@
 """Three ways to run a `StaticRound`: eagerly (the reference for the other two), torch.compile'd (the CPU fast
 path) and as a CUDA graph (the GPU fast path). Each counts the graphs it builds, so a recompile in steady state is
 visible (GenerationStats.recompiles) instead of silently costing a fallback to slower code."""
+import contextlib
+
 import torch
 
 from .static_round import StaticRound
@@ -74,20 +76,31 @@ class GraphedRunner(RoundRunner):
         r = self.round
         saved = r.anchor.clone(), r.length.clone()
         compiles = self.inner.compiles
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with self._warmup_stream():
             for _ in range(2):
                 self.inner._run(table)
                 r.anchor.copy_(saved[0])
                 r.length.copy_(saved[1])
-        torch.cuda.current_stream().wait_stream(side)
         self.graph = None  # free the old graph before capturing its replacement
+        self.graph, self.summary = self._record(lambda: self.inner._run(table))
+        self.captured_for = self._signature(table)
+        self.compiles += 1 + self.inner.compiles - compiles
+
+    @contextlib.contextmanager
+    def _warmup_stream(self):
+        """Warm up on a side stream, as CUDA graph capture requires."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _record(self, step) -> tuple:
+        """Capture `step()` (recorded, not run) -> (graph, its output tensor, rewritten by each replay)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.memory_pool):
-            self.summary = self.inner._run(table)
-        self.graph, self.captured_for = graph, self._signature(table)
-        self.compiles += 1 + self.inner.compiles - compiles
+            output = step()
+        return graph, output
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
         if self.graph is None or self.captured_for != self._signature(table):

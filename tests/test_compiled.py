@@ -2,6 +2,7 @@
 
 Every mode must give the token ids of the eager engine (greedy and seeded sampling), across tree buckets, and a
 steady-state round must not compile again."""
+import contextlib
 import json
 import os
 import subprocess
@@ -15,7 +16,9 @@ from conftest import ROOT, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import Engine, SpeculativeParams
 from nanojet.llm import DEFAULT_MODEL
+from nanojet.round_runners import EagerRunner, GraphedRunner
 from nanojet.sampling import SamplingParams
+from nanojet.static_round import StaticRound
 
 GREEDY = SamplingParams(max_new_tokens=30, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=30, ignore_eos=True)
@@ -117,6 +120,53 @@ def test_bad_execution_modes(eager):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs CUDA"):
             Engine(eager.target, eager.kv, 64, [], eager.head, execution="graphed")
+
+
+class RecordedGraph:
+    """A CUDA graph's contract, on CPU: recording does not run the step; each replay runs it and rewrites the
+    captured output tensor in place."""
+
+    def __init__(self, step, output: torch.Tensor):
+        self.step, self.output = step, output
+
+    def replay(self) -> None:
+        self.output.copy_(self.step())
+
+
+class CPUGraphedRunner(GraphedRunner):
+    """GraphedRunner's bookkeeping (warmup and restore, capture, replay, re-capture) with CPU stand-ins for the
+    CUDA stream and graph."""
+
+    def _warmup_stream(self):
+        return contextlib.nullcontext()
+
+    def _record(self, step):
+        output = torch.full((1 + 2 * self.round.path_len,), -7, dtype=torch.int64)
+        return RecordedGraph(step, output), output
+
+
+def install_cpu_graphs(engine: Engine, spec, params) -> None:
+    static_round = StaticRound(engine.target, engine.head, engine.kv, spec, params)
+    engine._runners[Engine.runner_key(spec, params)] = CPUGraphedRunner(EagerRunner(static_round), None)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "top-p"])
+def test_graph_bookkeeping_on_cpu_stand_ins(hf_model_dir, head, eager, params):
+    """The warmup launches really run the round, so anchor and length must be restored after them; the output
+    is read from the captured tensor; a moved pool makes the runner capture again (counted as a recompile)."""
+    engine = make_engine(hf_model_dir[0], page_size=4, head=head, execution="static")
+    for shape in SHAPES:
+        install_cpu_graphs(engine, spec_of(shape), params)
+        expected = eager.generate(PROMPT, params, spec_of(shape))
+        got = engine.generate(PROMPT, params, spec_of(shape))
+        assert got.token_ids == expected.token_ids and got.stats.accept_hist == expected.stats.accept_hist, shape
+        assert got.stats.compiles == 1 and got.stats.recompiles == 0
+    spec = spec_of((8, 4, None))
+    assert engine.generate(PROMPT, params, spec).stats.compiles == 0  # replayed, not captured again
+    engine.kv.pool = engine.kv.pool.clone()  # reallocated (as a grown pool would be)
+    moved = engine.generate(PROMPT, params, spec)
+    assert moved.token_ids == eager.generate(PROMPT, params, spec).token_ids
+    assert moved.stats.compiles == 1 and moved.stats.recompiles == 1
 
 
 @pytest.mark.gpu
