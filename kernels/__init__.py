@@ -81,10 +81,11 @@ def _move_kv_op(pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Te
 def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                         prefix_lens: torch.Tensor, query_starts: torch.Tensor, visibility: torch.Tensor,
                         scale: float) -> torch.Tensor:
-    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility,
-                                    scale)
+    out = _impl(q).paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility,
+                                   scale)
+    return out.contiguous()  # the layout the fake below promises the compiler, whatever q's strides were
 
 
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)

@@ -15,6 +15,7 @@ import kernels
 from conftest import ROOT, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import Engine, SpeculativeParams
+from nanojet.kv_cache import KVCache, KVCacheExhausted
 from nanojet.llm import DEFAULT_MODEL
 from nanojet.round_runners import EagerRunner, GraphedRunner
 from nanojet.sampling import SamplingParams
@@ -112,6 +113,19 @@ def test_compiled_round_on_triton_kernels(hf_model_dir, head):
         kernels.set_backend(None)
     expected = make_engine(hf_model_dir[0], page_size=4, head=head).generate(PROMPT, params, SpeculativeParams(8, 2))
     assert got.token_ids == expected.token_ids and got.stats.compiles == 1
+
+
+def test_static_round_runs_out_of_pool_with_a_clear_error(eager):
+    """The static round reserves its scratch (the padded tree) on the host before the step: an exhausted pool is
+    the usual one-line error, and every page is returned."""
+    config = eager.target.config
+    layers = config.num_hidden_layers + eager.head.config.layers.num_hidden_layers
+    small = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages=8, kv_page_size=4,
+                    max_pages_per_sequence=64, dtype=torch.float32, device=torch.device("cpu"))
+    engine = Engine(eager.target, small, 200, [], eager.head, execution="static")
+    with pytest.raises(KVCacheExhausted, match="KV cache exhausted"):
+        engine.generate(PROMPT, SamplingParams(max_new_tokens=100, ignore_eos=True), SpeculativeParams(8, 4))
+    assert sorted(small.free_pages) == list(range(8))
 
 
 def test_bad_execution_modes(eager):
