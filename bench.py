@@ -8,8 +8,9 @@
 
 After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
 other load) hits all modes alike. Speeds use decode time only (prefill excluded). With --compile the warmup
-builds every graph; its time is reported on its own line, and a graph built while measuring is reported too. AR and speculative decoding
-emit the same ids, so speedup = AR decode time / speculative decode time, which is what users wait for. Every
+builds every graph; its time is reported on its own line, and a graph built while measuring is reported too.
+AR and speculative decoding emit the same ids, so speedup = AR decode time / speculative decode time, which is
+what users wait for. Every
 speculative output is compared with AR token for token; a mismatch exits 1 naming the prompt and budget
 (not with --synthetic: random weights are full of near-ties, and that mode measures latency, not output).
 Bad input prints one line on stderr and exits 2.
@@ -268,18 +269,25 @@ def measure(engine: Engine, prompts: list[list[int]], params: SamplingParams, ar
 
 
 def host_syncs_per_round(engine: Engine, ids: list[int], params: SamplingParams, spec) -> float:
-    """Device synchronisations the host waits on, per decode round (CUDA's sync debug mode warns at each)."""
+    """Device synchronisations the host waits on per decode round (CUDA's sync debug mode warns at each one).
+    Two generation lengths are counted and differenced, so the prefill's syncs drop out."""
     import warnings
-    engine.generate(ids, params, spec)  # anything lazy (graphs, kernels) happens before counting
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = engine.generate(ids, params, spec)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
-    return (syncs - 1) / max(1, out.stats.rounds)  # less the prefill's read of the first token
+
+    def count(max_new_tokens: int) -> tuple[int, int]:
+        run = replace(params, max_new_tokens=max_new_tokens, ignore_eos=True)
+        engine.generate(ids, run, spec)  # anything lazy (graphs, kernels) happens before counting
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = engine.generate(ids, run, spec)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), out.stats.rounds
+
+    short, long = max(2, params.max_new_tokens // 2), max(4, params.max_new_tokens)
+    (syncs_short, rounds_short), (syncs_long, rounds_long) = count(short), count(long)
+    return (syncs_long - syncs_short) / max(1, rounds_long - rounds_short)
 
 
 def depth_limit(args, block_size: int, budget: int) -> int:
