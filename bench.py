@@ -10,9 +10,9 @@ After one warmup generation per mode, each prompt runs AR and then every budget,
 other load) hits all modes alike. Speeds use decode time only (prefill excluded). With --compile the warmup
 builds every graph; its time is reported on its own line, and a graph built while measuring is reported too.
 AR and speculative decoding emit the same ids, so speedup = AR decode time / speculative decode time, which is
-what users wait for. Every
-speculative output is compared with AR token for token; a mismatch exits 1 naming the prompt and budget
-(not with --synthetic: random weights are full of near-ties, and that mode measures latency, not output).
+what users wait for. Every speculative output is compared with AR token for token; a mismatch exits 1 naming
+the prompt and budget (not with --synthetic: random weights are full of near-ties, and that mode measures
+latency, not output).
 Bad input prints one line on stderr and exits 2.
 """
 import argparse
