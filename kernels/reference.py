@@ -49,10 +49,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write k, v `[T, Hkv, D]` into the caches at flat slots `[T]`; slot -1 marks padding and is skipped."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    if bool((slot_mapping < 0).any()):  # a host read, fine on this path; most steps have no padding to drop
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def move_kv(pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:

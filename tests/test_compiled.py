@@ -136,6 +136,12 @@ def test_bad_execution_modes(eager):
             Engine(eager.target, eager.kv, 64, [], eager.head, execution="graphed")
 
 
+def test_compiling_on_cpu_without_a_cpp_compiler_is_a_clear_error(eager, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        Engine(eager.target, eager.kv, 64, [], eager.head, execution="compiled")
+
+
 class RecordedGraph:
     """A CUDA graph's contract, on CPU: recording does not run the step; each replay runs it and rewrites the
     captured output tensor in place."""
