@@ -19,7 +19,7 @@ from .qwen3 import Qwen3
 from .round_runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
 from .sampling import SamplingParams, sample
 from .static_round import StaticRound
-from .tree import DraftTree, accept, build_tree
+from .tree import accept, anchor_tree, build_tree, read_outcome, round_outcome
 
 # How rounds run: "eager" builds each round's metadata on the host (the reference); "static" runs the static-shape
 # round over persistent buffers without compiling (what the other modes build graphs of); "compiled" is
@@ -207,9 +207,7 @@ class Engine:
                spec: SpeculativeParams | None, tap_layers: tuple[int, ...], stats: GenerationStats) -> list[int]:
         start = time.perf_counter()
         if spec is None:
-            tree = DraftTree(tokens=anchor[None], parents=torch.tensor([-1], device=self.device),
-                             depths=torch.zeros(1, dtype=torch.int64, device=self.device),
-                             visibility=torch.ones(1, 1, dtype=torch.int32, device=self.device))
+            tree = anchor_tree(anchor)
         else:
             logprobs = self._draft(sequence, anchor)
             start = self._timed(stats, "draft", start)
@@ -223,11 +221,8 @@ class Engine:
         start = self._timed(stats, "verify", start)
 
         path, count = accept(tree, choices)  # path is padded past `count` with its last node
-        # The round's one host read: the count, the path's tokens and the target's choices, in one transfer.
-        nodes = len(tree.tokens)
-        host = torch.cat([count[None], tree.tokens[path], choices[path]]).tolist()
-        count, path = host[0], path[:host[0]]
-        emitted = host[2:1 + count] + [host[nodes + count]]
+        count, emitted = read_outcome(round_outcome(tree, choices, path, count).tolist())  # the one host read
+        path = path[:count]
         start = self._timed(stats, "accept", start)
 
         self.kv.commit(sequence, path, num_layers=self.num_target_layers)
@@ -261,13 +256,13 @@ class Engine:
     def _static_round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
         table = runner.round.table(sequence)
         compiles, start = runner.compiles, time.perf_counter()
-        summary = runner(table).tolist()  # the round's one host read
+        count, emitted = read_outcome(runner(table).tolist())  # the round's one host read
         if runner.compiles > compiles:
             stats.compile_s += time.perf_counter() - start
             stats.compiles += runner.compiles - compiles
             stats.recompiles += runner.calls > 1  # the first call builds the graph; any later build is a miss
-        emitted = runner.round.finish(sequence, summary)
+        runner.round.finish(sequence, count)
         stats.rounds += 1
         stats.target_forwards += 1
-        stats.accept_hist[summary[0]] += 1
+        stats.accept_hist[count] += 1
         return emitted

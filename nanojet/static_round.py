@@ -9,8 +9,8 @@ block, the sampling mode); what changes from round to round lives in persistent 
     seed         []             int64  the sampling seed (a tensor, so one graph serves every seed)
 
 `step` runs draft -> tree -> verify -> accept -> commit on them, advances `anchor` and `length` in place and
-returns one small tensor for the round's single host read: `[count, path tokens (P), target choices (P)]`, where
-P is the longest path the tree allows. Commit always moves P rows (identity moves past the accepted count), so
+returns one small tensor for the round's single host read (`tree.round_outcome`, with P = the longest path the
+tree allows). Commit always moves P rows (identity moves past the accepted count), so
 the pool is touched the same way every round. Pages stay on the host: `table` reserves scratch for the tree and
 the draft block before a step, `finish` trims what the round did not keep after it.
 """
@@ -20,7 +20,7 @@ import kernels
 from kernels.reference import pack_visibility
 from .kv_cache import AttentionMetadata, KVCache, Sequence
 from .sampling import SamplingParams, sample
-from .tree import DraftTree, accept, build_tree, pad_tree, tree_bucket, tree_size
+from .tree import DraftTree, accept, anchor_tree, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
 
 
 class StaticRound:
@@ -75,13 +75,11 @@ class StaticRound:
             self._pages_written = pages
         return self.block_table
 
-    def finish(self, sequence: Sequence, summary: list[int]) -> list[int]:
-        """Apply a step's host read to the sequence; returns the emitted tokens (the accepted path, the bonus)."""
-        count = summary[0]
-        sequence.length += count
+    def finish(self, sequence: Sequence, accept_count: int) -> None:
+        """Commit a step's accepted count to the sequence on the host and release the scratch it did not keep."""
+        sequence.length += accept_count
         self.kv.trim(sequence, sequence.length)
         self._pages_written = min(self._pages_written, len(sequence.pages))
-        return summary[2:1 + count] + [summary[self.path_len + count]]
 
     # --- device side: one round, static shapes ----------------------------------------------------------
 
@@ -95,9 +93,7 @@ class StaticRound:
 
         prefix = length.to(torch.int32).reshape(1)
         if self.spec is None:
-            tree = DraftTree(tokens=anchor.reshape(1), parents=torch.full((1,), -1, device=device),
-                             depths=torch.zeros(1, dtype=torch.int64, device=device),
-                             visibility=torch.ones(1, 1, dtype=torch.int32, device=device))
+            tree = anchor_tree(anchor)
         else:
             tree = pad_tree(self._draft_tree(pool, anchor, length, prefix, block_table, slots), self.bucket)
 
@@ -117,10 +113,9 @@ class StaticRound:
         if self.spec is not None:  # rows past the count write head context into slots the next round rewrites
             self.head.extend_context(taps[path], length + rows, scratch[:self.path_len],
                                      pool[self.num_target_layers:])
-        summary = torch.cat([count[None], tree.tokens[path], choices[path]])
         anchor.copy_(choices[path[-1:]].squeeze(0))  # (a 1-d index: a 0-dim one would be a host read)
         length.add_(count)
-        return summary
+        return round_outcome(tree, choices, path, count)
 
     def _draft_tree(self, pool, anchor, length, prefix, block_table, slots) -> DraftTree:
         """Head forward over `[anchor, MASK x (B-1)]` at positions `length ..`, then the tree from its rows."""

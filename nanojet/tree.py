@@ -62,8 +62,7 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
     root_token = anchor.reshape(1).to(device=device, dtype=torch.int64)
     keep = budget - 1
     if num_nodes == 1:
-        return _finish(root_token, torch.full((1,), -1, dtype=torch.int64, device=device),
-                       torch.zeros(1, dtype=torch.int64, device=device), max_depth)
+        return anchor_tree(root_token)
 
     top_logprobs, top_tokens = draft_logprobs[:max_depth].topk(width, dim=-1)  # [D, width], sorted best first
     # Log-probs are <= 0, so a child never outscores its parent and the chosen set is closed under parents;
@@ -96,6 +95,15 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
     return _finish(torch.cat([root_token, tokens[chosen]]),
                    torch.cat([torch.full((1,), -1, dtype=torch.int64, device=device), node_parents]),
                    torch.cat([torch.zeros(1, dtype=torch.int64, device=device), depths[chosen]]), max_depth)
+
+
+def anchor_tree(anchor: torch.Tensor) -> DraftTree:
+    """The one-node tree of plain decoding: the anchor alone, seeing only itself."""
+    device = anchor.device
+    return DraftTree(tokens=anchor.reshape(1).to(torch.int64),
+                     parents=torch.full((1,), -1, dtype=torch.int64, device=device),
+                     depths=torch.zeros(1, dtype=torch.int64, device=device),
+                     visibility=torch.ones(1, 1, dtype=torch.int32, device=device))
 
 
 def _finish(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, max_depth: int) -> DraftTree:
@@ -167,3 +175,17 @@ def accept(tree: DraftTree, target_tokens: torch.Tensor) -> tuple[torch.Tensor, 
     last = torch.where(accepted, node_index, 0).max()
     path_nodes = torch.minimum(torch.where(accepted, node_index, num_nodes).sort().values, last)
     return path_nodes, accepted.sum()
+
+
+def round_outcome(tree: DraftTree, target_tokens: torch.Tensor, path_nodes: torch.Tensor,
+                  accept_count: torch.Tensor) -> torch.Tensor:
+    """What the host needs from a round, as one int64 tensor (one transfer): `[count, tree tokens along the path
+    (P), target tokens along it (P)]`, P = len(path_nodes) (the path as `accept` pads it, possibly cut)."""
+    return torch.cat([accept_count[None], tree.tokens[path_nodes], target_tokens[path_nodes]])
+
+
+def read_outcome(outcome: list[int]) -> tuple[int, list[int]]:
+    """`round_outcome` read back -> (accepted count, emitted tokens: the accepted drafts past the anchor, then the
+    bonus, the target's token after the last accepted node)."""
+    path_len, count = (len(outcome) - 1) // 2, outcome[0]
+    return count, outcome[2:1 + count] + [outcome[path_len + count]]
