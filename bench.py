@@ -19,17 +19,17 @@ import argparse
 import importlib
 import json
 import sys
-import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from nanojet.cli import add_runtime_flags
 from nanojet.config import ModelConfig
+from nanojet.device_stats import copy_bandwidth, host_syncs_per_round, synced_clock, weight_bytes_per_step
 from nanojet.engine import Engine, SpeculativeParams
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
-from nanojet.qwen3 import Qwen3
 from nanojet.sampling import SamplingParams
 from nanojet.synthetic import SHAPES, build_engine, synthetic_models
 
@@ -65,19 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (sampling is lossless too)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    template = p.add_mutually_exclusive_group()
-    template.add_argument("--chat", dest="chat", action="store_true", default=None,
-                          help="apply the chat template (default for models that ship one)")
-    template.add_argument("--raw", dest="chat", action="store_false", help="use the prompts as they are")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_runtime_flags(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure to this JSON file")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="acceptance and speedup vs budget (matplotlib)")
     p.add_argument("--profile", action="store_true", help="per-component latency of a round and of an AR step "
                                                           "(eager rounds only: a compiled round is one graph)")
-    p.add_argument("--compile", action="store_true",
-                   help="compiled rounds: torch.compile on CPU, torch.compile inside CUDA graphs on CUDA")
     p.add_argument("--synthetic", default=None, choices=sorted(SHAPES),
                    help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
@@ -194,32 +187,6 @@ class HFPeer:
         return {"new_tokens": n, "total_s": total_s, "decode_s": max(total_s - first_s, 1e-9), "token_ids": tokens}
 
 
-def synced_clock() -> float:
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def copy_bandwidth(device: torch.device, repeats: int = 20) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write), over 256 MiB: far past any cache."""
-    source = torch.empty(2**28, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    target.copy_(source)
-    start = synced_clock()
-    for _ in range(repeats):
-        target.copy_(source)
-    return 2 * source.numel() * repeats / (synced_clock() - start)
-
-
-def weight_bytes_per_step(target: Qwen3) -> int:
-    """Bytes of weights one decode step reads: every parameter, but of an untied embedding only one row."""
-    total = sum(p.numel() * p.element_size() for p in target.parameters())
-    if target.lm_head is not None:
-        embed = target.embed_tokens.weight
-        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
-    return total
-
-
 def mismatch(prompt: int, budget: int, ar: list[int], spec: list[int], dtype: torch.dtype) -> str:
     at = next((i for i, (a, s) in enumerate(zip(ar, spec)) if a != s), min(len(ar), len(spec)))
     ar_token, spec_token = (ids[at] if at < len(ids) else "end" for ids in (ar, spec))
@@ -266,28 +233,6 @@ def measure(engine: Engine, prompts: list[list[int]], params: SamplingParams, ar
         compiled["host_syncs_per_round"] = {name: host_syncs_per_round(engine, prompts[0], params, spec)
                                             for name, spec in [("ar", None), *specs.items()]}
     return per_prompt, runs, compiled
-
-
-def host_syncs_per_round(engine: Engine, ids: list[int], params: SamplingParams, spec) -> float:
-    """Device synchronisations the host waits on per decode round (CUDA's sync debug mode warns at each one).
-    Two generation lengths are counted and differenced, so the prefill's syncs drop out."""
-    import warnings
-
-    def count(max_new_tokens: int) -> tuple[int, int]:
-        run = replace(params, max_new_tokens=max_new_tokens, ignore_eos=True)
-        engine.generate(ids, run, spec)  # anything lazy (graphs, kernels) happens before counting
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = engine.generate(ids, run, spec)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught), out.stats.rounds
-
-    short, long = max(2, params.max_new_tokens // 2), max(4, params.max_new_tokens)
-    (syncs_short, rounds_short), (syncs_long, rounds_long) = count(short), count(long)
-    return (syncs_long - syncs_short) / max(1, rounds_long - rounds_short)
 
 
 def depth_limit(args, block_size: int, budget: int) -> int:

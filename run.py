@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from nanojet.cli import ArgumentParser  # light: torch is imported in main, after parsing
+from nanojet.cli import ArgumentParser, add_runtime_flags  # light: torch is imported in main, after parsing
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,18 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true")
-    template = parser.add_mutually_exclusive_group()
-    template.add_argument("--chat", dest="chat", action="store_true", default=None,
-                          help="apply the chat template (default for models that ship one)")
-    template.add_argument("--raw", dest="chat", action="store_false", help="use the prompt as it is")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    add_runtime_flags(parser)
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + generation)")
     parser.add_argument("--kv-memory-gb", type=float, default=None,
                         help="KV pool size (default: room for one sequence of --max-model-len)")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the decode round (torch.compile; on CUDA also one CUDA graph per round shape); "
-                             "compile time is reported apart from decode time")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     return parser.parse_args(argv)
 

@@ -1,4 +1,5 @@
-"""The command-line convention of run.py and train_head.py: bad input is one line on stderr and exit status 2."""
+"""The command-line convention of run.py and train_head.py (bad input is one line on stderr and exit status 2),
+and the flags run.py and bench.py share."""
 import argparse
 import sys
 
@@ -7,3 +8,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print its whole usage block first
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    """How a model runs: chat template or raw text, device, dtype, compiled rounds."""
+    template = parser.add_mutually_exclusive_group()
+    template.add_argument("--chat", dest="chat", action="store_true", default=None,
+                          help="apply the chat template (default for models that ship one)")
+    template.add_argument("--raw", dest="chat", action="store_false", help="use prompt text as it is")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode rounds: torch.compile, on CUDA inside one CUDA graph per round "
+                             "shape; compile time is reported apart from decode time")

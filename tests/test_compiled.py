@@ -14,6 +14,7 @@ import torch
 import kernels
 from conftest import ROOT, make_engine, random_head
 from nanojet.config import ModelConfig
+from nanojet.device_stats import host_syncs_per_round
 from nanojet.engine import Engine, SpeculativeParams
 from nanojet.kv_cache import KVCache, KVCacheExhausted
 from nanojet.llm import DEFAULT_MODEL
@@ -234,8 +235,7 @@ def test_cuda_graph_is_recaptured_after_the_pool_moves(hf_model_dir):
 @pytest.mark.parametrize("execution", ["graphed", "compiled"])
 def test_one_host_sync_per_graphed_round(hf_model_dir, execution):
     """The host waits on the device once per round: the read of the accepted count and tokens."""
-    import bench
     cuda_head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).cuda()
     engine = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda", execution=execution)
     for spec in (None, SpeculativeParams(8, 4)):
-        assert bench.host_syncs_per_round(engine, PROMPT, GREEDY, spec) == pytest.approx(1.0)
+        assert host_syncs_per_round(engine, PROMPT, GREEDY, spec) == pytest.approx(1.0)

@@ -1,0 +1,57 @@
+"""What the hardware does during decoding, for bench.py: device copy bandwidth, the weight bytes a decode step
+must read, and how often the host waits on the device per round."""
+import time
+import warnings
+from dataclasses import replace
+
+import torch
+
+from .engine import Engine
+from .qwen3 import Qwen3
+from .sampling import SamplingParams
+
+
+def synced_clock() -> float:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def copy_bandwidth(device: torch.device, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), over 256 MiB: far past any cache."""
+    source = torch.empty(2**28, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start = synced_clock()
+    for _ in range(repeats):
+        target.copy_(source)
+    return 2 * source.numel() * repeats / (synced_clock() - start)
+
+
+def weight_bytes_per_step(target: Qwen3) -> int:
+    """Bytes of weights one decode step reads: every parameter, but of an untied embedding only one row."""
+    total = sum(p.numel() * p.element_size() for p in target.parameters())
+    if target.lm_head is not None:
+        embed = target.embed_tokens.weight
+        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    return total
+
+
+def host_syncs_per_round(engine: Engine, ids: list[int], params: SamplingParams, spec) -> float:
+    """Device synchronisations the host waits on per decode round (CUDA's sync debug mode warns at each one).
+    Two generation lengths are counted and differenced, so the prefill's syncs drop out."""
+    def count(max_new_tokens: int) -> tuple[int, int]:
+        run = replace(params, max_new_tokens=max_new_tokens, ignore_eos=True)
+        engine.generate(ids, run, spec)  # anything lazy (graphs, kernels) happens before counting
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = engine.generate(ids, run, spec)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), out.stats.rounds
+
+    short, long = max(2, params.max_new_tokens // 2), max(4, params.max_new_tokens)
+    (syncs_short, rounds_short), (syncs_long, rounds_long) = count(short), count(long)
+    return (syncs_long - syncs_short) / max(1, rounds_long - rounds_short)
