@@ -4,7 +4,7 @@
     python bench.py --budgets 1,8,16,32,64,128,256 --json out.json --plot out.png --profile
     python bench.py --model DIR --prompts ../shared/data/humaneval.jsonl --samples 16 --peer hf
     python bench.py --synthetic qwen3-8b --budgets 1,64            # random weights in the real shapes (GPU)
-    python bench.py --compile --budgets 1,8                        # compiled rounds (CUDA graphs on a GPU)
+    python bench.py --compile --budgets 1,8                        # compiled rounds (inside CUDA graphs on a GPU)
 
 After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
 other load) hits all modes alike. Speeds use decode time only (prefill excluded). With --compile the warmup
@@ -27,8 +27,9 @@ import torch
 
 from nanojet.cli import add_runtime_flags
 from nanojet.config import ModelConfig
-from nanojet.device_stats import copy_bandwidth, host_syncs_per_round, synced_clock, weight_bytes_per_step
-from nanojet.engine import Engine, SpeculativeParams
+from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, prefill_memory, synced_clock,
+                                  weight_bytes_per_step)
+from nanojet.engine import Engine, SpeculativeParams, default_execution
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
 from nanojet.sampling import SamplingParams
 from nanojet.synthetic import SHAPES, build_engine, synthetic_models
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
+    p.add_argument("--prefill-tokens", type=int, default=None,
+                   help="with --synthetic: only prefill this many random tokens; print time and peak memory")
     args = p.parse_args(argv)
     if args.budgets is None:
         args.budgets = [64 if args.budget is None else args.budget]
@@ -86,7 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--budgets takes comma-separated integers like 1,8,64; got {args.budgets!r}") from None
     if not all(1 <= b <= MAX_BUDGET for b in args.budgets):
         raise ValueError(f"budgets must lie in 1..{MAX_BUDGET} (tree nodes per round); got {args.budgets}")
-    for name in ("samples", "max_new_tokens", "threads", "width", "depth", "synthetic_layers", "synthetic_vocab"):
+    if args.prefill_tokens is not None and not args.synthetic:
+        raise ValueError("--prefill-tokens measures a --synthetic target; add --synthetic NAME")
+    for name in ("samples", "max_new_tokens", "threads", "width", "depth", "synthetic_layers", "synthetic_vocab",
+                 "prefill_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for out in (args.json, args.plot):
@@ -142,7 +148,8 @@ def synthetic_setup(args, dtype: torch.dtype, device: torch.device):
     vocab = target.config.vocab_size
     prompts = [torch.randint(vocab - 1, (SYNTHETIC_PROMPT_TOKENS,)).tolist() for _ in range(args.samples)]
     engine = build_engine(target, head, SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens + 1, max(args.budgets),
-                          execution="compiled" if args.compile else "eager")
+                          execution=default_execution(device, args.compile, args.enforce_eager),
+                          prefill_chunk=args.prefill_chunk)
     return engine, prompts, {"synthetic": args.synthetic, "layers": target.config.num_hidden_layers,
                              "vocab_size": vocab, "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
 
@@ -154,7 +161,7 @@ def checkpoint_setup(args, dtype_name: str):
     if not (head / "config.json").is_file():
         raise FileNotFoundError(f"no draft head at {head}; train one (train_head.py) or pass --head DIR")
     llm = LLM(model, head=head, device=args.device, dtype=dtype_name, max_tree_nodes=MAX_BUDGET,
-              compile=args.compile)
+              compile=args.compile, enforce_eager=args.enforce_eager, prefill_chunk=args.prefill_chunk)
     chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
     texts = read_prompts(Path(args.prompts), args.samples) if args.prompts else builtin_prompts(args.samples)
     prompts = [llm.encode_prompt(text, chat) for text in texts]
@@ -313,7 +320,7 @@ def print_report(result: dict, profile: bool) -> None:
                       f"({result['copy_bytes_per_s'] / 1e9:.0f} GB/s)")
     print(bandwidth)
     compiled = result["compiled"]
-    if config["compile"]:
+    if config["execution"] != "eager":
         times = ", ".join(f"{'AR' if name == 'ar' else 'budget ' + str(name)} {seconds:.1f} s"
                           for name, seconds in compiled["compile_s"].items())
         print(f"compile/capture during warmup (not in the times above): {times}; graphs built while measuring: "
@@ -345,6 +352,22 @@ def plot(path: str, rows: list[dict]) -> None:
     figure.savefig(path)
 
 
+def prefill_report(args, dtype: torch.dtype, device: torch.device) -> int:
+    """--prefill-tokens: the chunked prefill of one long random prompt on the synthetic target, nothing else."""
+    torch.manual_seed(args.seed)
+    target, _ = synthetic_models(args.synthetic, dtype, device, args.synthetic_layers, args.synthetic_vocab)
+    if args.prefill_tokens >= target.config.max_position_embeddings:
+        raise ValueError(f"--prefill-tokens {args.prefill_tokens} exceeds the model's "
+                         f"{target.config.max_position_embeddings} positions")
+    result = prefill_memory(target, args.prefill_tokens, args.prefill_chunk)
+    print(f"prefill {result['prefill_tokens']} tokens in chunks of {result['prefill_chunk']}: "
+          f"{result['prefill_s']:.1f} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB "
+          f"(KV pool {result['kv_pool_bytes'] / 2**30:.2f} GiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(args), **result}, indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
@@ -357,16 +380,22 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+        if args.prefill_tokens:
+            return prefill_report(args, dtype, device)
         engine, prompts, config = (synthetic_setup(args, dtype, device) if args.synthetic else
                                    checkpoint_setup(args, dtype_name))
-        engine.profile = args.profile  # CUDA: per-part device syncs only when a split is asked for
+        if args.profile and engine.execution != "eager":
+            raise ValueError("--profile times the parts of eager rounds (a graphed or compiled round is one graph); "
+                             "add --enforce-eager on CUDA, or drop --compile")
+        engine.profile = args.profile  # per-part timing (device syncs on CUDA) only when a split is asked for
         extra = {"weight_bytes_per_step": weight_bytes_per_step(engine.target)}
         if device.type == "cuda":
             extra["copy_bytes_per_s"] = copy_bandwidth(device)
         config.update(head_block_size=engine.head.config.block_size, device=str(device), dtype=dtype_name,
                       torch=torch.__version__, samples=len(prompts), max_new_tokens=args.max_new_tokens,
                       budgets=args.budgets, width=args.width, depth=args.depth, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile)
+                      top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile,
+                      execution=engine.execution)
         peer = HFPeer(config["model"], dtype, device) if args.peer else None
         per_prompt, runs, extra["compiled"] = measure(engine, prompts, params, args, peer)
     except NotLossless as error:

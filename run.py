@@ -47,7 +47,8 @@ def main(argv=None) -> int:
         if head == "auto":
             head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
         llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                  kv_memory_gb=args.kv_memory_gb, compile=args.compile)
+                  kv_memory_gb=args.kv_memory_gb, compile=args.compile, enforce_eager=args.enforce_eager,
+                  prefill_chunk=args.prefill_chunk)
         # A GPU verifies 64 nodes for about the price of one (memory-bound); a CPU pays per node, and on the
         # embedded model budget 8 is the fastest there (README, bench.py).
         budget = args.budget if args.budget is not None else (64 if llm.device.type == "cuda" else 8)
@@ -69,15 +70,17 @@ def main(argv=None) -> int:
                   "accept_hist": {str(k): v for k, v in sorted(stats.accept_hist.items())},
                   "tokens_per_forward": round(stats.new_tokens / max(1, stats.target_forwards), 3),
                   "time_split_s": {k: round(v, 4) for k, v in stats.time_split.items()},
-                  "compiled": args.compile, "compile_s": round(stats.compile_s, 3), "compiles": stats.compiles,
+                  "execution": llm.engine.execution, "compiled": args.compile,
+                  "compile_s": round(stats.compile_s, 3), "compiles": stats.compiles,
                   "recompiles": stats.recompiles}
         print(json.dumps(record))
     else:
         summary = f"{stats.new_tokens} tokens in {elapsed:.2f} s ({stats.tokens_per_s:.1f} tok/s)"
         if spec:
             summary += f" | tau {stats.accept_len:.2f} | {stats.rounds} rounds"
-        if args.compile:
-            summary += f" | compile {stats.compile_s:.1f} s ({stats.compiles} graphs), not in the time"
+        if stats.compiles:
+            summary += (f" | {llm.engine.execution}: {stats.compiles} graphs built in {stats.compile_s:.1f} s, "
+                        f"not in the time")
         print(f"\n{summary}", file=sys.stderr)
     return 0
 

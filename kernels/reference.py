@@ -94,7 +94,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     `visibility[i]` is set. A query that sees nothing returns zeros instead of NaN. fp32 accumulation."""
     out = torch.zeros_like(q)
     page_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    group = q.shape[1] // num_kv_heads
     offsets = torch.arange(page_size, device=q.device)
     k_rows, v_rows = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     starts = query_starts.tolist()
@@ -108,12 +107,29 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         slots = (pages[:, None] * page_size + offsets).flatten()[:n_keys]
         keys = k_rows[slots].float().transpose(0, 1)  # [Hkv, keys, D]
         values = v_rows[slots].float().transpose(0, 1)
-        visible = torch.cat([torch.ones(n, prefix, dtype=torch.bool, device=q.device),
-                             unpack_visibility(visibility[lo:hi], n)], dim=1)  # [n, keys]
-        # Query heads grouped under their KV head: [Hkv, G * n, D] against [Hkv, keys, D], no K/V repeat.
-        queries = q[lo:hi].float().view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).flatten(1, 2)
-        scores = (queries @ keys.transpose(1, 2)).view(num_kv_heads, group, n, n_keys) * scale
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
-        mixed = (probs.flatten(1, 2) @ values).view(num_kv_heads, group, n, head_dim)
-        out[lo:hi] = mixed.permute(2, 0, 1, 3).reshape(n, -1, head_dim).to(q.dtype)
+        # Queries in blocks, so a long prefill chunk over a long prefix keeps its scores near 2^24 elements.
+        rows_per_block = max(1, SCORE_ELEMENTS // (q.shape[1] * n_keys))
+        for first in range(0, n, rows_per_block):
+            last = min(n, first + rows_per_block)
+            out[lo + first:lo + last] = _attend(q[lo + first:lo + last], keys, values, prefix,
+                                                visibility[lo + first:lo + last], n, scale)
     return out
+
+
+SCORE_ELEMENTS = 2**24
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: int, visibility: torch.Tensor,
+            num_new: int, scale: float) -> torch.Tensor:
+    """q `[m, Hq, D]` over one sequence's keys/values `[Hkv, prefix + num_new, D]` (fp32) -> `[m, Hq, D]`."""
+    m, num_q_heads, head_dim = q.shape
+    num_kv_heads, n_keys = keys.shape[:2]
+    group = num_q_heads // num_kv_heads
+    visible = torch.cat([torch.ones(m, prefix, dtype=torch.bool, device=q.device),
+                         unpack_visibility(visibility, num_new)], dim=1)  # [m, keys]
+    # Query heads grouped under their KV head: [Hkv, G * m, D] against [Hkv, keys, D], no K/V repeat.
+    queries = q.float().view(m, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).flatten(1, 2)
+    scores = (queries @ keys.transpose(1, 2)).view(num_kv_heads, group, m, n_keys) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
+    mixed = (probs.flatten(1, 2) @ values).view(num_kv_heads, group, m, head_dim)
+    return mixed.permute(2, 0, 1, 3).reshape(m, -1, head_dim).to(q.dtype)

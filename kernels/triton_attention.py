@@ -176,7 +176,10 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_keys: int) -> int:
     multiprocessors = _multiprocessor_count(q.device.index if q.device.index is not None else 0)
     if programs >= multiprocessors:
         return 1
-    return max(1, min(-(-2 * multiprocessors // programs), max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    splits = max(1, min(-(-2 * multiprocessors // programs), max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    # NUM_SPLITS is a compile-time constant: a power of two keeps the variants few (1, 2, 4 .. 32) whatever
+    # the grid, so prompt lengths and tree sizes do not each JIT a kernel.
+    return 1 << (splits.bit_length() - 1)
 
 
 def _interpreted(kernel) -> bool:

@@ -55,3 +55,29 @@ def host_syncs_per_round(engine: Engine, ids: list[int], params: SamplingParams,
     short, long = max(2, params.max_new_tokens // 2), max(4, params.max_new_tokens)
     (syncs_short, rounds_short), (syncs_long, rounds_long) = count(short), count(long)
     return (syncs_long - syncs_short) / max(1, rounds_long - rounds_short)
+
+
+def prefill_memory(target: Qwen3, num_tokens: int, prefill_chunk: int) -> dict:
+    """Prefill `num_tokens` random ids on a target alone (no head), in chunks of `prefill_chunk`: seconds and the
+    process's peak resident memory (Linux ru_maxrss; on CUDA also the device's peak allocation)."""
+    import resource
+
+    from .kv_cache import KVCache, Sequence
+    config, device, page_size = target.config, target.norm.device, 16
+    pages = -(-num_tokens // page_size)
+    kv = KVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, pages, page_size, pages,
+                 target.norm.dtype, device)
+    engine = Engine(target, kv, num_tokens + 1, [], prefill_chunk=prefill_chunk)
+    ids = torch.randint(config.vocab_size, (num_tokens,)).tolist()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = synced_clock()
+    with torch.inference_mode():
+        engine.prefill(Sequence(), ids)
+    seconds = synced_clock() - start
+    result = {"prefill_tokens": num_tokens, "prefill_chunk": prefill_chunk, "prefill_s": seconds,
+              "kv_pool_bytes": kv.pool.numel() * kv.pool.element_size(),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        result["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result

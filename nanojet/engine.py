@@ -1,8 +1,10 @@
 """Generation over token ids: prefill, speculative rounds (draft -> tree -> verify -> accept -> commit), stops.
 
 Invariant between rounds (DESIGN.md section 1): the target's KV and the head's context hold positions
-0 .. n-2; the anchor x_{n-1} (the last emitted token) has no KV yet. Plain decoding is the same round with a
-one-node tree, so both modes share every line that decides which token comes next.
+0 .. n-2; the anchor x_{n-1} (the last emitted token) has no KV yet. Every round is `StaticRound.step` (run
+eagerly, torch.compile'd or as a CUDA graph); plain decoding is the same round with a one-node tree, so both
+modes share every line that decides which token comes next. Prefill runs the prompt through the paged forward in
+chunks, each seeing the whole prefix and itself causally, so nothing grows with the square of the prompt.
 """
 import os
 import shutil
@@ -14,17 +16,36 @@ from typing import Callable
 import torch
 
 from .head import DraftHead
-from .kv_cache import KVCache, Sequence
+from .kv_cache import AttentionMetadata, KVCache, Sequence
 from .qwen3 import Qwen3
 from .round_runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
 from .sampling import SamplingParams, sample
 from .static_round import StaticRound
-from .tree import accept, anchor_tree, build_tree, read_outcome, round_outcome
+from .tree import read_outcome
 
-# How rounds run: "eager" builds each round's metadata on the host (the reference); "static" runs the static-shape
-# round over persistent buffers without compiling (what the other modes build graphs of); "compiled" is
-# torch.compile, inside one CUDA graph per round shape on CUDA; "graphed" is the CUDA graph alone (CUDA only).
-EXECUTIONS = ("eager", "static", "compiled", "graphed")
+# How rounds run: "eager" runs the static round as plain Python (the CPU default; --enforce-eager on CUDA);
+# "graphed" captures it as one CUDA graph per round shape (the CUDA default); "compiled" is torch.compile, inside
+# one CUDA graph per round shape on CUDA.
+EXECUTIONS = ("eager", "compiled", "graphed")
+DEFAULT_PREFILL_CHUNK = 512
+
+
+def default_execution(device: torch.device, compile: bool = False, enforce_eager: bool = False) -> str:
+    """What runs the rounds when the user says nothing: CUDA graphs on CUDA, eager on the CPU; `compile` adds
+    torch.compile (inside the graphs on CUDA); `enforce_eager` opts out of graphs (vLLM's name)."""
+    if compile:
+        return "compiled"
+    return "graphed" if device.type == "cuda" and not enforce_eager else "eager"
+
+
+def causal_visibility(count: int, device: torch.device) -> torch.Tensor:
+    """Bit words `[count, ceil(count/32)]` of a causal chain over `count` new tokens, built straight from the
+    bit arithmetic (no `[count, count]` mask on the way)."""
+    row = torch.arange(count, device=device)[:, None]
+    word_start = 32 * torch.arange(-(-count // 32), device=device)[None, :]
+    visible_bits = (row + 1 - word_start).clamp(0, 32)  # bits 0 .. visible-1 of each word are set
+    words = (1 << visible_bits) - 1  # int64, < 2^32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _cpp_compiler() -> str | None:
@@ -77,7 +98,8 @@ class Generation:
 
 class Engine:
     def __init__(self, target: Qwen3, kv_cache: KVCache, max_model_len: int, eos_token_ids: list[int],
-                 head: DraftHead | None = None, execution: str = "eager"):
+                 head: DraftHead | None = None, execution: str = "eager",
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
         if execution == "graphed" and kv_cache.pool.device.type != "cuda":
@@ -85,13 +107,18 @@ class Engine:
         if execution == "compiled" and kv_cache.pool.device.type == "cpu" and not _cpp_compiler():
             raise RuntimeError("compiling on the CPU needs a C++ compiler for torch.compile (g++ or clang++); "
                                "install one or run without compiling")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.execution = execution
+        self.prefill_chunk = prefill_chunk
         self._runners: dict[tuple, RoundRunner] = {}
         self._graph_memory_pool = None
         self.target = target
         self.head = head
         self.kv = kv_cache
-        self.profile = False  # on CUDA: synchronize to time each part of a round (GenerationStats.time_split)
+        # Eager rounds time each part (GenerationStats.time_split): always on the CPU, where a clock read is free;
+        # on CUDA only when asked, since each part then waits for the device.
+        self.profile = False
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.num_target_layers = target.config.num_hidden_layers
@@ -99,15 +126,6 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.kv.pool.device
-
-    def _timed(self, stats: GenerationStats, part: str, start: float) -> float:
-        if self.device.type == "cuda":
-            if not self.profile:
-                return start  # a split needs a device sync per part; off the hot path unless asked for
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        stats.time_split[part] += now - start
-        return now
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, spec: SpeculativeParams | None = None,
@@ -133,7 +151,7 @@ class Engine:
             start = time.perf_counter()
             new = [int(self._prefill(sequence, prompt_ids, params, taps, first_token_ids))]  # (a host read)
             stats.prefill_s = time.perf_counter() - start
-            stats.target_forwards = 1
+            stats.target_forwards = -(-len(prompt_ids) // self.prefill_chunk)
             start = time.perf_counter()
             runner = None
             while True:
@@ -143,14 +161,12 @@ class Engine:
                     on_tokens(new)
                 if stats.finish_reason:
                     break
-                if self.execution == "eager":
-                    new = self._round(sequence, torch.tensor(emitted[-1], device=self.device), params,
-                                      spec if drafting else None, taps, stats)
-                    continue
                 if runner is None:
                     runner = self.runner(spec if drafting else None, params)
-                    runner.round.begin(sequence, emitted[-1], params.seed)
-                new = self._static_round(runner, sequence, stats)
+                    runner.round.begin(0, sequence, emitted[-1], params.seed)
+                    timed = self.execution == "eager" and (self.profile or self.device.type == "cpu")
+                    runner.round.time_split = stats.time_split if timed else None
+                new = self._round(runner, sequence, stats)
             stats.decode_s = time.perf_counter() - start - stats.compile_s
         finally:
             self.kv.free(sequence)
@@ -174,65 +190,39 @@ class Engine:
 
     def _prefill(self, sequence: Sequence, prompt_ids: list[int], params: SamplingParams,
                  tap_layers: tuple[int, ...], first_token_ids: list[int] | None = None) -> torch.Tensor:
-        n = len(prompt_ids)
-        tokens = torch.tensor(prompt_ids, device=self.device)
-        positions = torch.arange(n, device=self.device)
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        meta = self.kv.step_metadata([sequence], [positions], [causal])
-        hidden, taps = self.target(tokens, meta, self.kv.pool, tap_layers)
-        sequence.length = n
-        if tap_layers:
-            self.head.extend_context(taps, positions, meta.slot_mapping, self._head_pool())
-        logits = self.target.logits(hidden[-1:])
+        """Prefill the prompt and sample the first new token (restricted to `first_token_ids` when given)."""
+        logits = self.prefill(sequence, prompt_ids, tap_layers)
         if first_token_ids:
             allowed = torch.zeros_like(logits, dtype=torch.bool)
             allowed[:, first_token_ids] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
-        return sample(logits, positions[-1:] + 1, params)[0]
+        return sample(logits, torch.full((1,), len(prompt_ids), device=self.device), params)[0]
+
+    def prefill(self, sequence: Sequence, prompt_ids: list[int], tap_layers: tuple[int, ...] = ()) -> torch.Tensor:
+        """Run the prompt through the paged forward in chunks of `prefill_chunk` tokens, each seeing the whole prefix
+        and itself causally (the head's context grows chunk by chunk when `tap_layers` are given); returns the
+        logits `[1, V]` after the last prompt token."""
+        n, device = len(prompt_ids), self.device
+        self.kv.reserve(sequence, n)
+        tokens = torch.tensor(prompt_ids, device=device)
+        slot_mapping = self.kv.slots(sequence, 0, n)
+        block_table = self.kv.block_table(sequence).to(device)[None]  # [1, max_pages]
+        for start in range(0, n, self.prefill_chunk):
+            end = min(n, start + self.prefill_chunk)
+            positions = torch.arange(start, end, device=device)
+            meta = AttentionMetadata(
+                positions=positions, slot_mapping=slot_mapping[start:end], block_tables=block_table,
+                prefix_lens=torch.full((1,), start, dtype=torch.int32, device=device),
+                query_starts=torch.tensor([0, end - start], dtype=torch.int32, device=device),
+                visibility=causal_visibility(end - start, device))
+            hidden, taps = self.target(tokens[start:end], meta, self.kv.pool, tap_layers)
+            if tap_layers:
+                self.head.extend_context(taps, positions, meta.slot_mapping, self._head_pool())
+            sequence.length = end
+        return self.target.logits(hidden[-1:])
 
     def _head_pool(self) -> torch.Tensor:
         return self.kv.pool[self.num_target_layers:]
-
-    def _draft(self, sequence: Sequence, anchor: torch.Tensor) -> torch.Tensor:
-        """One head forward over `[anchor, MASK x (B-1)]` -> draft log-probs `[B-1, V]` (row d-1: depth d)."""
-        block_size = self.head.config.block_size
-        block = torch.full((block_size,), self.head.config.mask_token_id, device=self.device)
-        block[0] = anchor
-        positions = sequence.length + torch.arange(block_size, device=self.device)
-        meta = self.kv.step_metadata([sequence], [positions], [self.head.block_visibility()])
-        hidden = self.head(self.target.embed_tokens(block), meta, self._head_pool())
-        return torch.log_softmax(self.target.logits(hidden[1:]), dim=-1)
-
-    def _round(self, sequence: Sequence, anchor: torch.Tensor, params: SamplingParams,
-               spec: SpeculativeParams | None, tap_layers: tuple[int, ...], stats: GenerationStats) -> list[int]:
-        start = time.perf_counter()
-        if spec is None:
-            tree = anchor_tree(anchor)
-        else:
-            logprobs = self._draft(sequence, anchor)
-            start = self._timed(stats, "draft", start)
-            tree = build_tree(anchor, logprobs, spec.budget, spec.width, spec.depth)
-            start = self._timed(stats, "tree", start)
-
-        positions = sequence.length + tree.depths  # the anchor sits at n-1 = sequence.length
-        meta = self.kv.step_metadata([sequence], [positions], [tree.visibility], packed=True)
-        hidden, taps = self.target(tree.tokens, meta, self.kv.pool, tap_layers)
-        choices = sample(self.target.logits(hidden), positions + 1, params)  # the target's token after each node
-        start = self._timed(stats, "verify", start)
-
-        path, count = accept(tree, choices)  # path is padded past `count` with its last node
-        count, emitted = read_outcome(round_outcome(tree, choices, path, count).tolist())  # the one host read
-        path = path[:count]
-        start = self._timed(stats, "accept", start)
-
-        self.kv.commit(sequence, path, num_layers=self.num_target_layers)
-        if spec is not None:
-            self.head.extend_context(taps[path], positions[path], meta.slot_mapping[:count], self._head_pool())
-        self._timed(stats, "commit", start)
-        stats.rounds += 1
-        stats.target_forwards += 1
-        stats.accept_hist[count] += 1
-        return emitted
 
     def runner(self, spec: SpeculativeParams | None, params: SamplingParams) -> RoundRunner:
         """The runner of static rounds for this tree shape and sampling mode (built once, reused)."""
@@ -253,15 +243,17 @@ class Engine:
         return (None if spec is None else (spec.budget, spec.width, spec.depth),
                 params.temperature, params.top_k, params.top_p)
 
-    def _static_round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
-        table = runner.round.table(sequence)
+    def _round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
+        """One round on the host: reserve scratch and stage new pages, run the step, read its outcome (the one
+        host read), trim the scratch the round did not keep."""
+        table = runner.round.table([sequence])
         compiles, start = runner.compiles, time.perf_counter()
-        count, emitted = read_outcome(runner(table).tolist())  # the round's one host read
+        count, emitted = read_outcome(runner(table).tolist()[0])  # the round's one host read
         if runner.compiles > compiles:
             stats.compile_s += time.perf_counter() - start
             stats.compiles += runner.compiles - compiles
             stats.recompiles += runner.calls > 1  # the first call builds the graph; any later build is a miss
-        runner.round.finish(sequence, count)
+        runner.round.finish([sequence], [count])
         stats.rounds += 1
         stats.target_forwards += 1
         stats.accept_hist[count] += 1

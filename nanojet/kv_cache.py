@@ -3,7 +3,7 @@
 Pool layout: `[layers, 2 (k, v), num_pages, kv_page_size, kv_heads, head_dim]`. A sequence's logical slot i
 lives at page `page_table[i // kv_page_size]`, offset `i % kv_page_size`. Slots `0 .. length-1` hold committed
 K/V; a step's new tokens (a prefill chunk, a decode token, the nodes of a draft tree) take the next slots as
-scratch, and `commit` keeps what was accepted.
+scratch, and the round's commit (`StaticRound.step`) moves what was accepted down to the next committed slots.
 """
 from dataclasses import dataclass
 
@@ -87,7 +87,8 @@ class KVCache:
 
     def step_metadata(self, sequences: list[Sequence], positions: list[torch.Tensor],
                       visibility: list[torch.Tensor], packed: bool = False) -> AttentionMetadata:
-        """Metadata for a step that appends `len(positions[s])` new tokens after each sequence's length.
+        """Metadata built on the host for a step that appends `len(positions[s])` new tokens after each sequence's
+        length (several sequences in one forward; the rounds use persistent buffers instead, see static_round.py).
 
         `visibility[s]` is the bool `[n_s, n_s]` mask among sequence s's new tokens (causal chain, tree
         ancestors, or all ones), or its bit words when `packed`. Pages for the new slots are reserved here."""
@@ -107,15 +108,3 @@ class KVCache:
             query_starts=torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device),
             visibility=torch.cat(padded).to(device),
         )
-
-    def commit(self, sequence: Sequence, kept: torch.Tensor, num_layers: int | None = None) -> None:
-        """Keep the scratch rows `kept` (increasing indices relative to `sequence.length`, kept[j] >= j) as the
-        next `len(kept)` committed slots in the first `num_layers` layers (all by default); release the rest
-        of the scratch. O(len(kept))."""
-        count = len(kept)
-        start = sequence.length
-        scratch = self.slots(sequence, start, len(sequence.pages) * self.kv_page_size)
-        src, dst = scratch[kept.to(scratch.device)], scratch[:count]
-        kernels.move_kv(self.pool[:num_layers], src, dst)
-        sequence.length += count
-        self.trim(sequence, sequence.length)

@@ -8,12 +8,13 @@ from typing import Callable
 import torch
 
 from .config import ModelConfig
-from .engine import Engine, GenerationStats, SpeculativeParams
+from .engine import DEFAULT_PREFILL_CHUNK, Engine, GenerationStats, SpeculativeParams, default_execution
 from .head import DraftHead, load_head
 from .kv_cache import KVCache
 from .loader import load_weights
 from .qwen3 import Qwen3, rope_inv_freq
 from .sampling import SamplingParams
+from .static_round import pages_per_sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -71,9 +72,11 @@ class Output:
 class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,
-                 max_tree_nodes: int = 512, kv_memory_gb: float | None = None, compile: bool = False):
-        """`compile`: run decode rounds compiled (torch.compile on CPU; torch.compile inside CUDA graphs on CUDA).
-        Each round shape (tree budget/width/depth, sampling mode) compiles once, on first use."""
+                 max_tree_nodes: int = 512, kv_memory_gb: float | None = None, compile: bool = False,
+                 enforce_eager: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+        """On CUDA each round shape (tree budget/width/depth, sampling mode) is captured as a CUDA graph on first
+        use, unless `enforce_eager`. `compile` adds torch.compile (inside the graphs on CUDA; alone on the CPU).
+        Prompts are prefilled in chunks of `prefill_chunk` tokens."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -87,22 +90,22 @@ class LLM:
                              f"(the model's max_position_embeddings)")
         self.max_model_len = max_model_len or config.max_position_embeddings
         head_layers = self.head.config.layers.num_hidden_layers if self.head else 0
-        # One sequence at a time: its context plus the widest scratch a round can ask for (tree or draft block).
-        scratch = max(max_tree_nodes, self.head.config.block_size if self.head else 1)
-        pages_per_sequence = -(-(self.max_model_len + scratch) // kv_page_size)
+        table_width = pages_per_sequence(self.max_model_len, max_tree_nodes,
+                                         self.head.config.block_size if self.head else 1, kv_page_size)
         layers = config.num_hidden_layers + head_layers
-        pages = pages_per_sequence
+        pages = table_width
         if kv_memory_gb is not None:  # a memory budget instead of room for one full-length sequence
             page_bytes = layers * 2 * kv_page_size * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
             pages = int(kv_memory_gb * 2**30 // page_bytes)
             if pages < 1:
                 raise ValueError(f"kv_memory_gb {kv_memory_gb} holds no KV page ({page_bytes} bytes each)")
         self.kv_cache = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages=pages,
-                                kv_page_size=kv_page_size, max_pages_per_sequence=pages_per_sequence,
+                                kv_page_size=kv_page_size, max_pages_per_sequence=table_width,
                                 dtype=self.dtype, device=self.device)
         eos = sorted(set(config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         self.engine = Engine(self.model, self.kv_cache, self.max_model_len, eos, self.head,
-                             execution="compiled" if compile else "eager")
+                             execution=default_execution(self.device, compile, enforce_eager),
+                             prefill_chunk=prefill_chunk)
         self.max_tree_nodes = max_tree_nodes
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None,

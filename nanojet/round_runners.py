@@ -1,5 +1,5 @@
-"""Three ways to run a `StaticRound`: eagerly (the reference for the other two), torch.compile'd (the CPU fast
-path) and as a CUDA graph (the GPU fast path). Each counts the graphs it builds, so a recompile in steady state is
+"""Three ways to run a `StaticRound`: eagerly (the CPU default and --enforce-eager on CUDA), torch.compile'd
+(--compile; the CPU fast path) and as a CUDA graph (the CUDA default, around either of the other two). Each counts the graphs it builds, so a recompile in steady state is
 visible (GenerationStats.recompiles) instead of silently costing a fallback to slower code."""
 import contextlib
 
@@ -25,7 +25,7 @@ class RoundRunner:
 
 
 class EagerRunner(RoundRunner):
-    """The static round without compilation: the same ops the compiled runners build graphs of."""
+    """The round without compilation: the same ops the compiled and graphed runners build graphs of."""
 
 
 class CompiledRunner(RoundRunner):

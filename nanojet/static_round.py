@@ -1,19 +1,24 @@
-"""The speculative round with static shapes over persistent buffers: what torch.compile and CUDA graphs need.
+"""The speculative round: the one implementation, with static shapes over persistent buffers.
 
-Every shape in `StaticRound.step` is fixed by Python ints chosen when it is built (the tree bucket, the head's
-block, the sampling mode); what changes from round to round lives in persistent device tensors:
+Eager execution runs `StaticRound.step` as Python; torch.compile and CUDA graphs build graphs of the same code.
+Every shape in `step` is fixed by Python ints chosen when the round is built (sequences per round S, the tree
+bucket, the head's block, the sampling mode); what changes from round to round lives in persistent device tensors:
 
-    anchor       []             int64  the last emitted token (its K/V is not written yet)
-    length       []             int64  committed K/V slots, which is also the anchor's position
-    block_table  [1, max_pages] int32  the sequence's pages, full width; the host writes new ones between rounds
-    seed         []             int64  the sampling seed (a tensor, so one graph serves every seed)
+    anchor       [S]             int64  each sequence's last emitted token (its K/V is not written yet)
+    length       [S]             int64  committed K/V slots, which is also the anchor's position
+    block_table  [S, max_pages]  int32  each sequence's pages, full width; the host writes new ones between rounds
+    seed         [S]             int64  sampling seeds (tensors, so one graph serves every seed)
 
-`step` runs draft -> tree -> verify -> accept -> commit on them, advances `anchor` and `length` in place and
-returns one small tensor for the round's single host read (`tree.round_outcome`, with P = the longest path the
-tree allows). Commit always moves P rows (identity moves past the accepted count), so
+`step` runs draft -> tree -> verify -> accept -> commit for all S sequences (one head forward over their draft
+blocks, one verify forward over their trees laid along a varlen axis, accept and commit per sequence), advances
+`anchor` and `length` in place and returns `[S, 1 + 2P]`, the round's single host read (`tree.round_outcome`,
+P = the longest path the tree allows). Commit always moves P rows (identity moves past the accepted count), so
 the pool is touched the same way every round. Pages stay on the host: `table` reserves scratch for the tree and
 the draft block before a step, `finish` trims what the round did not keep after it.
 """
+from collections import Counter
+
+import numpy as np
 import torch
 
 import kernels
@@ -23,11 +28,23 @@ from .sampling import SamplingParams, sample
 from .tree import DraftTree, accept, anchor_tree, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
 
 
+def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
+    """KV slots past the committed ones that a round may write: the padded tree, or the head's draft block."""
+    return max(tree_bucket(max_tree_nodes), block_size)
+
+
+def pages_per_sequence(max_model_len: int, max_tree_nodes: int, block_size: int, kv_page_size: int) -> int:
+    """Page-table width that holds any request: a round runs while at most `max_model_len - 1` slots are
+    committed, and reserves its scratch past them (`round_scratch_slots`)."""
+    return -(-(max_model_len - 1 + round_scratch_slots(max_tree_nodes, block_size)) // kv_page_size)
+
+
 class StaticRound:
-    def __init__(self, target, head, kv: KVCache, spec, params: SamplingParams):
+    def __init__(self, target, head, kv: KVCache, spec, params: SamplingParams, num_sequences: int = 1):
         """`spec` None: plain decoding (a one-node tree, no head)."""
         self.target, self.head, self.kv, self.spec, self.params = target, head, kv, spec, params
         self.num_target_layers = target.config.num_hidden_layers
+        self.num_sequences = num_sequences
         device = kv.pool.device
         if spec is None:
             depth, nodes, block_size = 0, 1, 0
@@ -35,7 +52,8 @@ class StaticRound:
             block_size = head.config.block_size
             depth = block_size - 1 if spec.depth is None else min(spec.depth, block_size - 1)
             nodes = tree_size(spec.budget, spec.width, depth)
-            self.block_visibility = pack_visibility(head.block_visibility(device))
+            block_words = pack_visibility(head.block_visibility(device))  # [B, 1]
+            self.block_visibility = block_words.repeat(num_sequences, 1)  # [S * B, 1]
             self.mask_block = torch.full((block_size,), head.config.mask_token_id, device=device)
         self.depth = depth
         self.bucket = tree_bucket(nodes)
@@ -43,89 +61,132 @@ class StaticRound:
         self.scratch_slots = max(self.bucket, block_size)  # slots past the committed ones a round writes
         self.taps = tuple(head.config.target_layer_ids) if spec is not None else ()
         # Constants are built here, not in `step`: a host-to-device copy cannot be captured in a CUDA graph.
-        self.query_starts = {count: torch.tensor([0, count], dtype=torch.int32, device=device)
+        self.query_starts = {count: torch.arange(num_sequences + 1, dtype=torch.int32, device=device) * count
                              for count in (self.bucket, block_size)}
-        self.anchor = torch.zeros((), dtype=torch.int64, device=device)
-        self.length = torch.zeros((), dtype=torch.int64, device=device)
-        self.seed = torch.zeros((), dtype=torch.int64, device=device)
-        self.block_table = torch.zeros(1, kv.max_pages_per_sequence, dtype=torch.int32, device=device)
-        # Staging for new page ids: pinned, so the copy to the device is truly asynchronous (never a host sync).
-        self._host_pages = torch.zeros(kv.max_pages_per_sequence, dtype=torch.int32,
+        self.anchor = torch.zeros(num_sequences, dtype=torch.int64, device=device)
+        self.length = torch.zeros(num_sequences, dtype=torch.int64, device=device)
+        self.seed = torch.zeros(num_sequences, dtype=torch.int64, device=device)
+        self.block_table = torch.zeros(num_sequences, kv.max_pages_per_sequence, dtype=torch.int32, device=device)
+        # Staging for new page ids: pinned, so the copy to the device is truly asynchronous (never a host sync);
+        # written through a numpy view, so no tensor is built from a Python list on the round's path.
+        self._host_pages = torch.zeros(num_sequences, kv.max_pages_per_sequence, dtype=torch.int32,
                                        pin_memory=device.type == "cuda")
-        self._pages_written = 0
+        self._host_pages_view = self._host_pages.numpy()
+        self._pages_written = [0] * num_sequences
+        self.time_split: Counter | None = None  # eager profiling: seconds per part, when a caller sets a Counter
+        self._clock = None
 
     # --- host side, between rounds ------------------------------------------------------------------------
 
-    def begin(self, sequence: Sequence, anchor: int, seed: int) -> None:
-        """Point the buffers at a sequence whose KV holds `sequence.length` slots and whose anchor is `anchor`."""
-        self.anchor.fill_(anchor)
-        self.length.fill_(sequence.length)
-        self.seed.fill_(seed)
-        self._pages_written = 0
+    def begin(self, row: int, sequence: Sequence, anchor: int, seed: int) -> None:
+        """Point row `row` of the buffers at a sequence whose KV holds `sequence.length` slots and whose anchor is
+        `anchor` (a fill from a Python scalar: no host buffer, no sync)."""
+        self.anchor[row].fill_(anchor)
+        self.length[row].fill_(sequence.length)
+        self.seed[row].fill_(seed)
+        self._pages_written[row] = 0
 
-    def table(self, sequence: Sequence) -> torch.Tensor:
+    def table(self, sequences: list[Sequence]) -> torch.Tensor:
         """Reserve the round's scratch and write new pages into the persistent block table; returns the table."""
-        self.kv.reserve(sequence, sequence.length + self.scratch_slots)
-        pages = len(sequence.pages)
-        if pages > self._pages_written:
-            # Entries being written were not in flight: every earlier copy finished before the last host read.
-            staged = self._host_pages[self._pages_written:pages]
-            staged.copy_(torch.tensor(sequence.pages[self._pages_written:], dtype=torch.int32))
-            self.block_table[0, self._pages_written:pages].copy_(staged, non_blocking=True)
-            self._pages_written = pages
+        for row, sequence in enumerate(sequences):
+            self.kv.reserve(sequence, sequence.length + self.scratch_slots)
+            written, pages = self._pages_written[row], len(sequence.pages)
+            if pages > written:
+                # Entries being written were not in flight: every earlier copy finished before the last host read.
+                self._host_pages_view[row, written:pages] = sequence.pages[written:]
+                self.block_table[row, written:pages].copy_(self._host_pages[row, written:pages], non_blocking=True)
+                self._pages_written[row] = pages
         return self.block_table
 
-    def finish(self, sequence: Sequence, accept_count: int) -> None:
-        """Commit a step's accepted count to the sequence on the host and release the scratch it did not keep."""
-        sequence.length += accept_count
-        self.kv.trim(sequence, sequence.length)
-        self._pages_written = min(self._pages_written, len(sequence.pages))
+    def finish(self, sequences: list[Sequence], accept_counts: list[int]) -> None:
+        """Commit each sequence's accepted count on the host and release the scratch it did not keep."""
+        for row, (sequence, count) in enumerate(zip(sequences, accept_counts)):
+            sequence.length += count
+            self.kv.trim(sequence, sequence.length)
+            self._pages_written[row] = min(self._pages_written[row], len(sequence.pages))
 
     # --- device side: one round, static shapes ----------------------------------------------------------
 
     def step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
              seed: torch.Tensor) -> torch.Tensor:
-        page_size = self.kv.kv_page_size
         device = pool.device
-
-        def slots(logical: torch.Tensor) -> torch.Tensor:
-            return block_table[0, logical // page_size].long() * page_size + logical % page_size
-
-        prefix = length.to(torch.int32).reshape(1)
+        num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
+        self._mark(None)
         if self.spec is None:
-            tree = anchor_tree(anchor)
+            trees = [anchor_tree(anchor[row]) for row in range(num_sequences)]
         else:
-            tree = pad_tree(self._draft_tree(pool, anchor, length, prefix, block_table, slots), self.bucket)
-
-        positions = length + tree.depths  # the anchor sits at position `length`
-        scratch = slots(length + torch.arange(self.scratch_slots, device=device))
-        meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:self.bucket], block_tables=block_table,
-                                 prefix_lens=prefix, query_starts=self.query_starts[self.bucket],
+            logprobs = self.draft_logprobs(pool, anchor, length, block_table)  # [S, B-1, V]
+            self._mark("draft")
+            trees = [pad_tree(build_tree(anchor[row], logprobs[row], self.spec.budget, self.spec.width, self.depth),
+                              bucket) for row in range(num_sequences)]
+            self._mark("tree")
+        tree = DraftTree(*(torch.cat(parts) for parts in zip(*((t.tokens, t.parents, t.depths, t.visibility)
+                                                                for t in trees))))  # varlen: S trees of `bucket`
+        positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
+        scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))
+        meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),  # [S, scratch]
+                                 block_tables=block_table, prefix_lens=length.to(torch.int32),
+                                 query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)
         hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps)
-        choices = sample(self.target.logits(hidden), positions + 1, self.params, seed)
-        path, count = accept(tree, choices)
-        path = path[:self.path_len]  # padded with the last accepted node past `count`
+        row_seeds = seed.repeat_interleave(bucket)  # [S * bucket]
+        choices = sample(self.target.logits(hidden), positions + 1, self.params, row_seeds)  # [S * bucket]
+        self._mark("verify")
 
-        rows = torch.arange(self.path_len, device=device)
-        kept = torch.where(rows < count, path, rows)  # identity moves past the count: nothing changes there
-        kernels.move_kv(pool[:self.num_target_layers], scratch[kept], scratch[:self.path_len])
+        outcomes, paths, counts = [], [], []
+        for row, row_tree in enumerate(trees):
+            row_choices = choices[row * bucket:(row + 1) * bucket]
+            path, count = accept(row_tree, row_choices)
+            path = path[:path_len]  # padded with the last accepted node past `count`
+            outcomes.append(round_outcome(row_tree, row_choices, path, count))
+            paths.append(path)
+            counts.append(count)
+        paths, counts = torch.stack(paths), torch.stack(counts)  # [S, P], [S]
+        self._mark("accept")
+
+        rows = torch.arange(path_len, device=device)
+        kept = torch.where(rows < counts[:, None], paths, rows)  # identity moves past the count: nothing changes
+        committed = scratch[:, :path_len]  # [S, P]
+        kernels.move_kv(pool[:self.num_target_layers], scratch.gather(1, kept).flatten(), committed.flatten())
         if self.spec is not None:  # rows past the count write head context into slots the next round rewrites
-            self.head.extend_context(taps[path], length + rows, scratch[:self.path_len],
+            path_rows = (paths + bucket * torch.arange(num_sequences, device=device)[:, None]).flatten()
+            self.head.extend_context(taps[path_rows], (length[:, None] + rows).flatten(), committed.flatten(),
                                      pool[self.num_target_layers:])
-        anchor.copy_(choices[path[-1:]].squeeze(0))  # (a 1-d index: a 0-dim one would be a host read)
-        length.add_(count)
-        return round_outcome(tree, choices, path, count)
+        bonus_rows = paths[:, -1] + bucket * torch.arange(num_sequences, device=device)
+        anchor.copy_(choices[bonus_rows])
+        length.add_(counts)
+        self._mark("commit")
+        return torch.stack(outcomes)
 
-    def _draft_tree(self, pool, anchor, length, prefix, block_table, slots) -> DraftTree:
-        """Head forward over `[anchor, MASK x (B-1)]` at positions `length ..`, then the tree from its rows."""
+    def _slots(self, block_table: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """`[S, n]` logical slots of each sequence -> `[S, n]` flat pool slots, through the block table."""
+        page_size = self.kv.kv_page_size
+        return block_table.gather(1, logical // page_size).long() * page_size + logical % page_size
+
+    def draft_logprobs(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
+                       block_table: torch.Tensor) -> torch.Tensor:
+        """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> draft
+        log-probs `[S, B-1, V]` (row d-1: depth d)."""
         config, device = self.head.config, pool.device
-        offsets = torch.arange(config.block_size, device=device)
-        block = torch.where(offsets == 0, anchor, self.mask_block)
-        meta = AttentionMetadata(positions=length + offsets, slot_mapping=slots(length + offsets),
-                                 block_tables=block_table, prefix_lens=prefix,
-                                 query_starts=self.query_starts[config.block_size],
+        block_size = config.block_size
+        offsets = torch.arange(block_size, device=device)
+        block = torch.where(offsets == 0, anchor[:, None], self.mask_block).flatten()  # [S * B]
+        logical = length[:, None] + offsets  # [S, B]
+        meta = AttentionMetadata(positions=logical.flatten(), slot_mapping=self._slots(block_table, logical).flatten(),
+                                 block_tables=block_table, prefix_lens=length.to(torch.int32),
+                                 query_starts=self.query_starts[block_size],
                                  visibility=self.block_visibility)
         hidden = self.head(self.target.embed_tokens(block), meta, pool[self.num_target_layers:])
-        logprobs = torch.log_softmax(self.target.logits(hidden[1:]), dim=-1)
-        return build_tree(anchor, logprobs, self.spec.budget, self.spec.width, self.depth)
+        draft_rows = hidden.view(self.num_sequences, block_size, -1)[:, 1:]  # [S, B-1, H]
+        return torch.log_softmax(self.target.logits(draft_rows), dim=-1)
+
+    def _mark(self, part: str | None) -> None:
+        """Eager profiling (bench.py --profile): charge the time since the last mark to `part`. Off unless a caller
+        set `time_split`, and never inside a compiled graph; on CUDA each mark synchronizes."""
+        if self.time_split is None or torch.compiler.is_compiling():
+            return
+        from .device_stats import synced_clock
+        now = synced_clock()
+        if part is not None:
+            self.time_split[part] += now - self._clock
+        self._clock = now

@@ -5,10 +5,11 @@ from dataclasses import replace
 import torch
 
 from .config import ModelConfig
-from .engine import Engine
+from .engine import DEFAULT_PREFILL_CHUNK, Engine
 from .head import DraftHead, HeadConfig
 from .kv_cache import KVCache
 from .qwen3 import Qwen3, rope_inv_freq
+from .static_round import pages_per_sequence
 
 SHAPES = {  # the published Qwen3 configs
     "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
@@ -46,10 +47,11 @@ def synthetic_models(name: str, dtype: torch.dtype, device: torch.device, layers
 
 
 def build_engine(target: Qwen3, head: DraftHead, max_model_len: int, max_tree_nodes: int,
-                 execution: str = "eager") -> Engine:
+                 execution: str = "eager", prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Engine:
     """An Engine over modules already on their device, with a KV pool sized the way LLM sizes it."""
     config, kv_page_size = target.config, 16
-    pages = -(-(max_model_len + max(max_tree_nodes, head.config.block_size)) // kv_page_size)
+    pages = pages_per_sequence(max_model_len, max_tree_nodes, head.config.block_size, kv_page_size)
     kv_cache = KVCache(config.num_hidden_layers + head.config.layers.num_hidden_layers, config.num_key_value_heads,
                        config.head_dim, pages, kv_page_size, pages, target.norm.dtype, target.norm.device)
-    return Engine(target, kv_cache, max_model_len, eos_token_ids=[], head=head, execution=execution)
+    return Engine(target, kv_cache, max_model_len, eos_token_ids=[], head=head, execution=execution,
+                  prefill_chunk=prefill_chunk)

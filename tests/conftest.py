@@ -60,18 +60,22 @@ def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
 
 
 def make_engine(model_dir: Path, page_size: int = 8, max_model_len: int = 256, head=None,
-                dtype=torch.float32, device: str = "cpu", execution: str = "eager"):
-    """An Engine over a checkpoint directory, without a tokenizer."""
+                dtype=torch.float32, device: str = "cpu", execution: str = "eager", max_tree_nodes: int = 512,
+                prefill_chunk: int = 512):
+    """An Engine over a checkpoint directory, without a tokenizer; its pool holds exactly one sequence of
+    `max_model_len` tokens with the scratch of trees up to `max_tree_nodes` (sized as LLM sizes it)."""
     from nanojet.engine import Engine
     from nanojet.kv_cache import KVCache
     from nanojet.llm import load_target
+    from nanojet.static_round import pages_per_sequence
     model = load_target(model_dir, dtype, torch.device(device))
     config = model.config
     layers = config.num_hidden_layers + (head.config.layers.num_hidden_layers if head else 0)
-    pages = -(-(max_model_len + 512) // page_size)
+    pages = pages_per_sequence(max_model_len, max_tree_nodes, head.config.block_size if head else 1, page_size)
     cache = KVCache(layers, config.num_key_value_heads, config.head_dim, pages, page_size, pages, dtype,
                     torch.device(device))
-    return Engine(model, cache, max_model_len, eos_token_ids=[], head=head, execution=execution)
+    return Engine(model, cache, max_model_len, eos_token_ids=[], head=head, execution=execution,
+                  prefill_chunk=prefill_chunk)
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +103,52 @@ def random_head(target_config, causal: bool = True, seed: int = 0, layers: int =
             if param.dim() == 1:
                 param.uniform_(0.5, 1.5)
     return head
+
+
+def oracle_drafter(reference: list[int], vocab_size: int, shift: int = 0, wrong_from_depth: int | None = None):
+    """A stand-in for `StaticRound.draft_logprobs` that drafts the known continuation `reference` (prompt + plain
+    output): row d-1 of sequence s puts all its mass on `reference[n-1+d]`, where n-1 = length[s] is the anchor's
+    position. `shift` drafts positions that far off; from `wrong_from_depth` on, rows draft a token the reference
+    does not have there (so exactly the shallower depths can be accepted). Tensor ops only: it runs inside the
+    static round eagerly, compiled or graphed."""
+    padded = torch.tensor(reference + [0] * 64)
+
+    def draft_logprobs(round_, pool, anchor, length, block_table):
+        rows = round_.head.config.block_size - 1
+        depth = torch.arange(1, rows + 1, device=length.device)
+        index = (length[:, None] + depth + shift).clamp(max=padded.numel() - 1)  # [S, B-1]
+        tokens = padded.to(length.device)[index]
+        if wrong_from_depth is not None:
+            tokens = torch.where(depth >= wrong_from_depth, (tokens + 1) % vocab_size, tokens)
+        logprobs = torch.full((*index.shape, vocab_size), -30.0, device=length.device)
+        return logprobs.scatter(-1, tokens[..., None], 0.0)
+
+    return draft_logprobs
+
+
+def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
+    """Plain decoding from scratch, the definition the engine must reproduce: every token recomputes a dense
+    causal forward over the whole sequence (no KV cache, no tree, no round), and token i is
+    `argmax(filter(logits / T) + gumbel_noise(seed, position))` at its absolute position (argmax when greedy)."""
+    from nanojet.sampling import filter_logits, gumbel_noise
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(count):
+            hidden, _ = target.forward_dense(torch.tensor([ids], device=target.norm.device))
+            logits = target.logits(hidden[0, -1:])  # [1, V] at position len(ids) - 1
+            if params.temperature > 0:
+                filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+                logits = filtered + gumbel_noise(params.seed, torch.tensor([len(ids)]), logits.shape[-1])
+            ids.append(int(logits.argmax(-1)))
+    return ids[len(prompt):]
+
+
+def draft_after(engine, sequence, anchor: int) -> torch.Tensor:
+    """The round's draft log-probs `[B-1, V]` for a sequence whose KV holds `sequence.length` slots."""
+    from nanojet.engine import SpeculativeParams
+    from nanojet.sampling import SamplingParams
+    from nanojet.static_round import StaticRound
+    round_ = StaticRound(engine.target, engine.head, engine.kv, SpeculativeParams(budget=2, width=1), SamplingParams())
+    round_.begin(0, sequence, anchor, 0)
+    table = round_.table([sequence])
+    return round_.draft_logprobs(engine.kv.pool, round_.anchor, round_.length, table)[0]

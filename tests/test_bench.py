@@ -11,6 +11,7 @@ import bench
 from conftest import random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import Engine, GenerationStats
+from nanojet.static_round import StaticRound
 
 
 @pytest.fixture(scope="module")
@@ -163,23 +164,25 @@ def test_figures_of_a_perfect_drafter(bench_inputs, tmp_path, monkeypatch):
     tau = block size (5 drafts + the bonus), every depth accepted, 1 + 23 / 6 rounds -> 24 tokens in 5 forwards."""
     reference, generate = {}, Engine.generate
 
+    current = {}
+
     def recording_generate(self, prompt_ids, params, spec=None, *args, **kwargs):
-        self.prompt = list(prompt_ids)
+        current["prompt"] = list(prompt_ids)
         out = generate(self, prompt_ids, params, spec, *args, **kwargs)
         if spec is None:  # bench runs AR before the budgets, for the warmup and for every prompt
             reference[tuple(prompt_ids)] = out.token_ids
         return out
 
-    def oracle_draft(self, sequence, anchor):
-        emitted = sequence.length + 1 - len(self.prompt)  # the anchor is the last emitted token
+    def oracle_draft(self, pool, anchor, length, block_table):
+        emitted = int(length[0]) + 1 - len(current["prompt"])  # the anchor is the last emitted token
         rows = self.head.config.block_size - 1
-        logprobs = torch.full((rows, self.target.config.vocab_size), -30.0)
-        for depth, token in enumerate(reference[tuple(self.prompt)][emitted:emitted + rows]):
-            logprobs[depth, token] = 0.0
+        logprobs = torch.full((1, rows, self.target.config.vocab_size), -30.0)
+        for depth, token in enumerate(reference[tuple(current["prompt"])][emitted:emitted + rows]):
+            logprobs[0, depth, token] = 0.0
         return logprobs
 
     monkeypatch.setattr(Engine, "generate", recording_generate)
-    monkeypatch.setattr(Engine, "_draft", oracle_draft)
+    monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_draft)
     out = tmp_path / "bench.json"
     argv = bench_inputs + ["--budgets", "1,8", "--max-new-tokens", "24", "--ignore-eos", "--json", str(out)]
     assert bench.main(argv) == 0

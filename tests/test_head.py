@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_engine, random_head
+from conftest import draft_after, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.head import load_head
 from nanojet.kv_cache import Sequence
@@ -69,7 +69,7 @@ def test_paged_draft_equals_naive_dense(hf_model_dir, causal):
     sequence = Sequence()
     with torch.no_grad():
         anchor = engine._prefill(sequence, prompt, SamplingParams(), tuple(head.config.target_layer_ids))
-        ours = engine._draft(sequence, anchor)
+        ours = draft_after(engine, sequence, int(anchor))
         reference = naive_draft_logprobs(engine.target, head, prompt + [int(anchor)])
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
 
@@ -87,7 +87,7 @@ def test_causal_rows_ignore_later_block_rows(hf_model_dir, causal):
         sequence = Sequence()
         with torch.no_grad():
             anchor = engine._prefill(sequence, [11, 12, 13, 14, 15], SamplingParams(), (0, 1))
-            drafts.append(engine._draft(sequence, anchor))
+            drafts.append(draft_after(engine, sequence, int(anchor)))
         engine.kv.free(sequence)
     assert torch.allclose(drafts[0][:3], drafts[1], atol=1e-5) == causal
 

@@ -58,25 +58,6 @@ def test_pages_are_reserved_trimmed_and_freed():
     assert sequence.pages == [] and len(cache.free_pages) == 6
 
 
-def test_commit_moves_kept_rows_in_every_layer():
-    cache = KVCache(3, 2, 4, num_pages=8, kv_page_size=4, max_pages_per_sequence=8, dtype=torch.float32,
-                    device=torch.device("cpu"))
-    cache.pool.copy_(torch.randn_like(cache.pool))
-    sequence = Sequence()
-    sequence.length = 6
-    cache.reserve(sequence, 6 + 13)  # 13 scratch rows after 6 committed ones
-    before = cache.pool.clone().view(3, 2, -1, 2, 4)
-    kept = torch.tensor([0, 2, 3, 7, 12])
-    scratch = cache.slots(sequence, 6, 19)
-    cache.commit(sequence, kept)
-    after = cache.pool.view(3, 2, -1, 2, 4)
-    for j, k in enumerate(kept.tolist()):
-        assert torch.equal(after[:, :, scratch[j]], before[:, :, scratch[k]])
-    committed = cache.slots(sequence, 0, 6)
-    assert torch.equal(after[:, :, committed], before[:, :, committed])  # the prefix is untouched
-    assert sequence.length == 11 and len(sequence.pages) == 3
-
-
 def test_exhausted_pool_raises_a_clear_error():
     cache = KVCache(1, 1, 2, num_pages=2, kv_page_size=4, max_pages_per_sequence=4, dtype=torch.float32,
                     device=torch.device("cpu"))

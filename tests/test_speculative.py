@@ -3,10 +3,11 @@ should: an oracle drafter that knows the plain output must have every draft acce
 import pytest
 import torch
 
-from conftest import make_engine, random_head
+from conftest import make_engine, oracle_drafter, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams
 from nanojet.sampling import SamplingParams
+from nanojet.static_round import StaticRound
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=40, ignore_eos=True)
@@ -30,49 +31,35 @@ def test_random_head_is_lossless(engine, params, budget, width):
     assert spec.stats.rounds + 1 >= len(plain) / engine.head.config.block_size
 
 
-def install_oracle(engine, reference: list[int], shift: int = 0):
-    """Replace the head's draft with one-hot log-probs of the plain-decoding continuation (row d-1 = depth d)."""
-    vocab = engine.target.config.vocab_size
-    rows = engine.head.config.block_size - 1
-
-    def oracle_draft(sequence, anchor):
-        n = sequence.length + 1  # committed tokens, anchor included
-        logprobs = torch.full((rows, vocab), -30.0)
-        for depth in range(1, rows + 1):
-            index = n - 1 + depth + shift
-            if index < len(reference):
-                logprobs[depth - 1, reference[index]] = 0.0
-        engine.head(engine.target.embed_tokens(torch.zeros(engine.head.config.block_size, dtype=torch.long)),
-                    engine.kv.step_metadata([sequence], [sequence.length + torch.arange(rows + 1)],
-                                            [engine.head.block_visibility()]), engine._head_pool())
-        return logprobs
-
-    engine._draft = oracle_draft
+def install_oracle(monkeypatch, engine, reference: list[int], **kwargs):
+    """Draft from the plain-decoding continuation instead of the head (see conftest.oracle_drafter)."""
+    monkeypatch.setattr(StaticRound, "draft_logprobs",
+                        oracle_drafter(reference, engine.target.config.vocab_size, **kwargs))
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "top-p"])
-def test_oracle_drafts_are_all_accepted(hf_model_dir, params):
+def test_oracle_drafts_are_all_accepted(hf_model_dir, params, monkeypatch):
     directory, _ = hf_model_dir
     head = random_head(ModelConfig.from_dir(directory))
     engine = make_engine(directory, page_size=4, head=head)
     plain = engine.generate(PROMPT, params).token_ids
-    install_oracle(engine, PROMPT + plain)
+    install_oracle(monkeypatch, engine, PROMPT + plain)
     spec = engine.generate(PROMPT, params, SpeculativeParams(budget=16, width=2))
     assert spec.token_ids == plain
     # Block 8: every round emits 7 drafted tokens + the bonus, until max_new_tokens cuts the last one.
     assert spec.stats.accept_hist[8] == spec.stats.rounds == -(-(40 - 1) // 8)
     # A drafter one position off is still lossless but accepts little: the test above tells them apart.
-    install_oracle(engine, PROMPT + plain, shift=1)
+    install_oracle(monkeypatch, engine, PROMPT + plain, shift=1)
     shifted = engine.generate(PROMPT, params, SpeculativeParams(budget=16, width=2))
     assert shifted.token_ids == plain and shifted.stats.accept_len < 3  # (repeats in the text match by luck)
 
 
-def test_eos_and_max_tokens_inside_an_accepted_path(hf_model_dir):
+def test_eos_and_max_tokens_inside_an_accepted_path(hf_model_dir, monkeypatch):
     directory, _ = hf_model_dir
     head = random_head(ModelConfig.from_dir(directory))
     engine = make_engine(directory, page_size=4, head=head)
     plain = engine.generate(PROMPT, GREEDY).token_ids
-    install_oracle(engine, PROMPT + plain)
+    install_oracle(monkeypatch, engine, PROMPT + plain)
     eos = plain[12]  # the 13th generated token: in the middle of the second round's path
     engine.eos_token_ids = {eos}
     stop_at = plain.index(eos) + 1
@@ -84,14 +71,14 @@ def test_eos_and_max_tokens_inside_an_accepted_path(hf_model_dir):
     assert spec.token_ids == plain[:11] and spec.stats.finish_reason == "length"
 
 
-def test_head_context_cache_equals_recomputation(hf_model_dir):
+def test_head_context_cache_equals_recomputation(hf_model_dir, monkeypatch):
     """After many multi-token rounds, the head's cached context K/V equal a from-scratch projection of the
     target's taps over the whole committed sequence."""
     directory, _ = hf_model_dir
     head = random_head(ModelConfig.from_dir(directory))
     engine = make_engine(directory, page_size=4, head=head)
     plain = engine.generate(PROMPT, GREEDY).token_ids
-    install_oracle(engine, PROMPT + plain)
+    install_oracle(monkeypatch, engine, PROMPT + plain)
     captured = {}
     original_free = engine.kv.free
 

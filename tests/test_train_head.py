@@ -5,7 +5,7 @@ import random
 
 import torch
 
-from conftest import make_engine, random_head
+from conftest import draft_after, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams
 from nanojet.head import load_head
@@ -37,8 +37,8 @@ def test_training_forward_equals_inference_draft(hf_model_dir):
             training = torch.log_softmax(engine.target.logits(hidden.view(4, 8, -1)[:, 1:]), -1)
             for i, (s, a) in enumerate((s, a) for s in range(2) for a in anchors[s]):
                 sequence = Sequence()
-                engine._prefill(sequence, sequences[s][:a], SamplingParams(), (0, 1))
-                inference = engine._draft(sequence, torch.tensor(sequences[s][a]))
+                engine.prefill(sequence, sequences[s][:a], (0, 1))
+                inference = draft_after(engine, sequence, sequences[s][a])
                 engine.kv.free(sequence)
                 torch.testing.assert_close(training[i], inference, atol=1e-4, rtol=1e-4)
 
