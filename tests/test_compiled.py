@@ -220,10 +220,30 @@ def test_cuda_graph_is_recaptured_after_the_pool_moves(hf_model_dir):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("execution", ["graphed", "compiled"])
+@pytest.mark.parametrize("execution", ["eager", "graphed", "compiled"])
 def test_one_host_sync_per_graphed_round(hf_model_dir, execution):
     """The host waits on the device once per round: the read of the accepted count and tokens."""
     cuda_head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).cuda()
     engine = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda", execution=execution)
     for spec in (None, SpeculativeParams(8, 4)):
         assert host_syncs_per_round(engine, PROMPT, GREEDY, spec) == pytest.approx(1.0)
+
+
+def test_cuda_graphs_are_the_default_on_cuda_only():
+    from nanojet.engine import default_execution
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_execution(cuda) == "graphed" and default_execution(cuda, enforce_eager=True) == "eager"
+    assert default_execution(cuda, compile=True) == "compiled"  # torch.compile inside the graphs
+    assert default_execution(cpu) == "eager" and default_execution(cpu, compile=True) == "compiled"
+
+
+@pytest.mark.gpu
+def test_llm_captures_graphs_by_default_on_cuda(hf_model_dir, tmp_path):
+    from nanojet.llm import LLM
+    random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).save(tmp_path / "head")
+    graphed = LLM(hf_model_dir[0], head=tmp_path / "head", device="cuda", dtype="float32")
+    eager = LLM(hf_model_dir[0], head=tmp_path / "head", device="cuda", dtype="float32", enforce_eager=True)
+    assert graphed.engine.execution == "graphed" and eager.engine.execution == "eager"
+    for spec in (None, SpeculativeParams(8, 4)):
+        got = graphed.generate(PROMPT, SAMPLED, spec)
+        assert got.token_ids == eager.generate(PROMPT, SAMPLED, spec).token_ids and got.stats.compiles == 1

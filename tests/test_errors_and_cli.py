@@ -100,6 +100,10 @@ def test_cli_json_output(hf_model_dir):
     from nanojet.tokenizer import Tokenizer
     assert Tokenizer.from_dir(hf_model_dir[0]).decode(record["token_ids"][:1]) == ":"
     assert record["mode"] == "ar" and record["tokens_per_s"] > 0 and isinstance(record["text"], str)
+    assert record["execution"] == "eager"  # the CPU default; CUDA graphs are the CUDA default
+    chunked = run_cli("--model", str(hf_model_dir[0]), "--prompt", "def f(x):", "--max-new-tokens", "12",
+                      "--ignore-eos", "--json", "--raw", "--prefill-chunk", "3")
+    assert json.loads(chunked.stdout)["token_ids"] == record["token_ids"]
 
 
 def test_cli_streams_text_and_summary(hf_model_dir):
@@ -116,6 +120,7 @@ def test_cli_streams_text_and_summary(hf_model_dir):
     (["--max-model-len", "100000"], "max_position_embeddings"),
     (["--device", "tpu"], "invalid choice"),
     (["--budget", "x"], "invalid int value"),
+    (["--prefill-chunk", "0"], "must be >= 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(hf_model_dir, args, message):
     if "--model" not in args:
