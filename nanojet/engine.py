@@ -155,15 +155,15 @@ class Engine:
             start = time.perf_counter()
             runner = None
             while True:
-                new = self._truncate(new, len(prompt_ids), len(emitted), params, stats)
+                new = self.truncate(new, len(prompt_ids), len(emitted), params, stats)
                 emitted += new
                 if on_tokens and new:
                     on_tokens(new)
                 if stats.finish_reason:
                     break
                 if runner is None:
-                    runner = self.runner(spec if drafting else None, params)
-                    runner.round.begin(0, sequence, emitted[-1], params.seed)
+                    runner = self.runner(spec if drafting else None, not params.greedy)
+                    runner.round.begin(0, sequence, emitted[-1], params)
                     timed = self.execution == "eager" and (self.profile or self.device.type == "cpu")
                     runner.round.time_split = stats.time_split if timed else None
                 new = self._round(runner, sequence, stats)
@@ -173,7 +173,7 @@ class Engine:
         stats.new_tokens = len(emitted)
         return Generation(token_ids=emitted, stats=stats)
 
-    def _truncate(self, new: list[int], prompt_len: int, done: int, params: SamplingParams,
+    def truncate(self, new: list[int], prompt_len: int, done: int, params: SamplingParams,
                   stats: GenerationStats) -> list[int]:
         """Cut a round's tokens at EOS (kept), max_new_tokens or the context limit, and record why."""
         for i, token in enumerate(new):
@@ -224,11 +224,12 @@ class Engine:
     def _head_pool(self) -> torch.Tensor:
         return self.kv.pool[self.num_target_layers:]
 
-    def runner(self, spec: SpeculativeParams | None, params: SamplingParams) -> RoundRunner:
-        """The runner of static rounds for this tree shape and sampling mode (built once, reused)."""
-        key = self.runner_key(spec, params)
+    def runner(self, spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1) -> RoundRunner:
+        """The runner of static rounds for this tree shape, greedy or sampled, over `num_sequences` rows (built
+        once, reused)."""
+        key = self.runner_key(spec, sampled, num_sequences)
         if key not in self._runners:
-            static_round = StaticRound(self.target, self.head, self.kv, spec, params)
+            static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences)
             runner = CompiledRunner(static_round) if self.execution == "compiled" else EagerRunner(static_round)
             if self.device.type == "cuda" and self.execution in ("compiled", "graphed"):
                 if self._graph_memory_pool is None:
@@ -238,10 +239,10 @@ class Engine:
         return self._runners[key]
 
     @staticmethod
-    def runner_key(spec: SpeculativeParams | None, params: SamplingParams) -> tuple:
-        """What a compiled round is specialised on: the tree shape and the sampling mode (not the seed)."""
-        return (None if spec is None else (spec.budget, spec.width, spec.depth),
-                params.temperature, params.top_k, params.top_p)
+    def runner_key(spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1) -> tuple:
+        """What a compiled round is specialised on: the tree shape, whether it samples (not the sampling
+        parameters, which are per-row tensors) and the number of rows."""
+        return None if spec is None else (spec.budget, spec.width, spec.depth), sampled, num_sequences
 
     def _round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
         """One round on the host: reserve scratch and stage new pages, run the step, read its outcome (the one

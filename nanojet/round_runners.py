@@ -21,7 +21,7 @@ class RoundRunner:
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
         r = self.round
-        return r.step(r.kv.pool, r.anchor, r.length, table, r.seed)
+        return r.step(r.kv.pool, r.anchor, r.length, table, r.seed, r.temperature, r.top_k, r.top_p)
 
 
 class EagerRunner(RoundRunner):
@@ -50,7 +50,7 @@ class CompiledRunner(RoundRunner):
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
         r = self.round
-        return self._step(r.kv.pool, r.anchor, r.length, table, r.seed)
+        return self._step(r.kv.pool, r.anchor, r.length, table, r.seed, r.temperature, r.top_k, r.top_p)
 
 
 class GraphedRunner(RoundRunner):

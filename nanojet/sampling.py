@@ -80,3 +80,25 @@ def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams
     filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     noise = gumbel_noise(params.seed if seed is None else seed, positions, logits.shape[-1])
     return (filtered + noise).argmax(dim=-1)
+
+
+def sample_rows(logits: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """`sample` with parameters per row (`[N]` tensors each; temperature 0: greedy), so sequences with different
+    sampling parameters share one batched round and one graph. Row i chooses exactly the token `sample` would
+    choose with row i's parameters: the same ops in the same order, only broadcast over rows."""
+    sampled = temperature > 0
+    scaled = logits.float() / torch.where(sampled, temperature, 1.0)[:, None]
+    vocab_size = logits.shape[-1]
+    # top-k as `filter_logits` does it, with k per row: the k-th largest value is the threshold (0: no filter).
+    k = torch.where((top_k > 0) & (top_k < vocab_size), top_k, vocab_size)
+    kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    # top-p likewise; rows at top_p 1 keep every token (rounding in the cumulative sum must not drop the tail).
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop_sorted = (probs.cumsum(-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    filtered = scaled.masked_fill(drop, float("-inf"))
+    noise = gumbel_noise(seed, positions, vocab_size)
+    return torch.where(sampled, (filtered + noise).argmax(dim=-1), logits.argmax(dim=-1))

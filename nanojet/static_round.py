@@ -2,12 +2,16 @@
 
 Eager execution runs `StaticRound.step` as Python; torch.compile and CUDA graphs build graphs of the same code.
 Every shape in `step` is fixed by Python ints chosen when the round is built (sequences per round S, the tree
-bucket, the head's block, the sampling mode); what changes from round to round lives in persistent device tensors:
+bucket, the head's block, whether any row samples); what changes from round to round lives in persistent device
+tensors:
 
     anchor       [S]             int64  each sequence's last emitted token (its K/V is not written yet)
     length       [S]             int64  committed K/V slots, which is also the anchor's position
     block_table  [S, max_pages]  int32  each sequence's pages, full width; the host writes new ones between rounds
-    seed         [S]             int64  sampling seeds (tensors, so one graph serves every seed)
+    seed, temperature, top_k, top_p [S]  each sequence's sampling parameters (tensors: one graph serves them all)
+
+A row without a live sequence (a batch padded up to its size bucket) is inert: it points at the round's own idle
+pages with length 0, so whatever it drafts, verifies and commits lands there and never in a live sequence's pages.
 
 `step` runs draft -> tree -> verify -> accept -> commit for all S sequences (one head forward over their draft
 blocks, one verify forward over their trees laid along a varlen axis, accept and commit per sequence), advances
@@ -23,8 +27,8 @@ import torch
 
 import kernels
 from kernels.reference import pack_visibility
-from .kv_cache import AttentionMetadata, KVCache, Sequence
-from .sampling import SamplingParams, sample
+from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
+from .sampling import SamplingParams, sample_rows
 from .tree import DraftTree, accept, anchor_tree, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
 
 
@@ -40,9 +44,10 @@ def pages_per_sequence(max_model_len: int, max_tree_nodes: int, block_size: int,
 
 
 class StaticRound:
-    def __init__(self, target, head, kv: KVCache, spec, params: SamplingParams, num_sequences: int = 1):
-        """`spec` None: plain decoding (a one-node tree, no head)."""
-        self.target, self.head, self.kv, self.spec, self.params = target, head, kv, spec, params
+    def __init__(self, target, head, kv: KVCache, spec, sampled: bool, num_sequences: int = 1):
+        """`spec` None: plain decoding (a one-node tree, no head). `sampled` False: every row is greedy (no noise
+        is drawn); True: each row samples with its own parameters (greedy where its temperature is 0)."""
+        self.target, self.head, self.kv, self.spec, self.sampled = target, head, kv, spec, sampled
         self.num_target_layers = target.config.num_hidden_layers
         self.num_sequences = num_sequences
         device = kv.pool.device
@@ -66,6 +71,10 @@ class StaticRound:
         self.anchor = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.length = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.seed = torch.zeros(num_sequences, dtype=torch.int64, device=device)
+        self.temperature = torch.zeros(num_sequences, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(num_sequences, dtype=torch.int64, device=device)
+        self.top_p = torch.ones(num_sequences, dtype=torch.float32, device=device)
+        self.idle = Sequence()  # the pages inert rows write into, held only during a round that has such rows
         self.block_table = torch.zeros(num_sequences, kv.max_pages_per_sequence, dtype=torch.int32, device=device)
         # Staging for new page ids: pinned, so the copy to the device is truly asynchronous (never a host sync);
         # written through a numpy view, so no tensor is built from a Python list on the round's path.
@@ -78,18 +87,34 @@ class StaticRound:
 
     # --- host side, between rounds ------------------------------------------------------------------------
 
-    def begin(self, row: int, sequence: Sequence, anchor: int, seed: int) -> None:
+    def begin(self, row: int, sequence: Sequence | None, anchor: int = 0,
+              params: SamplingParams | None = None) -> None:
         """Point row `row` of the buffers at a sequence whose KV holds `sequence.length` slots and whose anchor is
-        `anchor` (a fill from a Python scalar: no host buffer, no sync)."""
+        `anchor` (fills from Python scalars: no host buffer, no sync); `None` makes the row inert."""
+        params = params or SamplingParams()
+        if not self.sampled and not params.greedy:
+            raise ValueError("a greedy round cannot run a sampled sequence; build the round with sampled=True")
         self.anchor[row].fill_(anchor)
-        self.length[row].fill_(sequence.length)
-        self.seed[row].fill_(seed)
+        self.length[row].fill_(0 if sequence is None else sequence.length)
+        for buffer, value in ((self.seed, params.seed), (self.temperature, params.temperature),
+                              (self.top_k, params.top_k), (self.top_p, params.top_p)):
+            buffer[row].fill_(value)
         self._pages_written[row] = 0
 
-    def table(self, sequences: list[Sequence]) -> torch.Tensor:
-        """Reserve the round's scratch and write new pages into the persistent block table; returns the table."""
+    def table(self, sequences: list[Sequence | None]) -> torch.Tensor:
+        """Reserve the round's scratch and write new pages into the persistent block table; returns the table.
+        `None` rows are inert: their length goes back to 0 (a round advances it) and they point at the idle pages.
+        Raises KVCacheExhausted when the pool cannot hold the scratch (the pages reserved so far stay reserved)."""
         for row, sequence in enumerate(sequences):
-            self.kv.reserve(sequence, sequence.length + self.scratch_slots)
+            if sequence is None:
+                sequence = self.idle
+                self.length[row].fill_(0)
+                self._pages_written[row] = 0  # the idle pages may differ from round to round
+            try:
+                self.kv.reserve(sequence, sequence.length + self.scratch_slots)
+            except KVCacheExhausted:
+                self.kv.free(self.idle)
+                raise
             written, pages = self._pages_written[row], len(sequence.pages)
             if pages > written:
                 # Entries being written were not in flight: every earlier copy finished before the last host read.
@@ -98,9 +123,13 @@ class StaticRound:
                 self._pages_written[row] = pages
         return self.block_table
 
-    def finish(self, sequences: list[Sequence], accept_counts: list[int]) -> None:
-        """Commit each sequence's accepted count on the host and release the scratch it did not keep."""
+    def finish(self, sequences: list[Sequence | None], accept_counts: list[int]) -> None:
+        """Commit each sequence's accepted count on the host and release the scratch it did not keep (and the idle
+        pages of inert rows)."""
+        self.kv.free(self.idle)
         for row, (sequence, count) in enumerate(zip(sequences, accept_counts)):
+            if sequence is None:
+                continue
             sequence.length += count
             self.kv.trim(sequence, sequence.length)
             self._pages_written[row] = min(self._pages_written[row], len(sequence.pages))
@@ -108,7 +137,7 @@ class StaticRound:
     # --- device side: one round, static shapes ----------------------------------------------------------
 
     def step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
-             seed: torch.Tensor) -> torch.Tensor:
+             seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         device = pool.device
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
         self._mark(None)
@@ -129,8 +158,12 @@ class StaticRound:
                                  query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)
         hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps)
-        row_seeds = seed.repeat_interleave(bucket)  # [S * bucket]
-        choices = sample(self.target.logits(hidden), positions + 1, self.params, row_seeds)  # [S * bucket]
+        logits = self.target.logits(hidden)  # [S * bucket, V]
+        if self.sampled:
+            choices = sample_rows(logits, positions + 1, *(t.repeat_interleave(bucket)  # each [S * bucket]
+                                                          for t in (temperature, top_k, top_p, seed)))
+        else:
+            choices = logits.argmax(dim=-1)
         self._mark("verify")
 
         outcomes, paths, counts = [], [], []

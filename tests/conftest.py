@@ -146,9 +146,8 @@ def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
 def draft_after(engine, sequence, anchor: int) -> torch.Tensor:
     """The round's draft log-probs `[B-1, V]` for a sequence whose KV holds `sequence.length` slots."""
     from nanojet.engine import SpeculativeParams
-    from nanojet.sampling import SamplingParams
     from nanojet.static_round import StaticRound
-    round_ = StaticRound(engine.target, engine.head, engine.kv, SpeculativeParams(budget=2, width=1), SamplingParams())
-    round_.begin(0, sequence, anchor, 0)
+    round_ = StaticRound(engine.target, engine.head, engine.kv, SpeculativeParams(budget=2, width=1), False)
+    round_.begin(0, sequence, anchor)
     table = round_.table([sequence])
     return round_.draft_logprobs(engine.kv.pool, round_.anchor, round_.length, table)[0]

@@ -155,8 +155,8 @@ class CPUGraphedRunner(GraphedRunner):
 
 
 def install_cpu_graphs(engine: Engine, spec, params) -> None:
-    static_round = StaticRound(engine.target, engine.head, engine.kv, spec, params)
-    engine._runners[Engine.runner_key(spec, params)] = CPUGraphedRunner(EagerRunner(static_round), None)
+    static_round = StaticRound(engine.target, engine.head, engine.kv, spec, not params.greedy)
+    engine._runners[Engine.runner_key(spec, not params.greedy)] = CPUGraphedRunner(EagerRunner(static_round), None)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "top-p"])

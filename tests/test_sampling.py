@@ -64,3 +64,26 @@ def test_same_seed_same_tokens_different_seed_differs(hf_model_dir):
                                                               ignore_eos=True)).token_ids
     assert run(5) == run(5)
     assert run(5) != run(6)
+
+
+def test_per_row_parameters_choose_what_sample_chooses():
+    """Batched rounds sample every sequence with its own parameters (`sample_rows`); each row must pick exactly
+    the token `sample` picks alone, greedy rows included, and top_p 1 / top_k 0 must filter nothing."""
+    from nanojet.sampling import sample_rows
+    torch.manual_seed(0)
+    settings = [SamplingParams(), SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=1.3, top_k=5),
+                SamplingParams(temperature=0.9, top_p=0.8, seed=9), SamplingParams(temperature=1.0, top_k=40, top_p=0.5),
+                SamplingParams(temperature=2.0, top_k=400, seed=1)]
+    logits = torch.randn(len(settings) * 50, 300) * 3
+    logits[:, 7] = logits[:, 8]  # a tie at the top-k / top-p boundary of some rows
+    rows = torch.arange(logits.shape[0]) % len(settings)
+    positions = torch.arange(logits.shape[0]) * 7 + 11
+
+    def column(name, dtype):
+        return torch.tensor([getattr(settings[r], name) for r in rows], dtype=dtype)
+
+    batched = sample_rows(logits, positions, column("temperature", torch.float32), column("top_k", torch.int64),
+                          column("top_p", torch.float32), column("seed", torch.int64))
+    alone = torch.cat([sample(logits[i:i + 1], positions[i:i + 1], settings[r]) for i, r in enumerate(rows.tolist())])
+    assert torch.equal(batched, alone)
+    assert len(set(batched.tolist())) > 20  # the sampled rows really sample
