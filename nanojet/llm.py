@@ -14,6 +14,7 @@ from .kv_cache import KVCache
 from .loader import load_weights
 from .qwen3 import Qwen3, rope_inv_freq
 from .sampling import SamplingParams
+from .scheduler import DEFAULT_STEP_TOKENS, Request, Scheduler
 from .static_round import pages_per_sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -73,10 +74,16 @@ class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,
                  max_tree_nodes: int = 512, kv_memory_gb: float | None = None, compile: bool = False,
-                 enforce_eager: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
-        """On CUDA each round shape (tree budget/width/depth, sampling mode) is captured as a CUDA graph on first
-        use, unless `enforce_eager`. `compile` adds torch.compile (inside the graphs on CUDA; alone on the CPU).
-        Prompts are prefilled in chunks of `prefill_chunk` tokens."""
+                 enforce_eager: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_num_seqs: int = 1,
+                 step_tokens: int = DEFAULT_STEP_TOKENS):
+        """On CUDA each round shape (tree budget/width/depth, greedy or sampled, batch size) is captured as a CUDA
+        graph on first use, unless `enforce_eager`. `compile` adds torch.compile (inside the graphs on CUDA; alone
+        on the CPU). Prompts are prefilled in chunks of `prefill_chunk` tokens. A list of prompts is generated
+        with continuous batching, up to `max_num_seqs` at once (the KV pool holds that many full-length
+        sequences unless `kv_memory_gb` sizes it) and `step_tokens` target tokens per step."""
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        self.max_num_seqs, self.step_tokens = max_num_seqs, step_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model)
@@ -93,7 +100,7 @@ class LLM:
         table_width = pages_per_sequence(self.max_model_len, max_tree_nodes,
                                          self.head.config.block_size if self.head else 1, kv_page_size)
         layers = config.num_hidden_layers + head_layers
-        pages = table_width
+        pages = table_width * max_num_seqs
         if kv_memory_gb is not None:  # a memory budget instead of room for one full-length sequence
             page_bytes = layers * 2 * kv_page_size * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
             pages = int(kv_memory_gb * 2**30 // page_bytes)
@@ -116,25 +123,21 @@ class LLM:
             prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
         return self.tokenizer.encode(prompt)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def generate(self, prompt: str | list[int] | list[str | list[int]], params: SamplingParams | None = None,
                  spec: SpeculativeParams | None = None, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None, token_healing: bool = True) -> Output:
-        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting.
+                 on_text: Callable[[str], None] | None = None, token_healing: bool = True) -> Output | list[Output]:
+        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting. A list of
+        prompts (texts or id lists) goes to `generate_batch` and returns a list of outputs in the same order.
 
         Token healing (raw text prompts): a prompt cut inside what training text tokenizes as one piece (e.g.
         `"):"` where the data always has `"):\n"`) leaves the model an unusual last token. The last prompt token
         is taken back and the first generated token must start with its bytes; the returned text and stream
         begin after those bytes, so they continue the prompt exactly."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return self.generate_batch(prompt, params, spec, chat, token_healing)
         params = params or SamplingParams()
-        if spec is not None and spec.budget > self.max_tree_nodes:
-            raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
-        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        healed, first_token_ids = b"", None
-        if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
-            tail = self.tokenizer.decode_bytes(ids[-1:])
-            candidates = self.tokenizer.ids_starting_with(tail)
-            if candidates and _is_utf8(tail):  # a token that is part of a character is left alone
-                healed, first_token_ids, ids = tail, candidates, ids[:-1]
+        self._check_budget(spec)
+        ids, healed, first_token_ids = self.prepare_prompt(prompt, chat, token_healing)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         skip = len(healed.decode("utf-8"))  # characters of the healed token the prompt already shows
 
@@ -147,5 +150,39 @@ class LLM:
         result = self.engine.generate(ids, params, spec, stream if on_text else None, first_token_ids)
         if on_text:
             on_text(detokenizer.flush())
-        text = self.tokenizer.decode_bytes(result.token_ids)[len(healed):].decode("utf-8", errors="replace")
-        return Output(text=text, token_ids=result.token_ids, prompt_token_ids=ids, stats=result.stats)
+        return Output(text=self._text(result.token_ids, healed), token_ids=result.token_ids, prompt_token_ids=ids,
+                      stats=result.stats)
+
+    def generate_batch(self, prompts: list[str | list[int]],
+                       params: SamplingParams | list[SamplingParams] | None = None, spec: SpeculativeParams | None = None, chat: bool = False,
+                       token_healing: bool = True) -> list[Output]:
+        """Generate after every prompt with continuous batching (`Scheduler`); outputs come back in prompt order,
+        each with exactly the ids `generate` gives for that prompt alone. `params`: one for all, or one each."""
+        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts; give one or one each")
+        self._check_budget(spec)
+        prepared = [self.prepare_prompt(p, chat, token_healing) for p in prompts]
+        requests = [Request(ids, p, first_token_ids=first) for (ids, _, first), p in zip(prepared, per_prompt)]
+        Scheduler(self.engine, spec, self.max_num_seqs, self.step_tokens).run(requests)
+        return [Output(text=self._text(r.output_ids, healed), token_ids=r.output_ids, prompt_token_ids=ids,
+                       stats=r.stats) for r, (ids, healed, _) in zip(requests, prepared)]
+
+    def prepare_prompt(self, prompt: str | list[int], chat: bool = False,
+                       token_healing: bool = True) -> tuple[list[int], bytes, list[int] | None]:
+        """Prompt -> (ids to prefill, healed bytes, allowed first tokens or None): see `generate` on healing."""
+        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
+            tail = self.tokenizer.decode_bytes(ids[-1:])
+            candidates = self.tokenizer.ids_starting_with(tail)
+            if candidates and _is_utf8(tail):  # a token that is part of a character is left alone
+                return ids[:-1], tail, candidates
+        return ids, b"", None
+
+    def _check_budget(self, spec: SpeculativeParams | None) -> None:
+        if spec is not None and spec.budget > self.max_tree_nodes:
+            raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
+
+    def _text(self, token_ids: list[int], healed: bytes) -> str:
+        return self.tokenizer.decode_bytes(token_ids)[len(healed):].decode("utf-8", errors="replace")

@@ -61,9 +61,10 @@ def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
 
 def make_engine(model_dir: Path, page_size: int = 8, max_model_len: int = 256, head=None,
                 dtype=torch.float32, device: str = "cpu", execution: str = "eager", max_tree_nodes: int = 512,
-                prefill_chunk: int = 512):
+                prefill_chunk: int = 512, num_pages: int | None = None):
     """An Engine over a checkpoint directory, without a tokenizer; its pool holds exactly one sequence of
-    `max_model_len` tokens with the scratch of trees up to `max_tree_nodes` (sized as LLM sizes it)."""
+    `max_model_len` tokens with the scratch of trees up to `max_tree_nodes` (sized as LLM sizes it), or
+    `num_pages` pages."""
     from nanojet.engine import Engine
     from nanojet.kv_cache import KVCache
     from nanojet.llm import load_target
@@ -72,7 +73,7 @@ def make_engine(model_dir: Path, page_size: int = 8, max_model_len: int = 256, h
     config = model.config
     layers = config.num_hidden_layers + (head.config.layers.num_hidden_layers if head else 0)
     pages = pages_per_sequence(max_model_len, max_tree_nodes, head.config.block_size if head else 1, page_size)
-    cache = KVCache(layers, config.num_key_value_heads, config.head_dim, pages, page_size, pages, dtype,
+    cache = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages or pages, page_size, pages, dtype,
                     torch.device(device))
     return Engine(model, cache, max_model_len, eos_token_ids=[], head=head, execution=execution,
                   prefill_chunk=prefill_chunk)

@@ -1,0 +1,209 @@
+"""Continuous batching is lossless: every sequence's ids equal what it produces alone (greedy and seeded sampling,
+fp32), whatever joins or leaves the batch: staggered arrivals, random prompt and output lengths, mixed sampling
+parameters, inert padding rows, preemption when the pool runs out, cancellation. Drafters that really accept
+(an oracle per row) make the batched round commit long paths, not only rejections."""
+import random
+
+import pytest
+import torch
+
+from conftest import make_engine, oracle_drafter, random_head
+from nanojet.config import ModelConfig
+from nanojet.engine import SpeculativeParams
+from nanojet.kv_cache import Sequence
+from nanojet.sampling import SamplingParams
+from nanojet.scheduler import Request, Scheduler, sequence_buckets
+from nanojet.static_round import StaticRound
+
+VOCAB = 320
+
+
+def random_requests(seed: int, count: int, max_new: int = 30) -> list[Request]:
+    """Prompts of 2..40 tokens, 4..max_new new tokens, each request greedy or sampled with its own seed, top-k,
+    top-p and temperature."""
+    rng = random.Random(seed)
+    requests = []
+    for index in range(count):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(2, 40))]
+        sampled = index % 2 == 1
+        params = SamplingParams(temperature=rng.choice([0.7, 1.0]) if sampled else 0.0,
+                                top_k=rng.choice([0, 20]), top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000),
+                                max_new_tokens=rng.randint(4, max_new), ignore_eos=True)
+        requests.append(Request(prompt, params))
+    return requests
+
+
+def run_staggered(scheduler: Scheduler, requests: list[Request], seed: int) -> None:
+    """Add each request at a random step (several while others decode), then step until all have finished."""
+    rng = random.Random(seed)
+    arrivals = sorted(rng.randrange(12) for _ in requests)
+    step = 0
+    while not all(r.finished for r in requests):
+        for request, arrival in zip(requests, arrivals):
+            if arrival == step:
+                scheduler.add(request)
+        scheduler.step()
+        step += 1
+
+
+def install_row_oracles(monkeypatch, references: dict[int, list[int]], wrong_from_depth: int | None = None) -> None:
+    """Each row of a batched round drafts the known continuation of the sequence it serves (conftest.oracle_drafter,
+    row by row); `references` maps id(Sequence) to prompt + its plain output. Inert rows draft anything."""
+    served = {}
+    table = StaticRound.table
+
+    def recording_table(self, sequences):
+        served[id(self)] = [references.get(id(s), [0]) for s in sequences]
+        return table(self, sequences)
+
+    def draft_logprobs(round_, pool, anchor, length, block_table):
+        return torch.cat([oracle_drafter(reference, VOCAB, wrong_from_depth=wrong_from_depth)(
+            round_, pool, anchor[row:row + 1], length[row:row + 1], block_table)
+            for row, reference in enumerate(served[id(round_)])])
+
+    monkeypatch.setattr(StaticRound, "table", recording_table)
+    monkeypatch.setattr(StaticRound, "draft_logprobs", draft_logprobs)
+
+
+@pytest.fixture(scope="module")
+def engine(hf_model_dir):
+    head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2)
+    return make_engine(hf_model_dir[0], page_size=4, head=head, max_model_len=128, num_pages=400)
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    """Plain decoding of each random request on its own (Engine.generate, batch of one)."""
+    return [engine.generate(r.prompt_ids, r.params).token_ids for r in random_requests(0, 7)]
+
+
+def all_pages_free(engine) -> bool:
+    return sorted(engine.kv.free_pages) == list(range(engine.kv.num_pages))
+
+
+@pytest.mark.parametrize("shape", [None, (8, 4), (24, 3)], ids=["ar", "budget8", "budget24"])
+@pytest.mark.parametrize("drafter", ["head", "oracle", "right-to-depth-3"])
+def test_batched_ids_equal_ids_alone(engine, alone, shape, drafter, monkeypatch):
+    if shape is None and drafter != "head":
+        pytest.skip("plain decoding drafts nothing")
+    requests = random_requests(0, 7)
+    if drafter != "head":
+        install_row_oracles(monkeypatch, {id(r.sequence): r.prompt_ids + ids for r, ids in zip(requests, alone)},
+                            wrong_from_depth=None if drafter == "oracle" else 3)
+    spec = None if shape is None else SpeculativeParams(*shape)
+    scheduler = Scheduler(engine, spec, max_num_seqs=4, step_tokens=48)  # prompts need several chunks
+    run_staggered(scheduler, requests, seed=1)
+    for request, expected in zip(requests, alone):
+        assert request.output_ids == expected, (request.params, request.stats.accept_hist)
+        assert request.stats.finish_reason == "length"
+    assert all_pages_free(engine)
+    assert scheduler.rounds < sum(len(ids) for ids in alone)  # sequences really shared rounds
+    if drafter == "head" or shape is None:
+        return
+    longest = 8 if drafter == "oracle" else 3  # the head's block (7 drafts + the bonus), or right depths + bonus
+    assert max(scheduler.accept_hist) == longest, scheduler.accept_hist
+    assert scheduler.accept_hist[longest] > scheduler.rounds // 2  # not a lucky round: most sequences' paths
+
+
+def test_preempted_sequences_recompute_losslessly(hf_model_dir, monkeypatch):
+    """A pool too small for every admitted sequence's growth: the newest is preempted (pages freed, tokens kept)
+    and resumes later with the very ids it would have produced alone."""
+    head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2)
+    engine = make_engine(hf_model_dir[0], page_size=4, head=head, max_model_len=128, num_pages=60)
+    requests = random_requests(3, 6, max_new=60)
+    alone = [engine.generate(r.prompt_ids, r.params).token_ids for r in requests]
+    install_row_oracles(monkeypatch, {id(r.sequence): r.prompt_ids + ids for r, ids in zip(requests, alone)},
+                        wrong_from_depth=5)
+    scheduler = Scheduler(engine, SpeculativeParams(16, 2), max_num_seqs=6)
+    tokens_at_preemption = []
+    preempt = Scheduler._preempt
+
+    def recording_preempt(self, request):
+        tokens_at_preemption.append(len(request.output_ids))
+        preempt(self, request)
+
+    monkeypatch.setattr(Scheduler, "_preempt", recording_preempt)
+    scheduler.run(requests)
+    assert scheduler.preemptions > 0 and max(tokens_at_preemption) > 1  # some lost decoded K/V, not only a prompt
+    assert [r.output_ids for r in requests] == alone
+    assert max(scheduler.accept_hist) == 5
+    assert all_pages_free(engine)
+
+
+def test_cancelled_request_frees_its_pages_and_others_continue(engine, alone):
+    requests = random_requests(0, 3)
+    scheduler = Scheduler(engine, SpeculativeParams(8, 4), max_num_seqs=4)
+    for request in requests:
+        scheduler.add(request)
+    while len(requests[1].output_ids) < 2:
+        scheduler.step()
+    used = scheduler.kv_pages_used
+    requests[1].cancel()
+    scheduler.step()  # the next step drops it before its round
+    assert requests[1].finished and requests[1].stats.finish_reason == "cancelled"
+    assert requests[1].sequence.pages == [] and scheduler.kv_pages_used < used
+    while scheduler.has_work:
+        scheduler.step()
+    assert [requests[0].output_ids, requests[2].output_ids] == [alone[0], alone[2]]
+    assert all_pages_free(engine)
+
+
+@torch.inference_mode()
+def test_inert_rows_touch_only_their_idle_pages(engine):
+    """A round of 4 rows with 1 live sequence: the 3 padding rows draft, verify and commit into the round's idle
+    pages; every other page of the pool is left exactly as it was."""
+    sequence = Sequence()
+    engine.prefill(sequence, [5, 9, 200, 31, 7], tuple(engine.head.config.target_layer_ids))
+    runner = engine.runner(SpeculativeParams(8, 4), True, 4)
+    runner.round.begin(0, sequence, 11, SamplingParams(temperature=0.8, seed=4))
+    for row in (1, 2, 3):
+        runner.round.begin(row, None)
+    engine.kv.pool[:, :, 100:].normal_()  # pages nobody owns hold recognisable values
+    table = runner.round.table([sequence, None, None, None])
+    written = set(sequence.pages) | set(runner.round.idle.pages)
+    before = engine.kv.pool.clone()
+    runner(table)
+    changed = (engine.kv.pool != before).flatten(3).any(-1).any(0).any(0).nonzero().flatten().tolist()
+    assert changed and set(changed) <= written
+    runner.round.finish([sequence, None, None, None], [1, 0, 0, 0])
+    engine.kv.free(sequence)
+    assert all_pages_free(engine)
+
+
+def test_sequence_buckets():
+    assert sequence_buckets(1) == [1]
+    assert sequence_buckets(6) == [1, 2, 4, 6]
+    assert sequence_buckets(16) == [1, 2, 4, 8, 16]
+
+
+def test_requests_that_cannot_fit_are_refused(engine):
+    scheduler = Scheduler(engine, None, max_num_seqs=2)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        scheduler.add(Request([]))
+    with pytest.raises(ValueError, match="context holds 128"):
+        scheduler.add(Request(list(range(128))))
+    small = make_engine_like(engine, num_pages=4)
+    with pytest.raises(ValueError, match="more KV pages than the pool has"):
+        Scheduler(small, None).add(Request([1] * 20, SamplingParams(max_new_tokens=40)))
+
+
+def make_engine_like(engine, num_pages: int):
+    from nanojet.engine import Engine
+    from nanojet.kv_cache import KVCache
+    pool = engine.kv.pool
+    cache = KVCache(pool.shape[0], pool.shape[4], pool.shape[5], num_pages, engine.kv.kv_page_size,
+                    engine.kv.max_pages_per_sequence, pool.dtype, pool.device)
+    return Engine(engine.target, cache, engine.max_model_len, [], engine.head)
+
+
+def test_llm_generate_list_returns_outputs_in_order(hf_model_dir):
+    from nanojet import LLM
+    llm = LLM(hf_model_dir[0], device="cpu", max_model_len=96, max_num_seqs=3, kv_page_size=4)
+    prompts = ["def f(x):", "import os", [5, 6, 7, 8, 9], "class A:", "x = 1"]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 9, 4, 12, 7)]
+    params[1] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=9, ignore_eos=True)
+    batched = llm.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, batched):
+        single = llm.generate(prompt, p)
+        assert (out.token_ids, out.text, out.prompt_token_ids) == (single.token_ids, single.text,
+                                                                    single.prompt_token_ids)
