@@ -100,6 +100,14 @@ class Scheduler:
 
     def add(self, request: Request) -> Request:
         """Queue a request; raises ValueError when it could never run (empty, too long, larger than the pool)."""
+        self.check(request)
+        request.arrival, request.arrival_s = next(self._arrivals), time.perf_counter()
+        request.stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
+        self.waiting.append(request)
+        return request
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError, saying what to change, when the request could never run."""
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty; give at least one token")
@@ -110,10 +118,6 @@ class Scheduler:
         if self._pages(longest - 1 + self._scratch_slots()) > self.kv.num_pages:
             raise ValueError(f"a request of {longest} tokens needs more KV pages than the pool has "
                              f"({self.kv.num_pages}); raise the KV memory or lower max_tokens")
-        request.arrival, request.arrival_s = next(self._arrivals), time.perf_counter()
-        request.stats = GenerationStats(prompt_tokens=n)
-        self.waiting.append(request)
-        return request
 
     def run(self, requests: list[Request]) -> list[Request]:
         """Add `requests` and step until every one has finished."""
@@ -258,6 +262,12 @@ class Scheduler:
         if request.on_update and tokens:
             request.on_update(request, tokens)
         if stats.finish_reason:
+            self._retire(request)
+
+    def fail_all(self, message: str) -> None:
+        """End every request with an error (after an exception in a step: nothing may wait forever)."""
+        for request in [*self.running, *self.waiting]:
+            request.error, request.stats.finish_reason = message, "error"
             self._retire(request)
 
     def _retire(self, request: Request) -> None:

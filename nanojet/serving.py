@@ -1,0 +1,170 @@
+"""The serving loop behind the HTTP server: a `Scheduler` stepped on its own thread, fed by request handlers on
+the event loop, and each request's text streamed back (incremental detokenizing, stop strings) through an asyncio
+queue. serve.py only translates HTTP to `submit` calls and these streams back to HTTP.
+
+Threads: handlers call `submit` and `Request.cancel` (both safe from any thread: an append under a lock, a flag);
+everything else in the scheduler runs on the loop thread, which hands text to the event loop with
+`call_soon_threadsafe`.
+"""
+import asyncio
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+from .engine import SpeculativeParams
+from .llm import LLM
+from .sampling import SamplingParams
+from .scheduler import Request, Scheduler
+from .tokenizer import IncrementalDetokenizer
+
+# Scheduler finish reasons -> OpenAI's.
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "abort",
+                  "error": "error"}
+
+
+class QueueFull(Exception):
+    """No room for another request now (or the server is draining): answer 503 and ask to retry."""
+
+
+@dataclass
+class TextEvent:
+    text: str
+    finish_reason: str | None = None  # set on the last event of a stream
+
+
+class TextStream:
+    """One request's generated text as events on an asyncio queue; `stop` strings end it early (the stop string
+    itself is not emitted, and text that may be the start of one is held back until it is not)."""
+
+    def __init__(self, request: Request, llm: LLM, stop: list[str], loop: asyncio.AbstractEventLoop):
+        self.request, self.stop, self.loop = request, stop, loop
+        self.queue: asyncio.Queue[TextEvent] = asyncio.Queue()
+        self.text, self.sent, self.done = "", 0, False
+        self._detokenizer = IncrementalDetokenizer(llm.tokenizer)
+        request.on_update = self._on_update
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.request.output_ids)
+
+    def _on_update(self, request: Request, tokens: list[int]) -> None:  # on the scheduler's thread
+        if self.done:
+            return
+        searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+        self.text += "".join(self._detokenizer.push(t) for t in tokens)
+        if request.finished:
+            self.text += self._detokenizer.flush()
+        finish = None
+        cuts = [i for i in (self.text.find(s, searched_from) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, finish = self.text[:min(cuts)], "stop"
+            request.cancel()  # dropped, its pages freed, before the next round
+        elif request.finished:
+            finish = FINISH_REASONS.get(request.stats.finish_reason, "stop")
+        held = 0 if finish else max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])),
+                                    default=0)
+        delta = self.text[self.sent:len(self.text) - held]
+        self.sent += len(delta)
+        self.done = finish is not None
+        if delta or finish:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(delta, finish))
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                request.cancel()
+
+    async def events(self):
+        """Text events until the one with a finish reason."""
+        while True:
+            event = await self.queue.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+class ServingEngine:
+    def __init__(self, llm: LLM, spec: SpeculativeParams | None, max_num_seqs: int, step_tokens: int,
+                 max_waiting: int):
+        """`max_waiting`: requests that may wait for a place in the batch before new ones get 503."""
+        self.llm = llm
+        self.scheduler = Scheduler(llm.engine, spec, max_num_seqs, step_tokens)
+        self.max_waiting = max_waiting
+        self.draining = False
+        self._inbox: deque[Request] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="nanojet-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> TextStream:
+        """Queue a generation; raises ValueError (it can never run) or QueueFull (not now)."""
+        request = Request(prompt_ids, params)
+        self.scheduler.check(request)
+        stream = TextStream(request, self.llm, stop, asyncio.get_running_loop())
+        with self._lock:
+            if self.draining:
+                raise QueueFull("the server is shutting down")
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            self._inbox.append(request)
+        self._wake.set()
+        return stream
+
+    @property
+    def waiting(self) -> int:
+        return len(self._inbox) + len(self.scheduler.waiting)
+
+    def drain(self) -> None:
+        """Refuse new requests; the running and waiting ones still finish."""
+        with self._lock:
+            self.draining = True
+
+    def stop(self) -> None:
+        """Finish whatever is queued, then end the loop thread."""
+        self.drain()
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            with self._lock:
+                new, _ = list(self._inbox), self._inbox.clear()
+            for request in new:
+                try:
+                    scheduler.add(request)
+                except ValueError as error:  # `submit` checked it; only a changed engine gets here
+                    request.error, request.stats.finish_reason = str(error), "error"
+                    request.finished = True
+                    request.on_update(request, [])
+            if scheduler.has_work:
+                try:
+                    scheduler.step()
+                except Exception as error:  # never leave a client waiting on a dead loop
+                    traceback.print_exc()
+                    scheduler.fail_all(f"internal error: {error}")
+            elif self._stopping and not self._inbox:
+                return
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    COUNTERS = ("nanojet_generated_tokens_total", "nanojet_preemptions_total", "nanojet_rounds_total")
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples: gauges, and the counters named in COUNTERS."""
+        scheduler = self.scheduler
+        hist = scheduler.accept_hist
+        rounds = sum(hist.values())
+        return {"nanojet_running_requests": len(scheduler.running),
+                "nanojet_waiting_requests": self.waiting,
+                "nanojet_kv_pages_used": scheduler.kv_pages_used,
+                "nanojet_kv_pages_total": scheduler.kv.num_pages,
+                "nanojet_generated_tokens_total": scheduler.generated_tokens,
+                "nanojet_accept_length": sum(k * n for k, n in hist.items()) / rounds if rounds else 0.0,
+                "nanojet_preemptions_total": scheduler.preemptions,
+                "nanojet_rounds_total": scheduler.rounds}

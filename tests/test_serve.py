@@ -1,0 +1,200 @@
+"""`python -m nanojet.serve` through the official `openai` client: a server started on a free loopback port with
+the embedded model and its head. Models, a completion, a streamed chat, 8 concurrent requests equal to the same
+requests one by one (greedy and seeded), every bad request, a full queue, dropped streams, and SIGTERM."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from conftest import ROOT
+
+MODEL = "qwen3-stdlib-tiny"
+MAX_NUM_SEQS = 8
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "nanojet.serve", "--port", str(port), "--max-num-seqs",
+                                str(MAX_NUM_SEQS), "--max-waiting", str(MAX_NUM_SEQS), "--max-model-len", "512"],
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if http(f"{url}/health")[0] == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+    else:
+        process.kill()
+        pytest.fail("the server did not come up in 120 s")
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def http(url: str, body: bytes | None = None) -> tuple[int, dict, bytes]:
+    """A plain request (a POST when `body` is given) -> (status, headers, body), errors included."""
+    request = urllib.request.Request(url, data=body, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def client(url: str, **kwargs) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", **kwargs)
+
+
+def metrics(url: str) -> dict[str, float]:
+    lines = http(f"{url}/metrics")[2].decode().splitlines()
+    return {name: float(value) for name, value in (line.split() for line in lines if not line.startswith("#"))}
+
+
+def wait_until(url: str, condition, seconds: float = 20) -> dict[str, float]:
+    """Poll /metrics until `condition(metrics)` holds (or time runs out); returns the last metrics."""
+    deadline = time.time() + seconds
+    while True:
+        current = metrics(url)
+        if condition(current) or time.time() > deadline:
+            return current
+        time.sleep(0.05)
+
+
+def idle(current: dict[str, float]) -> bool:
+    return (current["nanojet_running_requests"], current["nanojet_waiting_requests"],
+            current["nanojet_kv_pages_used"]) == (0, 0, 0)
+
+
+def test_models_and_a_completion(server):
+    _, url = server
+    api = client(url)
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    done = api.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0)
+    assert done.choices[0].finish_reason == "length" and done.choices[0].text
+    assert (done.usage.completion_tokens, done.usage.total_tokens) == (12, 12 + done.usage.prompt_tokens)
+    text = done.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]  # a stop string inside the greedy text ends it there
+    stopped = api.completions.create(model=MODEL, prompt="def fibonacci(n):", max_tokens=12, temperature=0,
+                                     stop=[stop])
+    assert stopped.choices[0].text == text[:text.index(stop)] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_streamed_chat_equals_the_whole_answer(server):
+    _, url = server
+    api = client(url)
+    messages = [{"role": "user", "content": "Write a function that reverses a list."}]
+    whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content and text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 16
+    status, headers, raw = http(f"{url}/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": messages, "max_tokens": 4, "stream": True}).encode())
+    lines = [line for line in raw.decode().split("\n") if line]
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_concurrent_requests_equal_the_same_requests_one_by_one(server):
+    _, url = server
+    api = client(url)
+    prompts = ["import os\n", "def parse(line):", "class Stack:", "for i in range(", "# sort a list\n",
+               "def read_json(path):", "while True:", "x = [1, 2, 3]\n"]
+    requests = [dict(model=MODEL, prompt=p, max_tokens=10 + 3 * i, temperature=0 if i % 2 else 0.8, top_p=0.95,
+                     seed=i, extra_body={"ignore_eos": True}) for i, p in enumerate(prompts)]
+    one_by_one = [api.completions.create(**r).choices[0].text for r in requests]
+    rounds = metrics(url)["nanojet_rounds_total"]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda r: api.completions.create(**r).choices[0].text, requests))
+    assert together == one_by_one
+    # They shared rounds: fewer rounds than the longest request would need alone, times two.
+    assert metrics(url)["nanojet_rounds_total"] - rounds < sum(r["max_tokens"] for r in requests) / 2
+
+
+def error_of(body: bytes) -> dict:
+    body = json.loads(body)
+    assert set(body["error"]) >= {"message", "type", "code"}, body
+    return body["error"]
+
+
+def test_bad_requests_get_openai_style_errors(server):
+    _, url = server
+    api = client(url, max_retries=0)
+    cases = [(dict(temperature=-1), openai.BadRequestError, "temperature"),
+             (dict(top_p=0), openai.BadRequestError, "top_p"),
+             (dict(extra_body={"n": 2}), openai.BadRequestError, "'n'"),
+             (dict(stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "stop"),
+             (dict(max_tokens=600), openai.BadRequestError, "exceeds the context"),
+             (dict(model="gpt-4"), openai.NotFoundError, "does not exist")]
+    for overrides, error, message in cases:
+        with pytest.raises(error, match=message):
+            api.completions.create(**{"model": MODEL, "prompt": "hello", "max_tokens": 4, **overrides})
+    status, _, body = http(f"{url}/v1/completions", b'{"prompt": "x",')
+    assert status == 400 and error_of(body)["code"] == "invalid_json"
+    status, _, body = http(f"{url}/v1/completions", json.dumps({"model": MODEL, "prompt": "x" * (2 << 20)}).encode())
+    assert status == 413 and error_of(body)["code"] == "request_too_large"
+    status, _, body = http(f"{url}/v1/chat/completions", json.dumps({"model": MODEL,
+                                                                     "messages": [{"role": "robot"}]}).encode())
+    assert status == 400 and "messages" in error_of(body)["message"]
+
+
+def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
+    """8 running and 8 waiting streams fill the server: the next request gets 503 with Retry-After. Closing the
+    streams (clients gone) cancels them within a round: no request runs or waits and no KV page stays used."""
+    _, url = server
+    api = client(url, max_retries=0)
+    streams = []
+    for i in range(2 * MAX_NUM_SEQS):
+        streams.append(api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=400, temperature=0,
+            stream=True, extra_body={"ignore_eos": True}))
+        if i == MAX_NUM_SEQS - 1:  # the first 8 run before the next 8 queue up
+            wait_until(url, lambda m: m["nanojet_running_requests"] == MAX_NUM_SEQS)
+    first = next(iter(streams[0]))  # the oldest request is decoding
+    assert first.choices[0].delta.role == "assistant"
+    with pytest.raises(openai.APIStatusError) as busy:
+        api.completions.create(model=MODEL, prompt="hello", max_tokens=4)
+    assert busy.value.status_code == 503 and int(busy.value.response.headers["retry-after"]) >= 1
+    assert error_of(busy.value.response.content)["code"] == "server_busy"
+    during = metrics(url)
+    assert during["nanojet_running_requests"] == MAX_NUM_SEQS and during["nanojet_kv_pages_used"] > 0
+    for stream in streams:
+        stream.close()
+    after = wait_until(url, idle)
+    assert idle(after), after
+    assert after["nanojet_generated_tokens_total"] < during["nanojet_generated_tokens_total"] + 16 * 400
+
+
+def test_sigterm_drains_running_requests_and_exits_0(server):
+    """Last in this module: it stops the server."""
+    process, url = server
+    api = client(url, max_retries=0)
+    stream = api.completions.create(model=MODEL, prompt="def main():", max_tokens=48, temperature=0, stream=True,
+                                    extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    received = [next(chunks)]  # generation is under way
+    process.send_signal(signal.SIGTERM)
+    received += list(chunks)
+    assert received[-1].choices[0].finish_reason == "length"  # it ran to max_tokens: drained, not cut
+    assert process.wait(timeout=60) == 0
