@@ -247,3 +247,19 @@ def test_llm_captures_graphs_by_default_on_cuda(hf_model_dir, tmp_path):
     for spec in (None, SpeculativeParams(8, 4)):
         got = graphed.generate(PROMPT, SAMPLED, spec)
         assert got.token_ids == eager.generate(PROMPT, SAMPLED, spec).token_ids and got.stats.compiles == 1
+
+
+def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
+    """Batched rounds compile once per batch-size bucket (inert rows included) and give the eager ids."""
+    from nanojet.scheduler import Request, Scheduler
+    compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled", num_pages=200)
+    # The greedy request never runs alone, so only sampled rounds are built (a greedy row inside them).
+    params = [SamplingParams(max_new_tokens=12, ignore_eos=True), SAMPLED,
+              SamplingParams(temperature=1.1, top_k=30, seed=4, max_new_tokens=20, ignore_eos=True)]
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
+    expected = [eager.generate(p, q, spec_of((8, 4, None))).token_ids for p, q in zip(prompts, params)]
+    requests = Scheduler(compiled, spec_of((8, 4, None)), max_num_seqs=2).run(
+        [Request(p, q) for p, q in zip(prompts, params)])
+    assert [r.output_ids for r in requests] == expected
+    assert sorted(compiled._runners) == [((8, 4, None), True, 1), ((8, 4, None), True, 2)]  # both buckets ran
+    assert all(r.compiles == 1 for r in compiled._runners.values())  # one graph each, no recompile
