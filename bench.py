@@ -5,6 +5,7 @@
     python bench.py --model DIR --prompts ../shared/data/humaneval.jsonl --samples 16 --peer hf
     python bench.py --synthetic qwen3-8b --budgets 1,64            # random weights in the real shapes (GPU)
     python bench.py --compile --budgets 1,8                        # compiled rounds (inside CUDA graphs on a GPU)
+    python bench.py --concurrency 1,4,16 --samples 16 --budgets 4,8 --http   # serving: continuous batching
 
 After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
 other load) hits all modes alike. Speeds use decode time only (prefill excluded). With --compile the warmup
@@ -29,6 +30,7 @@ from nanojet.cli import add_runtime_flags
 from nanojet.config import ModelConfig
 from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, prefill_memory, synced_clock,
                                   weight_bytes_per_step)
+from nanojet import serving_bench
 from nanojet.engine import Engine, SpeculativeParams, default_execution
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
 from nanojet.sampling import SamplingParams
@@ -77,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
+    p.add_argument("--concurrency", default=None, help="serving mode: comma-separated batch limits, e.g. 1,4,16 "
+                                                         "(nanojet/serving_bench.py)")
+    p.add_argument("--http", action="store_true", help="serving mode: also through python -m nanojet.serve")
+    p.add_argument("--step-tokens", type=int, default=512, help="serving mode: target tokens per scheduler step")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="with --synthetic: only prefill this many random tokens; print time and peak memory")
     args = p.parse_args(argv)
@@ -89,6 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise ValueError(f"--budgets takes comma-separated integers like 1,8,64; got {args.budgets!r}") from None
     if not all(1 <= b <= MAX_BUDGET for b in args.budgets):
         raise ValueError(f"budgets must lie in 1..{MAX_BUDGET} (tree nodes per round); got {args.budgets}")
+    if args.concurrency is not None:
+        try:
+            args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
+        except ValueError:
+            raise ValueError(f"--concurrency takes comma-separated integers like 1,4,16; got {args.concurrency!r}")
+        if args.synthetic or args.peer or min(args.concurrency) < 1:
+            raise ValueError("--concurrency needs integers >= 1 and a checkpoint (no --synthetic / --peer)")
     if args.prefill_tokens is not None and not args.synthetic:
         raise ValueError("--prefill-tokens measures a --synthetic target; add --synthetic NAME")
     for name in ("samples", "max_new_tokens", "threads", "width", "depth", "synthetic_layers", "synthetic_vocab",
@@ -161,7 +174,8 @@ def checkpoint_setup(args, dtype_name: str):
     if not (head / "config.json").is_file():
         raise FileNotFoundError(f"no draft head at {head}; train one (train_head.py) or pass --head DIR")
     llm = LLM(model, head=head, device=args.device, dtype=dtype_name, max_tree_nodes=MAX_BUDGET,
-              compile=args.compile, enforce_eager=args.enforce_eager, prefill_chunk=args.prefill_chunk)
+              compile=args.compile, enforce_eager=args.enforce_eager, prefill_chunk=args.prefill_chunk,
+              max_num_seqs=max(args.concurrency or [1]))
     chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
     texts = read_prompts(Path(args.prompts), args.samples) if args.prompts else builtin_prompts(args.samples)
     prompts = [llm.encode_prompt(text, chat) for text in texts]
@@ -396,9 +410,15 @@ def main(argv=None) -> int:
                       budgets=args.budgets, width=args.width, depth=args.depth, temperature=args.temperature,
                       top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile,
                       execution=engine.execution)
+        if args.concurrency:
+            rows = serving_bench.measure_serving(engine, prompts, params, args, config["model"], config["head"])
+            serving_bench.print_serving_report(rows)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"config": config, "runs": rows}, indent=1) + "\n")
+            return 0
         peer = HFPeer(config["model"], dtype, device) if args.peer else None
         per_prompt, runs, extra["compiled"] = measure(engine, prompts, params, args, peer)
-    except NotLossless as error:
+    except (NotLossless, serving_bench.Mismatch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, RuntimeError) as error:

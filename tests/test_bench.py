@@ -190,3 +190,25 @@ def test_figures_of_a_perfect_drafter(bench_inputs, tmp_path, monkeypatch):
     assert eight["lossless"] and eight["tau"] == 6 and eight["accept_rate_by_depth"] == [1.0] * 5
     assert eight["tokens_per_forward"] == 24 / 5 and eight["accept_hist"] == {"6": 8}
     assert one["tau"] == 1 and one["tokens_per_forward"] == 1
+
+
+def test_serving_mode_reports_every_run(bench_inputs, tmp_path, capsys):
+    """--concurrency: AR and a budget at each concurrency, in process and through the HTTP server; the batched ids
+    were checked against AR one by one (a mismatch would exit 1)."""
+    out = tmp_path / "serving.json"
+    assert bench.main(bench_inputs + ["--concurrency", "1,2", "--budgets", "8", "--http", "--ignore-eos",
+                                      "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["mode"], r["path"], r["concurrency"]) for r in runs] == [
+        (mode, path, c) for mode in ("ar", "budget 8") for path in ("in-process", "http") for c in (1, 2)]
+    for run in runs:
+        assert run["tokens"] == 2 * 12 and run["tokens_per_s"] > 0
+        assert 0 < run["ttft_p50_ms"] <= run["ttft_p90_ms"] and 0 < run["tpot_p50_ms"] <= run["tpot_p90_ms"]
+        assert (run["tau"] is None) == (run["path"] == "http")
+    assert all(r["tau"] == 1 for r in runs if r["mode"] == "ar" and r["tau"] is not None)
+    assert "TTFT p50/p90 ms" in capsys.readouterr().out
+
+
+def test_serving_mode_rejects_bad_concurrency(bench_inputs):
+    with pytest.raises(ValueError, match="concurrency"):
+        bench.parse_args(bench_inputs + ["--concurrency", "1,x"])
