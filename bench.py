@@ -79,8 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
-    p.add_argument("--concurrency", default=None, help="serving mode: comma-separated batch limits, e.g. 1,4,16 "
-                                                         "(nanojet/serving_bench.py)")
+    p.add_argument("--concurrency", default=None, help="serving mode: batch limits, e.g. 1,4,16")
     p.add_argument("--http", action="store_true", help="serving mode: also through python -m nanojet.serve")
     p.add_argument("--step-tokens", type=int, default=512, help="serving mode: target tokens per scheduler step")
     p.add_argument("--prefill-tokens", type=int, default=None,
@@ -96,12 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not all(1 <= b <= MAX_BUDGET for b in args.budgets):
         raise ValueError(f"budgets must lie in 1..{MAX_BUDGET} (tree nodes per round); got {args.budgets}")
     if args.concurrency is not None:
-        try:
-            args.concurrency = sorted({int(c) for c in args.concurrency.split(",")})
-        except ValueError:
-            raise ValueError(f"--concurrency takes comma-separated integers like 1,4,16; got {args.concurrency!r}")
-        if args.synthetic or args.peer or min(args.concurrency) < 1:
-            raise ValueError("--concurrency needs integers >= 1 and a checkpoint (no --synthetic / --peer)")
+        args.concurrency = serving_bench.parse_concurrency(args.concurrency, args.synthetic or args.peer)
     if args.prefill_tokens is not None and not args.synthetic:
         raise ValueError("--prefill-tokens measures a --synthetic target; add --synthetic NAME")
     for name in ("samples", "max_new_tokens", "threads", "width", "depth", "synthetic_layers", "synthetic_vocab",
@@ -411,11 +405,7 @@ def main(argv=None) -> int:
                       top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile,
                       execution=engine.execution)
         if args.concurrency:
-            rows = serving_bench.measure_serving(engine, prompts, params, args, config["model"], config["head"])
-            serving_bench.print_serving_report(rows)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"config": config, "runs": rows}, indent=1) + "\n")
-            return 0
+            return serving_bench.report(engine, prompts, params, args, config)
         peer = HFPeer(config["model"], dtype, device) if args.peer else None
         per_prompt, runs, extra["compiled"] = measure(engine, prompts, params, args, peer)
     except (NotLossless, serving_bench.Mismatch) as error:

@@ -154,7 +154,8 @@ class LLM:
                       stats=result.stats)
 
     def generate_batch(self, prompts: list[str | list[int]],
-                       params: SamplingParams | list[SamplingParams] | None = None, spec: SpeculativeParams | None = None, chat: bool = False,
+                       params: SamplingParams | list[SamplingParams] | None = None,
+                       spec: SpeculativeParams | None = None, chat: bool = False,
                        token_healing: bool = True) -> list[Output]:
         """Generate after every prompt with continuous batching (`Scheduler`); outputs come back in prompt order,
         each with exactly the ids `generate` gives for that prompt alone. `params`: one for all, or one each."""

@@ -27,6 +27,17 @@ class Mismatch(Exception):
     """Batched or speculative ids differ from the reference run."""
 
 
+def parse_concurrency(text: str, other_mode: bool) -> list[int]:
+    """`--concurrency 1,4,16` -> [1, 4, 16]; ValueError with what to write instead."""
+    try:
+        levels = sorted({int(c) for c in text.split(",")})
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers like 1,4,16; got {text!r}") from None
+    if other_mode or levels[0] < 1:
+        raise ValueError("--concurrency needs integers >= 1 and a checkpoint (no --synthetic / --peer)")
+    return levels
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 1]); 0 for no values."""
     ordered = sorted(values)
@@ -168,3 +179,14 @@ def print_serving_report(rows: list[dict]) -> None:
         print(f"{r['mode']:<11}{r['path']:<12}{r['concurrency']:>5}{r['tokens_per_s']:>8.1f}{over_base:>7.2f}x"
               f"{over_ar:>6.2f}x{tau:>6}{r['ttft_p50_ms']:>10.0f} /{r['ttft_p90_ms']:>6.0f}"
               f"{r['tpot_p50_ms']:>11.1f} /{r['tpot_p90_ms']:>5.1f}")
+
+
+def report(engine: Engine, prompts: list[list[int]], params: SamplingParams, args, config: dict) -> int:
+    """bench.py's serving mode: measure, print the table, write --json; returns the exit status."""
+    rows = measure_serving(engine, prompts, params, args, config["model"], config["head"])
+    print_serving_report(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": {**config, "concurrency": args.concurrency,
+                                                          "step_tokens": args.step_tokens}, "runs": rows},
+                                              indent=1) + "\n")
+    return 0
