@@ -96,8 +96,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     page_size, num_kv_heads, head_dim = k_cache.shape[1:]
     offsets = torch.arange(page_size, device=q.device)
     k_rows, v_rows = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
-    starts = query_starts.tolist()
-    for s, prefix in enumerate(prefix_lens.tolist()):
+    starts, prefixes = query_starts.tolist(), prefix_lens.tolist()
+    counts = {hi - lo for lo, hi in zip(starts, starts[1:])}
+    if len(counts) == 1 and 0 not in counts:  # every sequence has n new tokens: a round, or one decode step each
+        n = counts.pop()
+        if len(prefixes) * q.shape[1] * n * (max(prefixes) + n) <= SCORE_ELEMENTS:
+            return _attend_batched(q, k_rows, v_rows, block_tables, prefix_lens, visibility, n, page_size, scale)
+    for s, prefix in enumerate(prefixes):
         lo, hi = starts[s], starts[s + 1]
         n = hi - lo
         if n == 0:
@@ -133,3 +138,28 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: i
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
     mixed = (probs.flatten(1, 2) @ values).view(num_kv_heads, group, m, head_dim)
     return mixed.permute(2, 0, 1, 3).reshape(m, -1, head_dim).to(q.dtype)
+
+
+def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, block_tables: torch.Tensor,
+                    prefix_lens: torch.Tensor, visibility: torch.Tensor, n: int, page_size: int,
+                    scale: float) -> torch.Tensor:
+    """`paged_attention` for S sequences of n new tokens each, in one batch of matmuls instead of a loop over
+    sequences (a batched round's shape): keys padded to the longest sequence, padding masked out."""
+    num_sequences, num_kv_heads, head_dim = prefix_lens.shape[0], k_rows.shape[1], k_rows.shape[2]
+    prefix = prefix_lens.long()[:, None]  # [S, 1]
+    n_keys = int(prefix.max()) + n
+    logical = torch.arange(n_keys, device=q.device)
+    pages = block_tables[:, :-(-n_keys // page_size)].long()
+    slots = pages.gather(1, (logical // page_size).expand(num_sequences, -1)) * page_size + logical % page_size
+    keys = k_rows[slots].float().permute(0, 2, 1, 3)  # [S, Hkv, keys, D]; rows past a sequence's keys are masked
+    values = v_rows[slots].float().permute(0, 2, 1, 3)
+    visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix
+    new_keys = (prefix + torch.arange(n, device=q.device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
+    visible.scatter_(2, new_keys, unpack_visibility(visibility, n).view(num_sequences, n, n))
+    group = q.shape[1] // num_kv_heads
+    queries = q.float().view(num_sequences, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    scores = (queries.flatten(2, 3) @ keys.transpose(2, 3)).view(num_sequences, num_kv_heads, group, n, n_keys)
+    scores = scores * scale
+    probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num_(0.0)
+    mixed = (probs.flatten(2, 3) @ values).view(num_sequences, num_kv_heads, group, n, head_dim)
+    return mixed.permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)

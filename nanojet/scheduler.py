@@ -214,6 +214,7 @@ class Scheduler:
             runner = self.engine.runner(self.spec, any(not r.params.greedy for r in batch), rows)
             if runner is not self._last_runner:  # another runner's buffers: every row must be set again
                 self._row_owners, self._last_runner = [None] * rows, runner
+                runner.round.time_split = None  # per-part timing is Engine.generate's (one sequence)
             sequences = []
             for row in range(rows):
                 request = batch[row] if row < len(batch) else None

@@ -347,3 +347,19 @@ def test_attention_timing():
         kv_bytes = 2 * (prefix + mask.shape[0]) * 8 * 128 * 2
         print(f"\npaged_attention {name:>12} prefix {prefix}: {seconds * 1e6:8.1f} us, "
               f"K/V read once = {kv_bytes / seconds / 1e9:7.1f} GB/s")
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_reference_attention_batched_path_equals_the_loop(n):
+    """Steps where every sequence has the same number of new tokens (batched rounds, decode steps) take a batched
+    path in the reference; it must agree with the per-sequence loop (forced here by one extra empty sequence,
+    which the loop skips)."""
+    generator = torch.Generator().manual_seed(3)
+    masks = [tree_mask(tree_parents("random", n, generator)) if n > 1 else causal_mask(1) for _ in range(4)]
+    sequences = list(zip([0, 37, 5, 16], masks))
+    case = attention_case(sequences, 8, 2, 32, 8, torch.float32, "cpu")
+    batched = reference.paged_attention(**case)
+    looped_case = attention_case(sequences + [(3, causal_mask(0))], 8, 2, 32, 8, torch.float32, "cpu")
+    looped_case.update(q=case["q"], k_cache=case["k_cache"], v_cache=case["v_cache"])
+    looped_case["block_tables"][:4] = case["block_tables"][:, :looped_case["block_tables"].shape[1]]
+    torch.testing.assert_close(batched, reference.paged_attention(**looped_case), atol=1e-6, rtol=1e-5)
