@@ -134,6 +134,8 @@ class LLM:
         is taken back and the first generated token must start with its bytes; the returned text and stream
         begin after those bytes, so they continue the prompt exactly."""
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if on_text is not None:
+                raise ValueError("on_text streams one prompt; for many, use the server or generate them unstreamed")
             return self.generate_batch(prompt, params, spec, chat, token_healing)
         params = params or SamplingParams()
         self._check_budget(spec)

@@ -3,6 +3,7 @@ fp32), whatever joins or leaves the batch: staggered arrivals, random prompt and
 parameters, inert padding rows, preemption when the pool runs out, cancellation. Drafters that really accept
 (an oracle per row) make the batched round commit long paths, not only rejections."""
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -207,3 +208,34 @@ def test_llm_generate_list_returns_outputs_in_order(hf_model_dir):
         single = llm.generate(prompt, p)
         assert (out.token_ids, out.text, out.prompt_token_ids) == (single.token_ids, single.text,
                                                                     single.prompt_token_ids)
+
+
+def test_prefill_chunks_interleave_with_rounds_under_the_step_budget(engine, alone, monkeypatch):
+    """Prompts prefill in chunks, several sequences per forward, in the same steps as rounds of the sequences
+    already decoding, and never over the step's budget: 48 tokens minus the 8 tree nodes of each ready sequence,
+    but at least a quarter of it."""
+    steps = []  # per step: the chunks prefilled [(request, tokens)] and the sequences ready before them
+    step, prefill_forward = Scheduler.step, Scheduler._prefill_forward
+
+    def recording_step(self):
+        steps.append({"chunks": [], "ready": None})
+        step(self)
+
+    def recording_prefill(self, chunks):
+        steps[-1]["chunks"] = [(request, end - start) for request, _, start, end in chunks]
+        prefill_forward(self, chunks)
+
+    monkeypatch.setattr(Scheduler, "step", recording_step)
+    monkeypatch.setattr(Scheduler, "_prefill_forward", recording_prefill)
+    monkeypatch.setattr(Scheduler, "_admit", lambda self, admit=Scheduler._admit: (
+        admit(self), steps[-1].update(ready=sum(r.ready for r in self.running))))
+    requests = random_requests(0, 7)
+    scheduler = Scheduler(engine, SpeculativeParams(8, 4), max_num_seqs=4, step_tokens=48)
+    run_staggered(scheduler, requests, seed=1)
+    assert [r.output_ids for r in requests] == alone
+    for entry in steps:
+        assert sum(n for _, n in entry["chunks"]) <= max(48 - 8 * entry["ready"], 12)
+    assert any(len(entry["chunks"]) > 1 for entry in steps)  # several prompts in one forward
+    assert any(entry["chunks"] and entry["ready"] for entry in steps)  # prefill in a step that also runs a round
+    chunks_per_request = Counter(request.arrival for entry in steps for request, _ in entry["chunks"])
+    assert max(chunks_per_request.values()) > 1  # a prompt split over several steps
