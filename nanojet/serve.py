@@ -26,6 +26,7 @@ from pathlib import Path
 from .cli import ArgumentParser, positive_int
 
 MAX_BODY_BYTES = 1 << 20
+DRAIN_BYTES = 64 << 20
 MAX_STOP_STRINGS = 4
 RETRY_AFTER_S = 1
 
@@ -121,12 +122,18 @@ def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTE
                             status_code=error.status, headers=error.headers)
 
     async def read_body(request: Request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_body_bytes:
+        # An oversized body is still read (and dropped) up to DRAIN_BYTES before the 413: a client still sending
+        # when the connection closes would see a broken pipe instead of the answer.
+        kept, size = [], 0
+        async for piece in request.stream():
+            size += len(piece)
+            if size <= max_body_bytes:
+                kept.append(piece)
+            elif size > DRAIN_BYTES:
+                break
+        if size > max_body_bytes:
             raise APIError(413, f"request body over {max_body_bytes} bytes", "request_too_large")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", "request_too_large")
+        raw = b"".join(kept)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
