@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="KV pool size (default: max-num-seqs sequences of max-model-len)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
     return parser.parse_args(argv)
 
@@ -281,6 +282,9 @@ def main(argv=None) -> int:
         from .engine import SpeculativeParams
         from .llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
         from .serving import ServingEngine
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
         model = Path(args.model) if args.model else DEFAULT_MODEL
         head = None if args.ar or args.head == "none" else args.head
         if head == "auto":
