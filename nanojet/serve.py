@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="KV pool size (default: max-num-seqs sequences of max-model-len)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for torch (default on a CPU: one less than torch's, a core for HTTP)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
     return parser.parse_args(argv)
 
@@ -282,15 +283,17 @@ def main(argv=None) -> int:
         from .engine import SpeculativeParams
         from .llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
         from .serving import ServingEngine
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
         model = Path(args.model) if args.model else DEFAULT_MODEL
         head = None if args.ar or args.head == "none" else args.head
         if head == "auto":
             head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
         llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                   kv_memory_gb=args.kv_memory_gb, max_num_seqs=args.max_num_seqs, step_tokens=args.step_tokens)
+        if args.threads or llm.device.type == "cpu":
+            import torch
+            # On a CPU one core is left to the HTTP loop: torch's spinning worker threads would otherwise hold
+            # every core between ops, and streaming stalls (HTTP throughput fell to 35-80% of in-process).
+            torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
         budget = args.budget if args.budget is not None else (64 if llm.device.type == "cuda" else 8)
         spec = SpeculativeParams(budget, args.width) if head else None
         if spec is not None and budget > llm.max_tree_nodes:

@@ -117,7 +117,6 @@ def start_server(model: str, head: str | None, spec: SpeculativeParams | None, m
                "--max-num-seqs", str(max_num_seqs), "--max-waiting", str(args.samples), "--device", args.device,
                "--dtype", args.dtype, "--step-tokens", str(args.step_tokens)]
     command += ["--head", head, "--budget", str(spec.budget), "--width", str(spec.width)] if spec else ["--ar"]
-    command += ["--threads", str(args.threads)] if args.threads else []
     process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
