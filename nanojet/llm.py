@@ -169,6 +169,9 @@ class LLM:
         prepared = [self.prepare_prompt(p, chat, token_healing) for p in prompts]
         requests = [Request(ids, p, first_token_ids=first) for (ids, _, first), p in zip(prepared, per_prompt)]
         Scheduler(self.engine, spec, self.max_num_seqs, self.step_tokens).run(requests)
+        failed = next((r for r in requests if r.error), None)
+        if failed is not None:
+            raise RuntimeError(f"prompt {requests.index(failed)}: {failed.error}")
         return [Output(text=self._text(r.output_ids, healed), token_ids=r.output_ids, prompt_token_ids=ids,
                        stats=r.stats) for r, (ids, healed, _) in zip(requests, prepared)]
 
