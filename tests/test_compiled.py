@@ -150,7 +150,7 @@ class CPUGraphedRunner(GraphedRunner):
         return contextlib.nullcontext()
 
     def _record(self, step):
-        output = torch.full((1, 1 + 2 * self.round.path_len), -7, dtype=torch.int64)
+        output = torch.full((self.round.num_sequences, 1 + 2 * self.round.path_len), -7, dtype=torch.int64)
         return RecordedGraph(step, output), output
 
 
@@ -263,3 +263,28 @@ def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
     assert [r.output_ids for r in requests] == expected
     assert sorted(compiled._runners) == [((8, 4, None), True, 1), ((8, 4, None), True, 2)]  # both buckets ran
     assert all(r.compiles == 1 for r in compiled._runners.values())  # one graph each, no recompile
+
+
+def test_graphed_batched_rounds_on_cpu_stand_ins(hf_model_dir, head, eager, monkeypatch):
+    """Batched rounds as (stand-in) CUDA graphs: captured once per batch bucket with live and inert rows, warmed
+    up and restored, replayed while sequences join and leave; every sequence gets its eager ids alone."""
+    from nanojet.scheduler import Request, Scheduler
+    engine = make_engine(hf_model_dir[0], page_size=4, head=head, num_pages=200)
+    build = Engine.runner
+
+    def graphed_runner(self, spec, sampled, num_sequences=1):
+        key = Engine.runner_key(spec, sampled, num_sequences)
+        if key not in self._runners:
+            static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences)
+            self._runners[key] = CPUGraphedRunner(EagerRunner(static_round), None)
+        return build(self, spec, sampled, num_sequences)
+
+    monkeypatch.setattr(Engine, "runner", graphed_runner)
+    params = [SAMPLED, SamplingParams(max_new_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.1, top_k=30, seed=4, max_new_tokens=20, ignore_eos=True), GREEDY]
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:], PROMPT[1:9]]
+    spec = spec_of((8, 4, None))
+    expected = [eager.generate(p, q, spec).token_ids for p, q in zip(prompts, params)]
+    requests = Scheduler(engine, spec, max_num_seqs=4).run([Request(p, q) for p, q in zip(prompts, params)])
+    assert [r.output_ids for r in requests] == expected
+    assert {key[2] for key in engine._runners} >= {1, 4} and all(r.compiles == 1 for r in engine._runners.values())
