@@ -69,8 +69,7 @@ def pack_visibility(visible: torch.Tensor) -> torch.Tensor:
     """bool `[T, n]` -> bit words `[T, ceil(n/32)]` int32 (bit j of word j // 32 holds column j)."""
     rows, n = visible.shape
     words = (n + 31) // 32
-    padded = torch.zeros(rows, words * 32, dtype=torch.int64, device=visible.device)
-    padded[:, :n] = visible.long()
+    padded = torch.nn.functional.pad(visible.long(), (0, words * 32 - n))  # out of place: the round vmaps it
     weights = torch.ones(32, dtype=torch.int64, device=visible.device) << torch.arange(32, device=visible.device)
     packed = (padded.view(rows, words, 32) * weights).sum(-1)  # [T, W] in [0, 2^32)
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)

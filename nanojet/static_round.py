@@ -43,6 +43,11 @@ def pages_per_sequence(max_model_len: int, max_tree_nodes: int, block_size: int,
     return -(-(max_model_len - 1 + round_scratch_slots(max_tree_nodes, block_size)) // kv_page_size)
 
 
+def tree_fields(tree: DraftTree) -> tuple:
+    """The tensors of a tree as a tuple (what vmap returns; `dataclasses.astuple` would deep-copy them)."""
+    return tree.tokens, tree.parents, tree.depths, tree.visibility
+
+
 class StaticRound:
     def __init__(self, target, head, kv: KVCache, spec, sampled: bool, num_sequences: int = 1):
         """`spec` None: plain decoding (a one-node tree, no head). `sampled` False: every row is greedy (no noise
@@ -141,16 +146,16 @@ class StaticRound:
         device = pool.device
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
         self._mark(None)
+        # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows: one batch
+        # of ops for the whole round instead of S of them.
         if self.spec is None:
-            trees = [anchor_tree(anchor[row]) for row in range(num_sequences)]
+            trees = torch.vmap(lambda a: tree_fields(anchor_tree(a)))(anchor)
         else:
             logprobs = self.draft_logprobs(pool, anchor, length, block_table)  # [S, B-1, V]
             self._mark("draft")
-            trees = [pad_tree(build_tree(anchor[row], logprobs[row], self.spec.budget, self.spec.width, self.depth),
-                              bucket) for row in range(num_sequences)]
+            trees = torch.vmap(self._row_tree)(anchor, logprobs)  # each [S, bucket, ...]
             self._mark("tree")
-        tree = DraftTree(*(torch.cat(parts) for parts in zip(*((t.tokens, t.parents, t.depths, t.visibility)
-                                                                for t in trees))))  # varlen: S trees of `bucket`
+        tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
         scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))
         meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),  # [S, scratch]
@@ -166,16 +171,8 @@ class StaticRound:
             choices = logits.argmax(dim=-1)
         self._mark("verify")
 
-        outcomes, paths, counts = [], [], []
-        for row, row_tree in enumerate(trees):
-            row_choices = choices[row * bucket:(row + 1) * bucket]
-            path, count = accept(row_tree, row_choices)
-            path = path[:path_len]  # padded with the last accepted node past `count`
-            outcomes.append(round_outcome(row_tree, row_choices, path, count))
-            paths.append(path)
-            counts.append(count)
-        paths, counts = torch.stack(paths), torch.stack(counts)  # [S, P], [S]
-        self._mark("accept")
+        paths, counts, outcomes = torch.vmap(self._row_accept)(*trees, choices.view(num_sequences, bucket))
+        self._mark("accept")  # paths [S, P], counts [S], outcomes [S, 1 + 2P]
 
         rows = torch.arange(path_len, device=device)
         kept = torch.where(rows < counts[:, None], paths, rows)  # identity moves past the count: nothing changes
@@ -189,7 +186,21 @@ class StaticRound:
         anchor.copy_(choices[bonus_rows])
         length.add_(counts)
         self._mark("commit")
-        return torch.stack(outcomes)
+        return outcomes
+
+    def _row_tree(self, anchor: torch.Tensor, logprobs: torch.Tensor) -> tuple:
+        """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
+        tree = build_tree(anchor, logprobs, self.spec.budget, self.spec.width, self.depth)
+        return tree_fields(pad_tree(tree, self.bucket))
+
+    def _row_accept(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
+                    visibility: torch.Tensor, choices: torch.Tensor) -> tuple:
+        """One sequence's accepted path (cut to P nodes, padded with the last accepted one past the count), count
+        and host summary (vmapped over sequences)."""
+        tree = DraftTree(tokens, parents, depths, visibility)
+        path, count = accept(tree, choices)
+        path = path[:self.path_len]
+        return path, count, round_outcome(tree, choices, path, count)
 
     def _slots(self, block_table: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """`[S, n]` logical slots of each sequence -> `[S, n]` flat pool slots, through the block table."""

@@ -88,7 +88,7 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
     # The concatenation is in (depth, score) order, so a stable sort breaks score ties towards shallow nodes,
     # and sorting the chosen positions back restores (depth, score) order: parents come first.
     chosen = scores.sort(descending=True, stable=True).indices[:num_nodes - 1].sort().values  # [N-1]
-    new_index = torch.zeros_like(scores, dtype=torch.int64).scatter_(
+    new_index = torch.zeros_like(scores, dtype=torch.int64).scatter(
         0, chosen, torch.arange(1, num_nodes, device=device))  # concatenation position -> node index
     chosen_parents = parents[chosen]
     node_parents = torch.where(chosen_parents >= 0, new_index[chosen_parents.clamp(min=0)], 0)
@@ -140,9 +140,12 @@ def pad_tree(tree: DraftTree, size: int) -> DraftTree:
         return tree
     extra = size - num_nodes
     device = tree.tokens.device
-    visible = torch.zeros(size, size, dtype=torch.bool, device=device)
-    visible[:num_nodes, :num_nodes] = unpack_visibility(tree.visibility, num_nodes)
-    visible[num_nodes:, num_nodes:] = torch.eye(extra, dtype=torch.bool, device=device)  # the self edge
+    # Built out of place (no writes into a fresh tensor), so the round can vmap it over sequences.
+    visible = torch.cat([
+        torch.cat([unpack_visibility(tree.visibility, num_nodes),
+                   torch.zeros(num_nodes, extra, dtype=torch.bool, device=device)], dim=1),
+        torch.cat([torch.zeros(extra, num_nodes, dtype=torch.bool, device=device),
+                   torch.eye(extra, dtype=torch.bool, device=device)], dim=1)])  # the self edge
     return DraftTree(tokens=torch.cat([tree.tokens, torch.full((extra,), -1, dtype=torch.int64, device=device)]),
                      parents=torch.cat([tree.parents, torch.zeros(extra, dtype=torch.int64, device=device)]),
                      depths=torch.cat([tree.depths, torch.ones(extra, dtype=torch.int64, device=device)]),
