@@ -84,6 +84,13 @@ def idle(current: dict[str, float]) -> bool:
             current["nanojet_kv_pages_used"]) == (0, 0, 0)
 
 
+def test_bad_flags_exit_2_with_one_line():
+    for flags, message in ((["--budget", "0"], "--budget"), (["--model", "/no/such/model"], "does not exist")):
+        done = subprocess.run([sys.executable, "-m", "nanojet.serve", *flags], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_models_and_a_completion(server):
     _, url = server
     api = client(url)
