@@ -82,6 +82,9 @@ def sampling_from(body: dict, prompt_len: int, max_model_len: int, default_max_t
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise APIError(400, "'n' must be 1", "invalid_parameter")
     room = max_model_len - prompt_len
+    if room < 1:
+        raise APIError(400, f"the prompt has {prompt_len} tokens but the context holds {max_model_len} (prompt + at "
+                            f"least one new token); shorten the prompt", "context_length_exceeded")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens or room, 1, 2**31,
                          integer=True)

@@ -164,6 +164,9 @@ def test_bad_requests_get_openai_style_errors(server):
     status, _, body = http(f"{url}/v1/chat/completions", json.dumps({"model": MODEL,
                                                                      "messages": [{"role": "robot"}]}).encode())
     assert status == 400 and "messages" in error_of(body)["message"]
+    long_chat = {"model": MODEL, "messages": [{"role": "user", "content": "x " * 600}]}  # no max_tokens given
+    status, _, body = http(f"{url}/v1/chat/completions", json.dumps(long_chat).encode())
+    assert status == 400 and error_of(body)["code"] == "context_length_exceeded"
 
 
 def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
