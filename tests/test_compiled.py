@@ -247,3 +247,12 @@ def test_llm_captures_graphs_by_default_on_cuda(hf_model_dir, tmp_path):
     for spec in (None, SpeculativeParams(8, 4)):
         got = graphed.generate(PROMPT, SAMPLED, spec)
         assert got.token_ids == eager.generate(PROMPT, SAMPLED, spec).token_ids and got.stats.compiles == 1
+
+
+def test_compiled_rounds_follow_sampling_changes(hf_model_dir, head, monkeypatch):
+    """One compiled engine, consecutive generations that change top_p, then top_k and temperature: each equals
+    the dense reference, with drafts accepted to full depth (every compiled graph shares one code object, so a
+    graph reused for the wrong parameters would show here)."""
+    from test_round import GRAPH_KEY_RUNS, check_graph_keys
+    compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled")
+    check_graph_keys(compiled, monkeypatch, [GRAPH_KEY_RUNS[i] for i in (0, 1, 3)])

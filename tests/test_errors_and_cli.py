@@ -141,7 +141,9 @@ def test_cli_speculative_matches_ar(tmp_path, hf_model_dir):
     spec, plain = json.loads(spec.stdout), json.loads(plain.stdout)
     assert spec["mode"] == "speculative" and plain["mode"] == "ar"
     assert spec["token_ids"] == plain["token_ids"]
-    assert spec["rounds"] == sum(spec["accept_hist"].values()) and spec["accept_len"] >= 1
+    # A random head is rejected almost always: acceptance through the CLI is tested with the embedded model's
+    # trained head (test_compiled.py: test_run_py_compile_on_the_embedded_model, paths of 4+ tokens).
+    assert spec["rounds"] == sum(spec["accept_hist"].values())
     assert set(spec["time_split_s"]) == {"draft", "tree", "verify", "accept", "commit"}
 
 

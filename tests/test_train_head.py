@@ -139,3 +139,38 @@ def test_data_formats_and_regen(tmp_path, hf_model_dir):
         assert "'text', 'messages' or 'prompt'" in str(error)
     else:
         raise AssertionError("a row without text/messages/prompt was accepted")
+
+
+def test_block_row_j_is_taught_the_target_distribution_at_anchor_plus_j(hf_model_dir):
+    """Label alignment, against a naive loss computed one anchor at a time: row j of the block anchored at a
+    (input `[x_a, MASK ...]` at positions a, a+1, ..) drafts the token at position a+j, so its teacher is the
+    target's distribution after position a+j-1. With every possible anchor drawn, the set of anchors does not
+    depend on the sampler, so the two losses must agree. A label index off by one still lowers the loss, but
+    not this one."""
+    directory, _ = hf_model_dir
+    engine = make_engine(directory)
+    target = engine.target
+    head = random_head(ModelConfig.from_dir(directory), seed=6)
+    block, seq = head.config.block_size, 20
+    tokens = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(3))
+    anchors = range(1, seq - block + 1)  # every anchor with context before it and a full block of labels
+    gamma = 4.0
+    with torch.no_grad():
+        loss, _ = train_head.head_loss(target, head, tokens, len(anchors), "kl", 1.0, gamma, random.Random(0))
+        hidden, taps = target.forward_dense(tokens, tap_layers=tuple(head.config.target_layer_ids))
+        teacher = torch.log_softmax(target.logits(hidden), -1)  # [2, seq, V]: row p is the token at p + 1
+        weights = torch.exp(-torch.arange(block - 1) / gamma)
+        per_anchor = []
+        for b in range(2):
+            for a in anchors:
+                context = head.project_context(taps[b, :a])  # positions < a
+                embeds = target.embed_tokens(torch.tensor([tokens[b, a].item()] + [head.config.mask_token_id] * (block - 1)))
+                mask = torch.ones(block, a + block, dtype=torch.bool)
+                mask[:, a:] = torch.ones(block, block, dtype=torch.bool).tril()
+                out = head.forward_dense(context, torch.arange(a), embeds, a + torch.arange(block), mask)
+                student = torch.log_softmax(target.logits(out[1:]), -1)  # row j-1 <-> depth j
+                expected_teacher = teacher[b, a:a + block - 1]  # depth j: the distribution after position a+j-1
+                kl = (expected_teacher.exp() * (expected_teacher - student)).sum(-1)
+                per_anchor.append(kl)
+        naive = (torch.stack(per_anchor).mean(0) * weights).sum() / weights.sum()
+    torch.testing.assert_close(loss, naive, atol=1e-5, rtol=1e-5)

@@ -39,3 +39,18 @@ def test_engine_on_triton_kernels_matches_reference(hf_model_dir, triton_backend
     reference = make_engine(directory, page_size=4, head=head)
     assert triton_plain == reference.generate(prompt, params).token_ids
     assert triton_spec == triton_plain
+
+
+def test_triton_round_accepts_full_paths_and_equals_the_dense_reference(hf_model_dir, triton_backend, monkeypatch):
+    """With drafts that are right, the round on the Triton kernels commits whole paths (move_kv of real rows,
+    head context from the accepted taps) and still emits exactly the dense reference's sampled tokens."""
+    from conftest import dense_reference, oracle_drafter
+    from nanojet.static_round import StaticRound
+    directory, _ = hf_model_dir
+    engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=7))
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_new_tokens=17, ignore_eos=True)
+    expected = dense_reference(engine.target, prompt, params, params.max_new_tokens)
+    monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(prompt + expected, 320))
+    out = engine.generate(prompt, params, SpeculativeParams(budget=8, width=2))
+    assert out.token_ids == expected and out.stats.accept_hist[8] == 2  # 1 + 8 + 8 tokens
