@@ -177,3 +177,16 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
         rows, out, hidden_size, rows.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block,
         num_warps=max(1, min(8, block // 256)))
     return out
+
+
+def example_args(num_tokens: int, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int,
+                 dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple:
+    """Arguments of `fused_moe` in a model's shape, for compiling its specialisations ahead of time (the kernel
+    gate): uninitialised weights (never touched, so a 30B shape costs no memory) and a valid routing, token t on
+    experts (t + j * E // k) % E, so every expert id is in range and a token's k experts are distinct."""
+    weights = torch.full((num_tokens, top_k), 1.0 / top_k, dtype=dtype, device=device)
+    slots = torch.arange(top_k, device=device) * (num_experts // top_k)
+    ids = (torch.arange(num_tokens, device=device)[:, None] + slots) % num_experts  # int64, as torch.topk returns
+    return (torch.empty(num_tokens, hidden_size, dtype=dtype, device=device),
+            torch.empty(num_experts, 2 * moe_intermediate_size, hidden_size, dtype=dtype, device=device),
+            torch.empty(num_experts, hidden_size, moe_intermediate_size, dtype=dtype, device=device), weights, ids)

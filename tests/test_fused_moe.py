@@ -103,3 +103,16 @@ def test_moe_layer_on_the_triton_kernel(tmp_path):
         finally:
             kernels.set_backend(None)
     torch.testing.assert_close(got, expected, **TOLERANCE[torch.float32])
+
+
+def test_example_args_fit_the_kernel():
+    """What the ahead-of-time kernel gate launches: valid routing (distinct experts per token, all in range)."""
+    from kernels.triton_moe import example_args
+    hidden, gate_up, down, weights, ids = example_args(5, 32, 16, 16, 4, torch.float32)
+    assert gate_up.shape == (16, 32, 32) and down.shape == (16, 32, 16) and ids.dtype == torch.int64
+    assert all(len(set(row)) == 4 for row in ids.tolist()) and int(ids.max()) < 16
+    generator = torch.Generator().manual_seed(0)
+    for tensor, scale in ((hidden, 1.0), (gate_up, 32 ** -0.5), (down, 16 ** -0.5)):  # sums of O(1) terms
+        tensor.normal_(0.0, scale, generator=generator)
+    torch.testing.assert_close(triton_ops.fused_moe(hidden, gate_up, down, weights, ids),
+                               reference.fused_moe(hidden, gate_up, down, weights, ids), **TOLERANCE[torch.float32])
