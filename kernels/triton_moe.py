@@ -66,8 +66,11 @@ def _moe_gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # intermediate columns
     col_valid = cols < inter
     x_rows = hidden_ptr + (pairs // top_k)[:, None] * stride_hidden
-    w_gate = gate_up_ptr + expert * stride_gu_expert + cols[None, :] * stride_gu_row  # read as [K, N]
-    w_up = w_gate + inter * stride_gu_row
+    # One int32 offset tile serves the gate and the up rows (an expert's weights are far below 2^31 elements):
+    # two tiles of 64-bit pointers would cost more registers than the accumulators.
+    gate_base = gate_up_ptr + expert * stride_gu_expert
+    up_base = gate_base + inter * stride_gu_row
+    w_offsets = cols[None, :] * stride_gu_row + tl.arange(0, BLOCK_K)[:, None]  # [K, N]
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
@@ -75,8 +78,8 @@ def _moe_gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts
         k_valid = ks < hidden_size
         x = tl.load(x_rows + ks[None, :], mask=valid[:, None] & k_valid[None, :], other=0.0)
         w_mask = k_valid[:, None] & col_valid[None, :]
-        gate = tl.load(w_gate + ks[:, None], mask=w_mask, other=0.0)
-        up = tl.load(w_up + ks[:, None], mask=w_mask, other=0.0)
+        gate = tl.load(gate_base + k0 + w_offsets, mask=w_mask, other=0.0)
+        up = tl.load(up_base + k0 + w_offsets, mask=w_mask, other=0.0)
         if COMPUTE_FP32:
             x = x.to(tl.float32)
             acc_gate = tl.dot(x, gate.to(tl.float32), acc_gate, input_precision="ieee")
@@ -105,13 +108,14 @@ def _moe_down_kernel(act_ptr, down_ptr, sorted_pairs_ptr, block_experts_ptr, wei
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # hidden columns
     col_valid = cols < hidden_size
     a_rows = act_ptr + pairs[:, None] * stride_act
-    w = down_ptr + expert * stride_down_expert + cols[None, :] * stride_down_row  # read as [K, N]
+    w_base = down_ptr + expert * stride_down_expert
+    w_offsets = cols[None, :] * stride_down_row + tl.arange(0, BLOCK_K)[:, None]  # [K, N], int32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_valid = ks < inter
         a = tl.load(a_rows + ks[None, :], mask=valid[:, None] & k_valid[None, :], other=0.0)
-        b = tl.load(w + ks[:, None], mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        b = tl.load(w_base + k0 + w_offsets, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
         if COMPUTE_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -133,6 +137,11 @@ def _moe_sum_kernel(rows_ptr, out_ptr, hidden_size, stride_rows, stride_out, TOP
     for slot in tl.static_range(TOP_K):
         acc += tl.load(rows_ptr + (token * TOP_K + slot) * stride_rows + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# 8 warps: with 4, the 32- and 64-row bf16 tiles spill registers on sm_80 and sm_90 (two accumulators and the
+# transposed weight tiles); with 8 no configuration spills (Triton's compiler + ptxas -v, checked without a GPU).
+GEMM_WARPS = 8
 
 
 def moe_block_sizes(num_pairs: int, num_experts: int, fp32: bool) -> tuple[int, int, int]:
@@ -166,12 +175,12 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
     _moe_gate_up_kernel[(tiles, triton.cdiv(inter, block_n))](
         hidden, gate_up, sorted_pairs, block_experts, act, num_pairs, num_experts, hidden_size, inter, top_k,
         hidden.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0),
-        COMPUTE_FP32=compute_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        COMPUTE_FP32=compute_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMM_WARPS)
     rows = torch.empty(num_pairs, hidden_size, dtype=hidden.dtype, device=hidden.device)
     _moe_down_kernel[(tiles, triton.cdiv(hidden_size, block_n))](
         act, down, sorted_pairs, block_experts, weights, rows, num_pairs, num_experts, hidden_size, inter,
         act.stride(0), down.stride(0), down.stride(1), rows.stride(0),
-        COMPUTE_FP32=compute_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        COMPUTE_FP32=compute_fp32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=GEMM_WARPS)
     block = min(1024, triton.next_power_of_2(hidden_size))
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden_size, block))](
         rows, out, hidden_size, rows.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block,
