@@ -63,12 +63,11 @@ def map_name(hf_name: str) -> tuple[str, str, int | None, int | None] | None:
     name = hf_name.removeprefix("model.")
     if name.startswith("layers."):
         _, index, rest = name.split(".", 2)
-        expert = None
-        if rest.startswith("mlp.experts.") and rest.split(".")[2].isdigit():
-            _, _, expert, rest = rest.split(".", 3)
-            table, expert = EXPERT_NAMES, int(expert)
+        parts = rest.split(".", 3)  # "mlp.experts.{e}.{EXPERT_NAMES key}" for a per-expert tensor
+        if parts[:2] == ["mlp", "experts"] and len(parts) == 4 and parts[2].isdigit():
+            table, expert, rest = EXPERT_NAMES, int(parts[2]), parts[3]
         else:
-            table = LAYER_NAMES
+            table, expert = LAYER_NAMES, None
         if rest in table:
             ours, shard = table[rest]
             return f"layers.{index}.{ours}", ours, expert, shard

@@ -96,6 +96,17 @@ def test_sharded_and_stacked_checkpoints_load_the_same(tmp_path, moe_dir):
     torch.testing.assert_close(checkpoint_logits(directory), expected, atol=0, rtol=0)
 
 
+def test_saving_writes_the_published_per_expert_names(moe_dir):
+    """The loader's inverse map (used for saving) gives back exactly the tensors transformers saved."""
+    from safetensors.torch import load_file
+
+    from nanojet.loader import hf_state_dict
+    saved = load_file(moe_dir[0] / "model.safetensors")
+    ours = hf_state_dict(make_engine(moe_dir[0]).target, prefix="model.")
+    assert sorted(ours) == sorted(saved)
+    assert all(torch.equal(ours[name], saved[name]) for name in saved)
+
+
 def test_missing_or_extra_expert_tensors_are_named(tmp_path, moe_dir):
     from safetensors.torch import load_file, save_file
     tensors = load_file(moe_dir[0] / "model.safetensors")
