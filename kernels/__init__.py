@@ -8,9 +8,9 @@ fused kernels, Triton ones on CUDA), and the three kernels that touch the KV poo
 (`torch.ops.nanojet.*`, dispatching to Triton or the reference when they run): the compiler fuses the glue
 around them but never traces into them. Traced, a write into a view of the pool becomes a functional copy of the
 whole pool (O(context) per step, for a few rows), and the reference attention's per-sequence host loop would
-break the graph. `fused_moe` is an opaque custom op too: grouping tokens by expert is data-dependent (the
-reference reads expert counts on the host), which a full-graph compile cannot trace. Their data dependencies (each write consumes what the previous read produced) keep them in
-program order."""
+break the graph. Their data dependencies (each write consumes what the previous read produced) keep them in
+program order. `fused_moe` is an opaque custom op too: grouping tokens by expert is data-dependent (the
+reference reads expert counts on the host), which a full-graph compile cannot trace."""
 import torch
 
 from . import reference
