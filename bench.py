@@ -5,6 +5,7 @@
     python bench.py --model DIR --prompts ../shared/data/humaneval.jsonl --samples 16 --peer hf
     python bench.py --synthetic qwen3-8b --budgets 1,64            # random weights in the real shapes (GPU)
     python bench.py --compile --budgets 1,8                        # compiled rounds (inside CUDA graphs on a GPU)
+    python bench.py --synthetic qwen3-30b-a3b --synthetic-layers 2 --experts-touched --budgets 1,16,256  # MoE
 
 After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
 other load) hits all modes alike. Speeds use decode time only (prefill excluded). With --compile the warmup
@@ -31,6 +32,7 @@ from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, prefill_
                                   weight_bytes_per_step)
 from nanojet.engine import Engine, SpeculativeParams, default_execution
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
+from nanojet.moe_stats import expert_touch_curve, print_expert_curve
 from nanojet.sampling import SamplingParams
 from nanojet.synthetic import SHAPES, build_engine, synthetic_models
 
@@ -76,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
+    p.add_argument("--experts-touched", action="store_true", help="MoE targets: experts a verify touches per layer "
+                   "against one decode step, per budget (counts, no timing; eager); then exit")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
     p.add_argument("--prefill-tokens", type=int, default=None,
                    help="with --synthetic: only prefill this many random tokens; print time and peak memory")
@@ -98,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for out in (args.json, args.plot):
         if out and not Path(out).resolve().parent.is_dir():
             raise ValueError(f"cannot write {out}: its directory does not exist")
+    if args.experts_touched and (args.compile or args.peer):
+        raise ValueError("--experts-touched counts experts in eager rounds: drop --compile / --peer")
     if args.peer and (args.temperature > 0 or args.synthetic):
         raise ValueError("--peer hf compares greedy decoding of a checkpoint: drop --temperature / --synthetic")
     return args
@@ -384,6 +390,12 @@ def main(argv=None) -> int:
             return prefill_report(args, dtype, device)
         engine, prompts, config = (synthetic_setup(args, dtype, device) if args.synthetic else
                                    checkpoint_setup(args, dtype_name))
+        if args.experts_touched:
+            rows = expert_touch_curve(engine, prompts[0], args.budgets, args.width, args.max_new_tokens)
+            print_expert_curve(rows, engine.target.config)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"config": config, "experts_touched": rows}, indent=1) + "\n")
+            return 0
         if args.profile and engine.execution != "eager":
             raise ValueError("--profile times the parts of eager rounds (a graphed or compiled round is one graph); "
                              "add --enforce-eager on CUDA, or drop --compile")

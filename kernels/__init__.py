@@ -9,7 +9,8 @@ fused kernels, Triton ones on CUDA), and the three kernels that touch the KV poo
 around them but never traces into them. Traced, a write into a view of the pool becomes a functional copy of the
 whole pool (O(context) per step, for a few rows), and the reference attention's per-sequence host loop would
 break the graph. Their data dependencies (each write consumes what the previous read produced) keep them in
-program order."""
+program order. `fused_moe` is an opaque custom op too: grouping tokens by expert is data-dependent (the
+reference reads expert counts on the host), which a full-graph compile cannot trace."""
 import torch
 
 from . import reference
@@ -66,6 +67,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts
                                     visibility, scale)
 
 
+def fused_moe(hidden, gate_up, down, topk_weights, topk_ids):
+    if torch.compiler.is_compiling():
+        return torch.ops.nanojet.fused_moe(hidden, gate_up, down, topk_weights, topk_ids)
+    return _impl(hidden).fused_moe(hidden, gate_up, down, topk_weights, topk_ids)
+
+
 @torch.library.custom_op("nanojet::store_kv", mutates_args=("k_cache", "v_cache"))
 def _store_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -89,3 +96,14 @@ def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("nanojet::fused_moe", mutates_args=())
+def _fused_moe_op(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    return _impl(hidden).fused_moe(hidden, gate_up, down, topk_weights, topk_ids).contiguous()
+
+
+@_fused_moe_op.register_fake
+def _(hidden, gate_up, down, topk_weights, topk_ids):
+    return hidden.new_empty(hidden.shape)

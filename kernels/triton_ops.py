@@ -1,16 +1,17 @@
 """Triton kernels with the signatures and numerics of `kernels.reference`; `kernels/__init__.py` dispatches here.
 
-Paged attention lives in `triton_attention.py`. Elementwise kernels compute in fp32 and round to the output
-dtype at the same points as the torch reference (e.g. HF's cast of the normed value before the weight), so
-bf16 results agree with it to the last bit in most elements.
+Paged attention lives in `triton_attention.py`, the fused MoE MLP in `triton_moe.py`. Elementwise kernels
+compute in fp32 and round to the output dtype at the same points as the torch reference (e.g. HF's cast of the
+normed value before the weight), so bf16 results agree with it to the last bit in most elements.
 """
 import torch
 import triton
 import triton.language as tl
 
 from .triton_attention import paged_attention
+from .triton_moe import fused_moe
 
-__all__ = ["rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv", "move_kv", "paged_attention"]
+__all__ = ["rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv", "move_kv", "paged_attention", "fused_moe"]
 
 
 def _warps(block: int) -> int:

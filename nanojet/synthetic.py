@@ -11,9 +11,12 @@ from .kv_cache import KVCache
 from .qwen3 import Qwen3, rope_inv_freq
 from .static_round import pages_per_sequence
 
-SHAPES = {  # the published Qwen3 configs
+SHAPES = {  # the published Qwen3 configs (Qwen3-30B-A3B: every layer a MoE layer)
     "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=False,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
     "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
 }

@@ -62,7 +62,6 @@ def test_missing_tensor_is_named(tmp_path, hf_model_dir):
 
 
 @pytest.mark.parametrize("patch, message", [({"architectures": ["LlamaForCausalLM"]}, "not supported"),
-                                            ({"num_experts": 8}, "MoE"),
                                             ({"num_key_value_heads": 3}, "multiple"),
                                             ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "yarn")])
 def test_unsupported_configs(patch, message):

@@ -50,7 +50,7 @@ def randn(*shape, generator: torch.Generator, dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("name", ["paged_attention", "rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv",
-                                  "move_kv"])
+                                  "move_kv", "fused_moe"])
 def test_triton_ops_take_the_reference_arguments(name):
     """kernels/__init__.py calls both modules with the reference's positional arguments."""
     expected = list(inspect.signature(getattr(reference, name)).parameters)
