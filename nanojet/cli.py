@@ -1,13 +1,60 @@
-"""The command-line convention of run.py and train_head.py (bad input is one line on stderr and exit status 2),
-and the flags run.py and bench.py share."""
+"""The command-line convention of run.py, bench.py and train_head.py, and the flags run.py and bench.py share.
+
+Bad input is one line on stderr and exit status 2; Ctrl-C is one line and exit status 130 (what a shell
+reports for an interrupted command); a reader that closes the pipe early (`run.py ... | head -2`) ends the
+program quietly. Light on purpose: nothing here imports torch, so `--help` stays instant."""
 import argparse
+import math
+import os
 import sys
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT
 
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print its whole usage block first
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a float that is neither NaN nor infinite (float("nan") parses, then samples token 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _quiet_exit_hook(kind, value, traceback) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        _flush_quietly()
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(INTERRUPTED_EXIT)  # sys.exit is not allowed inside an excepthook
+    if issubclass(kind, BrokenPipeError):
+        # The reader has what it wanted. Point stdout at /dev/null so the interpreter's final flush cannot
+        # raise the same error again while shutting down.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        os._exit(0)
+    sys.__excepthook__(kind, value, traceback)
+
+
+def _flush_quietly() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+def install_exit_handlers() -> None:
+    """Make an uncaught Ctrl-C (KeyboardInterrupt) print one line and exit 130, and a closed stdout pipe
+    (BrokenPipeError) exit 0 without a traceback. Call it first thing in a script, before heavy imports, so
+    Ctrl-C while torch loads is covered too. Code that must clean up on Ctrl-C (train_head.py saves a
+    checkpoint) catches KeyboardInterrupt, does so, and raises it again."""
+    sys.excepthook = _quiet_exit_hook
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:

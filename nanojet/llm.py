@@ -1,6 +1,7 @@
 """The user-facing entry point: `LLM(model_dir).generate(prompt, SamplingParams(...))`.
 
 Loads the target (and a draft head), sizes the KV pool, applies the chat template and detokenizes."""
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -9,12 +10,14 @@ import torch
 
 from .config import ModelConfig
 from .engine import Engine, GenerationStats, SpeculativeParams
+from .generation_config import GenerationDefaults
 from .head import DraftHead, load_head
 from .kv_cache import KVCache
 from .loader import load_weights
 from .qwen3 import Qwen3, rope_inv_freq
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tree import tree_bucket, tree_size
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "qwen3-stdlib-tiny"
@@ -27,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise ValueError("device cuda was asked for but no CUDA device is available; use cpu (--device cpu)")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
@@ -40,6 +43,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto, float32 or bfloat16")
     return DTYPES[name]
+
+
+def resolve_head(model_dir: str | Path, head: str | Path | None) -> Path | None:
+    """`head`: a head directory, "auto" (the head shipped at <model>/head-causal, or None when there is none)
+    or None (plain decoding)."""
+    if head is None:
+        return None
+    if head == "none":
+        raise ValueError("head='none' is run.py's spelling; pass head=None for plain decoding")
+    if head == "auto":
+        shipped = Path(model_dir) / DEFAULT_HEAD_NAME
+        return shipped if (shipped / "config.json").is_file() else None
+    return Path(head)
 
 
 def load_target(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Qwen3:
@@ -66,17 +82,21 @@ class Output:
     token_ids: list[int]
     prompt_token_ids: list[int]
     stats: GenerationStats
+    token_healed: bool = False  # the last prompt token was taken back and regenerated (token healing)
 
 
 class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,
                  max_tree_nodes: int = 512, kv_memory_gb: float | None = None, compile: bool = False):
-        """`compile`: run decode rounds compiled (torch.compile on CPU; torch.compile inside CUDA graphs on CUDA).
+        """`head`: a draft head directory, "auto" (the model's shipped head if it has one) or None (plain decoding).
+        `compile`: run decode rounds compiled (torch.compile on CPU; torch.compile inside CUDA graphs on CUDA).
         Each round shape (tree budget/width/depth, sampling mode) compiles once, on first use."""
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        head = resolve_head(model, head)
         self.tokenizer = Tokenizer.from_dir(model)
+        self.generation_defaults = GenerationDefaults.from_dir(model)
         self.model = load_target(model, self.dtype, self.device)
         config = self.model.config
         self.head: DraftHead | None = None if head is None else load_head(head, config, self.dtype, self.device)
@@ -113,19 +133,53 @@ class LLM:
             prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
         return self.tokenizer.encode(prompt)
 
+    def round_scratch_slots(self, spec: SpeculativeParams | None) -> int:
+        """KV slots past the committed ones that one round writes: the tree padded to its bucket or the draft
+        block, whichever is wider (static_round.StaticRound.scratch_slots); one for plain decoding."""
+        if spec is None or spec.budget == 1 or self.head is None:
+            return 1
+        block_size = self.head.config.block_size
+        depth = block_size - 1 if spec.depth is None else min(spec.depth, block_size - 1)
+        return max(tree_bucket(tree_size(spec.budget, spec.width, depth)), block_size)
+
+    def check_kv_fits(self, prompt_tokens: int, params: SamplingParams, spec: SpeculativeParams | None) -> None:
+        """Refuse at admission, before anything streams, a generation the KV pool cannot hold to its end."""
+        if prompt_tokens >= self.max_model_len:
+            return  # the engine refuses it, naming the context limit
+        page_size = self.kv_cache.kv_page_size
+        tokens = min(prompt_tokens + params.max_new_tokens, self.max_model_len)
+        scratch = self.round_scratch_slots(spec)
+        pages = -(-(tokens + scratch) // page_size)
+        if pages > self.kv_cache.num_pages:
+            raise ValueError(f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) + a "
+                             f"round's scratch ({scratch} slots) need {pages} KV pages of {page_size} tokens, but "
+                             f"the KV pool has {self.kv_cache.num_pages}; raise --kv-memory-gb (LLM kv_memory_gb), "
+                             f"or leave it unset to size the pool for --max-model-len, or ask for fewer new tokens")
+
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                  spec: SpeculativeParams | None = None, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None, token_healing: bool = True) -> Output:
+                 on_text: Callable[[str], None] | None = None, token_healing: bool | None = None) -> Output:
         """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting.
+        `params` None: the model's generation_config.json defaults (`self.generation_defaults`).
 
-        Token healing (raw text prompts): a prompt cut inside what training text tokenizes as one piece (e.g.
-        `"):"` where the data always has `"):\n"`) leaves the model an unusual last token. The last prompt token
-        is taken back and the first generated token must start with its bytes; the returned text and stream
-        begin after those bytes, so they continue the prompt exactly."""
-        params = params or SamplingParams()
+        Token healing (raw text prompts; None: on when generation_config.json sets `"token_healing": true`): a
+        prompt cut inside what training text tokenizes as one piece (e.g. `"):"` where the data always has
+        `"):\n"`) leaves the model an unusual last token. The last prompt token is taken back and the first
+        generated token must start with its bytes; the returned text and stream begin after those bytes, so
+        they continue the prompt exactly. Off by default, as in transformers: it changes the ids."""
+        if not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be text (str) or a list of token ids, got {type(prompt).__name__}")
+        params = params or SamplingParams(**self.generation_defaults.sampling)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if spec is not None and not isinstance(spec, SpeculativeParams):
+            raise ValueError(f"spec must be a SpeculativeParams or None, got {type(spec).__name__}")
         if spec is not None and spec.budget > self.max_tree_nodes:
             raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
-        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        if token_healing is None:
+            token_healing = self.generation_defaults.token_healing
+        ids = self._check_token_ids(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        self.check_kv_fits(len(ids), params, spec)
         healed, first_token_ids = b"", None
         if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
             tail = self.tokenizer.decode_bytes(ids[-1:])
@@ -145,4 +199,14 @@ class LLM:
         if on_text:
             on_text(detokenizer.flush())
         text = self.tokenizer.decode_bytes(result.token_ids)[len(healed):].decode("utf-8", errors="replace")
-        return Output(text=text, token_ids=result.token_ids, prompt_token_ids=ids, stats=result.stats)
+        return Output(text=text, token_ids=result.token_ids, prompt_token_ids=ids, stats=result.stats,
+                      token_healed=bool(healed))
+
+    def _check_token_ids(self, ids: list) -> list[int]:
+        vocab = self.model.config.vocab_size
+        for index, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise ValueError(f"prompt token {index} is {token!r}; token ids must be integers")
+            if not 0 <= token < vocab:
+                raise ValueError(f"prompt token {index} is id {token}, outside the vocabulary (0..{vocab - 1})")
+        return [int(token) for token in ids]
