@@ -373,7 +373,8 @@ def main(argv=None) -> int:
         config.update(head_block_size=engine.head.config.block_size, device=str(device), dtype=dtype_name,
                       torch=torch.__version__, samples=len(prompts), max_new_tokens=args.max_new_tokens,
                       budgets=args.budgets, width=args.width, depth=args.depth, temperature=args.temperature,
-                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile)
+                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, threads=torch.get_num_threads(),
+                      compile=args.compile)
         peer = HFPeer(config["model"], dtype, device) if args.peer else None
         per_prompt, runs, extra["compiled"] = measure(engine, prompts, params, args, peer)
     except NotLossless as error:

@@ -19,12 +19,11 @@ import datetime
 import json
 import math
 import random
-import signal
 import sys
 import time
 from pathlib import Path
 
-from nanojet.cli import INTERRUPTED_EXIT, ArgumentParser, finite_float, install_exit_handlers
+from nanojet.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
 
 if __name__ == "__main__":
     install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
@@ -35,6 +34,7 @@ from nanojet.config import ModelConfig
 from nanojet.head import DraftHead, HeadConfig, load_head
 from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, load_target, resolve_device
 from nanojet.tokenizer import Tokenizer
+from nanojet.train_data import load_corpus
 from nanojet.train_state import LEGACY_NAME, load_train_state, save_train_state, state_exists
 
 
@@ -108,64 +108,6 @@ def head_loss(target, head: DraftHead, tokens: torch.Tensor, anchors_per_sequenc
     return loss, {"per_depth_accuracy": [round(x, 3) for x in accuracy.tolist()]}
 
 
-def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, device: str) -> list[int]:
-    """Training text as one id stream with <|endoftext|>-style separators."""
-    separator = tokenizer.eos_token_ids[0]
-    if data == "builtin":
-        from weights.build_tiny import corpus
-        return corpus(held_out=False).tolist()
-    path = Path(data)
-    if path.is_dir():
-        raise ValueError(f"--data {path} is a directory; give a .jsonl file (one JSON object per line) or builtin")
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path} does not exist; give a .jsonl file or builtin")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise ValueError(f"--data {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    ids: list[int] = []
-    llm = LLM(model_dir, device=device) if regen else None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where} is not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: a row must be a JSON object with 'text', 'messages' or 'prompt'; "
-                             f"got a {type(row).__name__}")
-        if "text" in row:
-            ids += tokenizer.encode(checked_string(row["text"], "text", where))
-        elif "messages" in row:
-            messages = row["messages"]
-            if not isinstance(messages, list) or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages):
-                raise ValueError(f"{where}: 'messages' must be a list of {{\"role\": str, \"content\": str}} objects")
-            ids += tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
-        elif "prompt" in row:
-            prompt = checked_string(row["prompt"], "prompt", where)
-            if tokenizer.has_chat_template:
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=False)
-            prompt_ids = tokenizer.encode(prompt)
-            if llm is not None:
-                from nanojet.sampling import SamplingParams
-                prompt_ids += llm.generate(prompt_ids, SamplingParams(max_new_tokens=256)).token_ids
-            ids += prompt_ids
-        else:
-            raise ValueError(f"{where}: a row needs 'text', 'messages' or 'prompt'; got keys {sorted(row)}")
-        ids.append(separator)
-    return ids
-
-
-def checked_string(value, key: str, where: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: '{key}' must be a string, got {type(value).__name__} {json.dumps(value)[:40]}")
-    return value
-
-
 def evaluate_tau(model_dir: Path, head_dir: Path, prompts: list[list[int]], device: str) -> dict:
     """Accepted tokens per round on held-out prompts: a chain of B-1 drafts and a budget-64 tree."""
     from nanojet.engine import SpeculativeParams
@@ -220,7 +162,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--checkpoint-every", type=int, default=100,
                         help="save the head and the resume state every this many steps")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the training state saved in --out (train_state.safetensors + .json)")
+                        help="continue the training state saved in --out (its train_state/ folder)")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (time-sliced jobs; --resume)")
     parser.add_argument("--eval-prompts", type=int, default=4,
                         help="held-out stdlib prompts for the tau eval at each checkpoint (0: off)")
@@ -321,28 +263,7 @@ def build_head(args, target_config: ModelConfig, tokenizer: Tokenizer) -> DraftH
     return head
 
 
-class InterruptRequest:
-    """While active, Ctrl-C asks the training loop to stop after the step in flight (a half-applied optimizer
-    step would corrupt the checkpoint); a second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __enter__(self) -> "InterruptRequest":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        # On stdout, with the progress line: stderr gets the one closing line.
-        print("\nCtrl-C: a checkpoint follows this step (Ctrl-C again stops without one)", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
-def train(args, interrupt: InterruptRequest | None = None) -> Path:
+def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
     """Train (or with --resume continue) a head; returns its directory. `interrupt.requested` (set by Ctrl-C
     under main) ends the run after the current step with a checkpoint, raising KeyboardInterrupt."""
     out = args.out or default_out(args.bidirectional)
@@ -420,7 +341,7 @@ def train(args, interrupt: InterruptRequest | None = None) -> Path:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        with InterruptRequest() as interrupt:
+        with DeferredInterrupt() as interrupt:
             train(args, interrupt)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

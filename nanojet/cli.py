@@ -6,6 +6,7 @@ program quietly. Light on purpose: nothing here imports torch, so `--help` stays
 import argparse
 import math
 import os
+import signal
 import sys
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT
@@ -55,6 +56,28 @@ def install_exit_handlers() -> None:
     Ctrl-C while torch loads is covered too. Code that must clean up on Ctrl-C (train_head.py saves a
     checkpoint) catches KeyboardInterrupt, does so, and raises it again."""
     sys.excepthook = _quiet_exit_hook
+
+
+class DeferredInterrupt:
+    """While active, Ctrl-C only sets `requested`, for a loop to stop at its next safe point (train_head.py: after
+    the optimizer step in flight, which half-applied would corrupt the checkpoint); a second Ctrl-C raises
+    KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> "DeferredInterrupt":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # On stdout, with the progress line: stderr keeps its one closing line.
+        print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
