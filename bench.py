@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="jsonl: each row's prompt, question, problem or turns[0] "
                                                    "(default: held-out stdlib code prompts)")
     p.add_argument("--samples", type=int, default=8, help="number of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     budgets = p.add_mutually_exclusive_group()
     budgets.add_argument("--budget", type=int, default=None, help="draft tree nodes per round (default 64)")
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (sampling is lossless too)")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling (1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_runtime_flags(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure to this JSON file")

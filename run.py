@@ -16,7 +16,7 @@ SPECULATIVE_FLAGS = ("budget", "width", "depth")
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_new_tokens")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="nanojet: Qwen3 generation with parallel tree speculative decoding")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--model", default=None, help="Qwen3 checkpoint directory (default: the embedded model)")
@@ -32,17 +32,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=finite_float, default=None, help=f"0 = greedy ({model_default} 0)")
     parser.add_argument("--top-p", type=finite_float, default=None, help=f"nucleus sampling ({model_default} 1)")
     parser.add_argument("--top-k", type=int, default=None, help=f"0 = off ({model_default} 0)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same ids, any budget)")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate --max-new-tokens even past EOS")
     parser.add_argument("--token-healing", action=argparse.BooleanOptionalAction, default=None,
                         help="raw text prompts: regenerate the last prompt token so the output can merge with it "
                              "(default: on only when the model's generation_config.json sets token_healing)")
     add_runtime_flags(parser)
     parser.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + generation)")
-    parser.add_argument("--kv-memory-gb", type=float, default=None,
+    parser.add_argument("--kv-memory-gb", type=finite_float, default=None,
                         help="KV pool size (default: room for one sequence of --max-model-len)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

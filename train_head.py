@@ -156,7 +156,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--lr", type=finite_float, default=1e-3, help="peak AdamW learning rate (cosine decay)")
     parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order, anchors and initial weights")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to train (auto: CUDA if available)")
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of the published head (the resume state keeps fp32)")
     parser.add_argument("--checkpoint-every", type=int, default=100,

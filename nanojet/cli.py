@@ -86,8 +86,10 @@ def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     template.add_argument("--chat", dest="chat", action="store_true", default=None,
                           help="apply the chat template (default for models that ship one)")
     template.add_argument("--raw", dest="chat", action="store_false", help="use prompt text as it is")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to run (auto: CUDA if available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and KV dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode rounds: torch.compile, on CUDA inside one CUDA graph per round "
                              "shape; compile time is reported apart from decode time")

@@ -1,6 +1,7 @@
 """The user-facing entry point: `LLM(model_dir).generate(prompt, SamplingParams(...))`.
 
 Loads the target (and a draft head), sizes the KV pool, applies the chat template and detokenizes."""
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,8 @@ class LLM:
         pages_per_sequence = -(-(self.max_model_len + scratch) // kv_page_size)
         layers = config.num_hidden_layers + head_layers
         pages = pages_per_sequence
+        if kv_memory_gb is not None and not (isinstance(kv_memory_gb, (int, float)) and math.isfinite(kv_memory_gb)):
+            raise ValueError(f"kv_memory_gb must be a finite number of GiB, got {kv_memory_gb!r}")
         if kv_memory_gb is not None:  # a memory budget instead of room for one full-length sequence
             page_bytes = layers * 2 * kv_page_size * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
             pages = int(kv_memory_gb * 2**30 // page_bytes)
