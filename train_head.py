@@ -306,6 +306,8 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     start, first_step = time.time(), step
     print(f"training a head in {out}", flush=True)
+    if interrupt is not None:
+        interrupt.arm()  # from here Ctrl-C ends the run with a checkpoint
     while step < min(args.steps, args.stop_at or args.steps):
         starts = [rng.randrange(0, len(data) - args.seq) for _ in range(args.batch)]
         tokens = torch.stack([data[s:s + args.seq] for s in starts]).to(device)

@@ -53,22 +53,25 @@ def _flush_quietly() -> None:
 def install_exit_handlers() -> None:
     """Make an uncaught Ctrl-C (KeyboardInterrupt) print one line and exit 130, and a closed stdout pipe
     (BrokenPipeError) exit 0 without a traceback. Call it first thing in a script, before heavy imports, so
-    Ctrl-C while torch loads is covered too. Code that must clean up on Ctrl-C (train_head.py saves a
-    checkpoint) catches KeyboardInterrupt, does so, and raises it again."""
+    Ctrl-C while torch loads is covered too. A loop that must reach a safe point first (train_head.py saves a
+    checkpoint) uses DeferredInterrupt."""
     sys.excepthook = _quiet_exit_hook
 
 
 class DeferredInterrupt:
-    """While active, Ctrl-C only sets `requested`, for a loop to stop at its next safe point (train_head.py: after
-    the optimizer step in flight, which half-applied would corrupt the checkpoint); a second Ctrl-C raises
-    KeyboardInterrupt at once."""
+    """Once armed (inside `with`), Ctrl-C only sets `requested`, for a loop to stop at its next safe point
+    (train_head.py: after the optimizer step in flight, which half-applied would corrupt the checkpoint); a second
+    Ctrl-C raises KeyboardInterrupt at once. Before `arm()`, Ctrl-C interrupts as usual."""
 
     def __init__(self) -> None:
         self.requested = False
+        self._previous = None
 
     def __enter__(self) -> "DeferredInterrupt":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
+
+    def arm(self) -> None:
+        self._previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -77,7 +80,8 @@ class DeferredInterrupt:
         print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once)", flush=True)
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
