@@ -119,7 +119,8 @@ class LLM:
             page_bytes = layers * 2 * kv_page_size * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
             pages = int(kv_memory_gb * 2**30 // page_bytes)
             if pages < 1:
-                raise ValueError(f"kv_memory_gb {kv_memory_gb} holds no KV page ({page_bytes} bytes each)")
+                raise ValueError(f"kv_memory_gb {kv_memory_gb} holds no KV page ({page_bytes} bytes each); raise it "
+                                 f"(--kv-memory-gb) or leave it unset to size the pool for max_model_len")
         self.kv_cache = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages=pages,
                                 kv_page_size=kv_page_size, max_pages_per_sequence=pages_per_sequence,
                                 dtype=self.dtype, device=self.device)
