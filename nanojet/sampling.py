@@ -5,6 +5,8 @@ pure function of `(seed, absolute position of the token being chosen)`. Every tr
 therefore sees the same noise as plain decoding at that position, which makes speculative decoding emit the
 very same tokens as plain decoding for a given seed, at any temperature.
 """
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +24,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, not where they are used: a NaN temperature or a float top_k would otherwise sample
+        # token 0 forever or fail deep inside a round with a message about tensors.
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"SamplingParams: {name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("top_k", "seed", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"SamplingParams: {name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # a numpy integer becomes a plain int
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"SamplingParams: temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise ValueError(f"SamplingParams: top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"SamplingParams: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed must be in [0, 2^31), got {self.seed}")
+            raise ValueError(f"SamplingParams: seed must be in [0, 2^31), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

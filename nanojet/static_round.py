@@ -33,6 +33,14 @@ def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
     return max(tree_bucket(max_tree_nodes), block_size)
 
 
+def round_tree(spec, block_size: int) -> tuple[int, int]:
+    """(depth limit, tree nodes) of a round: `spec` None (plain decoding) is the one-node tree."""
+    if spec is None:
+        return 0, 1
+    depth = block_size - 1 if spec.depth is None else min(spec.depth, block_size - 1)
+    return depth, tree_size(spec.budget, spec.width, depth)
+
+
 def pages_per_sequence(max_model_len: int, max_tree_nodes: int, block_size: int, kv_page_size: int) -> int:
     """Page-table width that holds any request: a round runs while at most `max_model_len - 1` slots are
     committed, and reserves its scratch past them (`round_scratch_slots`)."""
@@ -46,12 +54,9 @@ class StaticRound:
         self.num_target_layers = target.config.num_hidden_layers
         self.num_sequences = num_sequences
         device = kv.pool.device
-        if spec is None:
-            depth, nodes, block_size = 0, 1, 0
-        else:
-            block_size = head.config.block_size
-            depth = block_size - 1 if spec.depth is None else min(spec.depth, block_size - 1)
-            nodes = tree_size(spec.budget, spec.width, depth)
+        block_size = 0 if spec is None else head.config.block_size
+        depth, nodes = round_tree(spec, block_size)
+        if spec is not None:
             block_words = pack_visibility(head.block_visibility(device))  # [B, 1]
             self.block_visibility = block_words.repeat(num_sequences, 1)  # [S * B, 1]
             self.mask_block = torch.full((block_size,), head.config.mask_token_id, device=device)

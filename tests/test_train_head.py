@@ -2,10 +2,16 @@
 trained head decodes losslessly."""
 import json
 import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import draft_after, make_engine, random_head
+from conftest import ROOT, draft_after, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams
 from nanojet.head import load_head
@@ -87,7 +93,7 @@ def test_resume_continues_from_the_same_state(tmp_path, hf_model_dir):
     data = write_data(tmp_path / "data.jsonl")
     straight = train_head.train(train_args(directory, tmp_path / "straight", data))
     train_head.train(train_args(directory, tmp_path / "sliced", data, stop_at=2))
-    assert torch.load(tmp_path / "sliced" / "train_state.pt", weights_only=False)["step"] == 2
+    assert json.loads((tmp_path / "sliced" / "train_state" / "state.json").read_text())["step"] == 2
     sliced = train_head.train(train_args(directory, tmp_path / "sliced", data, resume=True))
     target = ModelConfig.from_dir(directory)
     a = load_head(straight, target, torch.float32, torch.device("cpu")).state_dict()
@@ -203,3 +209,135 @@ def test_train_head_on_a_moe_target(tmp_path):
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=24, ignore_eos=True)
     prompt = [5, 6, 7, 8, 9]
     assert engine.generate(prompt, params, SpeculativeParams(16, 2)).token_ids == engine.generate(prompt, params).token_ids
+
+
+def test_default_output_is_a_new_folder_and_heads_are_not_overwritten(tmp_path, hf_model_dir, monkeypatch):
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    monkeypatch.chdir(tmp_path)
+    args = train_args(directory, None, data, steps=1)
+    args.out = None  # what `python train_head.py` without --out gives
+    out = train_head.train(args)
+    assert out.parent == Path("runs") and out.name.startswith("head-causal-") and (out / "config.json").is_file()
+    assert not (directory / "head-causal").exists()  # nothing written beside the model
+    with pytest.raises(ValueError, match="already holds a head; pass --overwrite"):
+        train_head.train(train_args(directory, out, data, steps=1))
+    before = (out / "model.safetensors").read_bytes()
+    train_head.train(train_args(directory, out, data, steps=1, overwrite=True, seed=1))
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def run_main(capsys, argv) -> tuple[int, str]:
+    try:
+        code = train_head.main(argv)
+    except SystemExit as stop:  # argparse errors
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def base_argv(directory, out, data):
+    return ["--model", str(directory), "--out", str(out), "--data", str(data), "--mask-token", "<|im_end|>",
+            "--target-layer-ids", "0,1", "--steps", "2", "--batch", "1", "--seq", "64", "--anchors", "2",
+            "--eval-prompts", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"text": "abc"}', '{"text": 123}'], "line 2: 'text' must be a string, got int 123"),
+    (['"just a string"'], "line 1: a row must be a JSON object with 'text', 'messages' or 'prompt'; got a str"),
+    (['{"text": "abc"}', '{"text": "abc"'], "line 2 is not valid JSON"),
+    (['{"messages": "hi"}'], "line 1: 'messages' must be a list of"),
+    (['{"prompt": ["a"]}'], "line 1: 'prompt' must be a string"),
+    (['{"question": "?"}'], "line 1: a row needs 'text', 'messages' or 'prompt'"),
+])
+def test_bad_data_rows_are_one_line_naming_file_and_line(tmp_path, hf_model_dir, capsys, rows, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    code, err = run_main(capsys, base_argv(hf_model_dir[0], tmp_path / "out", data))
+    assert code == 2 and err.count("\n") == 1 and f"{data} {message}" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--batch": "0"}, "--batch must be >= 1, got 0"),
+    ({"--steps": "0"}, "--steps must be >= 1, got 0"),
+    ({"--target-layer-ids": "a,b"}, "--target-layer-ids takes comma-separated layer indices like 1,2,4; got 'a,b'"),
+    ({"--anchors": "1000"}, "--anchors 1000 does not fit: a --seq 64 sequence has room for 56 anchors"),
+    ({"--lr": "nan"}, "must be a finite number"),
+    ({"--gamma": "0"}, "--gamma must be > 0"),
+    ({"--seq": "100000", "--anchors": "2"}, "--seq 100000 exceeds the target's context (512 tokens"),
+    ({"--data": "DIR"}, "is a directory; give a .jsonl file"),
+    ({"--data": "MISSING"}, "does not exist; give a .jsonl file"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, hf_model_dir, capsys, change, message):
+    argv = base_argv(hf_model_dir[0], tmp_path / "out", write_data(tmp_path / "data.jsonl"))
+    for flag, value in change.items():
+        value = {"DIR": str(tmp_path), "MISSING": str(tmp_path / "none.jsonl")}.get(value, value)
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    code, err = run_main(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused(hf_model_dir):
+    args = train_head.parse_args(["--seq", "512", "--batch", "64"])
+    target = ModelConfig.from_dir(hf_model_dir[0])
+    needed = train_head.step_memory_bytes(args, target)
+    assert needed > 64 * 512 * target.vocab_size * 4  # at least the teacher's logits
+    train_head.check_step_fits(args, target, available=needed)
+    with pytest.raises(ValueError, match="one step of --batch 64 --seq 512 --anchors 16 needs at least"):
+        train_head.check_step_fits(args, target, available=needed - 1)
+
+
+def test_resume_state_is_safetensors_and_json_never_pickle(tmp_path, hf_model_dir, monkeypatch, capsys):
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    out = train_head.train(train_args(directory, tmp_path / "head", data, stop_at=2))
+    state = out / "train_state"
+    assert sorted(p.name for p in state.iterdir()) == ["state.json", "tensors.safetensors"]
+    assert not list(out.glob("*.pt"))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    assert train_head.train(train_args(directory, out, data, resume=True)) == out
+    assert json.loads((state / "state.json").read_text())["step"] == 4
+    argv = base_argv(directory, out, data) + ["--resume", "--steps", "9"]
+    (state / "tensors.safetensors").write_bytes(b"\x00garbage")
+    code, err = run_main(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and "is not a readable resume state" in err
+    shutil.rmtree(state)
+    (out / "train_state.pt").write_bytes(b"pickle")
+    code, err = run_main(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and "old pickled format, which is not loaded" in err
+
+
+def test_every_flag_has_help():
+    import run
+    for parser in (train_head.build_parser(), run.build_parser()):
+        assert [a.option_strings for a in parser._actions if not a.help] == []
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, hf_model_dir):
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "head"
+    argv = base_argv(directory, out, data)
+    argv[argv.index("--steps") + 1] = "100000"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_head.py"), *argv, "--checkpoint-every", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    seen = b""
+    while b"step 2/" not in seen:
+        byte = process.stdout.read(1)
+        assert byte, seen
+        seen += byte
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == 130 and len(lines) == 1 and b"Traceback" not in err
+    step = json.loads((out / "train_state" / "state.json").read_text())["step"]
+    assert step >= 2
+    assert lines[0] == f"interrupted: checkpoint saved at step {step}; continue with --resume --out {out}"
+    train_head.train(train_args(directory, out, data, resume=True, steps=step + 1, anchors=2, batch=1))
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == step + 1
