@@ -144,6 +144,8 @@ GRAPH_KEY_RUNS = [  # consecutive generations of one engine; each changes one th
     (SamplingParams(temperature=1.7, top_p=0.5, top_k=3, seed=6, max_new_tokens=16, ignore_eos=True), (8, 4, None)),
     (SamplingParams(temperature=1.7, top_p=0.5, top_k=3, seed=6, max_new_tokens=16, ignore_eos=True), (16, 2, 3)),
     (SamplingParams(max_new_tokens=16, ignore_eos=True), (16, 2, 3)),
+    (SamplingParams(max_new_tokens=16, ignore_eos=True), (16, 2, None)),  # only the depth limit changes
+    (SamplingParams(max_new_tokens=16, ignore_eos=True), (16, 1, None)),  # only the width changes
 ]
 
 
