@@ -77,7 +77,31 @@ MUTANTS = [
            "prefix_lens=torch.full((1,), 0,", ("tests/test_prefill.py",)),
     Mutant("mask/head-block-anticausal", "nanojet/head.py", "return ones.tril() if self.config.causal else ones",
            "return ones.triu() if self.config.causal else ones", ("tests/test_head.py",)),
+    # acceptance walk: a node is accepted only when every ancestor matched too
+    Mutant("accept/ignores-ancestors", "nanojet/tree.py",
+           "accepted = (matches[None, :] | ~ancestors).all(dim=-1)", "accepted = matches.clone()",
+           ("tests/test_tree.py", "tests/test_speculative.py")),
+    # padding nodes must never be accepted (token -1 matches no choice)
+    Mutant("tree/padding-token-zero", "nanojet/tree.py", "torch.full((extra,), -1, dtype=torch.int64, device=device)",
+           "torch.full((extra,), 0, dtype=torch.int64, device=device)", ("tests/test_tree.py", "tests/test_round.py")),
+    # the draft block sees the committed context: prefix = committed length
+    Mutant("draft/context-one-short", "nanojet/static_round.py",
+           "block_tables=block_table, prefix_lens=length.to(torch.int32),\n"
+           "                                 query_starts=self.query_starts[block_size]",
+           "block_tables=block_table, prefix_lens=(length - 1).to(torch.int32),\n"
+           "                                 query_starts=self.query_starts[block_size]",
+           ("tests/test_head.py", "tests/test_train_head.py")),
+    # pages: a trim that frees a page still holding committed K/V
+    Mutant("kv/trim-frees-a-live-page", "nanojet/kv_cache.py", "keep = -(-num_slots // self.kv_page_size)",
+           "keep = num_slots // self.kv_page_size", ("tests/test_kv_cache.py", "tests/test_round.py")),
+    # stops: EOS inside an accepted path is emitted, nothing after it
+    Mutant("stop/eos-dropped", "nanojet/engine.py", 'stats.finish_reason = "eos"\n                return new[:i + 1]',
+           'stats.finish_reason = "eos"\n                return new[:i]',
+           ("tests/test_speculative.py", "tests/test_errors_and_cli.py")),
     # sampling filters
+    Mutant("sampling/top-k-one-more", "nanojet/sampling.py", "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",
+           "kth = torch.topk(logits, top_k + 1, dim=-1).values[..., -1:]",
+           ("tests/test_sampling.py", "tests/test_round.py")),
     Mutant("sampling/top-p-drops-boundary", "nanojet/sampling.py", "drop_sorted = probs.cumsum(-1) - probs >= top_p",
            "drop_sorted = probs.cumsum(-1) >= top_p", ("tests/test_sampling.py", "tests/test_round.py")),
 ]
