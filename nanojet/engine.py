@@ -4,8 +4,6 @@ Invariant between rounds (DESIGN.md section 1): the target's KV and the head's c
 0 .. n-2; the anchor x_{n-1} (the last emitted token) has no KV yet. Plain decoding is the same round with a
 one-node tree, so both modes share every line that decides which token comes next.
 """
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,18 +17,13 @@ from .qwen3 import Qwen3
 from .round_runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
 from .sampling import SamplingParams, sample
 from .static_round import StaticRound
+from .toolchain import check_toolchain
 from .tree import accept, anchor_tree, build_tree, read_outcome, round_outcome
 
 # How rounds run: "eager" builds each round's metadata on the host (the reference); "static" runs the static-shape
 # round over persistent buffers without compiling (what the other modes build graphs of); "compiled" is
 # torch.compile, inside one CUDA graph per round shape on CUDA; "graphed" is the CUDA graph alone (CUDA only).
 EXECUTIONS = ("eager", "static", "compiled", "graphed")
-
-
-def _cpp_compiler() -> str | None:
-    """The C++ compiler inductor would find for CPU kernels (CXX, else the usual names)."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for path in map(shutil.which, candidates) if path), None)
 
 
 @dataclass
@@ -82,9 +75,7 @@ class Engine:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
         if execution == "graphed" and kv_cache.pool.device.type != "cuda":
             raise ValueError("execution 'graphed' needs CUDA (CUDA graphs); use 'compiled' on the CPU")
-        if execution == "compiled" and kv_cache.pool.device.type == "cpu" and not _cpp_compiler():
-            raise RuntimeError("compiling on the CPU needs a C++ compiler for torch.compile (g++ or clang++); "
-                               "install one or run without compiling")
+        check_toolchain(kv_cache.pool.device, execution)
         self.execution = execution
         self._runners: dict[tuple, RoundRunner] = {}
         self._graph_memory_pool = None
