@@ -16,8 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes keep the bf16 kernel free of register spills on sm_90 at head_dim 128. fp32 inputs use exact
-# (FMA, "ieee") dots, whose operands need far more registers, so they get small tiles.
+# Tiles and warps (`_warps`) are chosen so that no specialisation the engine launches spills registers on sm_80
+# or sm_90 at head_dim 128: nanojet/kernel_gate.py compiles every one with ptxas and fails CI on a spill. With four
+# warps, 64-row bf16 tiles spilled on sm_80 and every fp32 tile spilled on both (255 registers, up to 452 bytes);
+# eight warps remove it. fp32 inputs use exact (FMA, "ieee") dots, whose operands need far more registers, so
+# they also get small tiles.
 MAX_BLOCK_ROWS = 64       # query rows (token x head) per program
 MAX_TILE_ELEMENTS = 4096  # rows x head_dim above which a key tile shrinks from 64 to 32 keys
 FP32_MAX_BLOCK_ROWS = 16

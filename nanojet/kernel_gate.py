@@ -37,13 +37,16 @@ class GPU:
 
 
 GPUS = {80: GPU("A100 (sm_80)", 80, 108, 166912), 90: GPU("H100/H200 (sm_90)", 90, 132, 232448)}
-SHAPES = ("qwen3-0.6b", "qwen3-8b")        # nanojet.synthetic shapes, cut to one target and one head layer
+SHAPES = ("qwen3-0.6b", "qwen3-8b")  # nanojet.synthetic shapes, cut to one target and one head layer
 DTYPES = ("bfloat16", "float32")
+TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 PREFILL_CHUNK = 512
-PROMPT_TAIL = 300                         # a prefill (or a last chunk) whose length is not a multiple of 16
-CONTEXTS = {"short": 256, "full": 40960}  # max_model_len: a narrow block table (no split-K) and Qwen3's full one
-PATH_LENGTHS = (1, 7, 16)                 # accepted rows a commit moves: plain decoding, a short path, block 16
-TRAINING_BATCH = (4, 256)                 # train_head.py's default batch x sequence length
+PROMPT_TAIL = 300                    # a prefill (or a last chunk) whose length is not a multiple of 16
+PATH_LENGTHS = (1, 7, 16)            # accepted rows a commit moves: plain decoding, a short path, block 16
+TRAINING_BATCH = (4, 256)            # train_head.py's default batch x sequence length
+# Keys a block table can address: Qwen3's context plus the widest tree (the engine's split-K regime), and a
+# table too short to split (what a GPU with more multiprocessors, or batched rounds, launch).
+BLOCK_TABLE_KEYS = {"40960-token context": 40960 + 512, "256-key table": 256}
 
 
 @dataclass
@@ -65,17 +68,17 @@ class Models:
         del self.target.layers[1:]  # a 2-layer cut keeps the head's taps legal; one layer launches what all do
         del self.head.layers[1:]
         config = self.target.config
-        pages = -(-(CONTEXTS["full"] + 512) // self.page_size)
+        pages = -(-max(BLOCK_TABLE_KEYS.values()) // self.page_size)
         self.pool = torch.empty(2, 2, pages, self.page_size, config.num_key_value_heads, config.head_dim,
                                 dtype=NAMED_DTYPES[self.dtype], device=meta)
 
-    def metadata(self, count: int, context: str, visibility_words: int | None = None):
+    def metadata(self, count: int, table_keys: int = max(BLOCK_TABLE_KEYS.values())):
         """Attention metadata of one sequence appending `count` tokens after a prefix, as the engine builds it."""
         import torch
         from .kv_cache import AttentionMetadata
         meta = torch.device("meta")
-        words = visibility_words or -(-count // 32)
-        max_pages = -(-(CONTEXTS[context] + 512) // self.page_size)
+        words = -(-count // 32)
+        max_pages = -(-table_keys // self.page_size)
         return AttentionMetadata(positions=torch.empty(count, dtype=torch.int64, device=meta),
                                  slot_mapping=torch.empty(count, dtype=torch.int64, device=meta),
                                  block_tables=torch.empty(1, max_pages, dtype=torch.int32, device=meta),
@@ -93,53 +96,56 @@ class Models:
         return torch.empty(count, width, dtype=self.pool.dtype, device="meta")
 
 
-def verify(models: Models, count: int, context: str) -> None:
+def verify(models: Models, count: int) -> None:
     """The target over `count` new tokens (a tree, a prefill chunk, one decode token) with the head's taps."""
-    taps = (0,) if count > 1 else ()
-    models.target(models.tokens(count), models.metadata(count, context), models.pool[:1], taps)
+    for keys in BLOCK_TABLE_KEYS.values():
+        taps = (0,) if count > 1 else ()
+        models.target(models.tokens(count), models.metadata(count, keys), models.pool[:1], taps)
 
 
-def draft(models: Models, context: str) -> None:
-    """The head over its block `[anchor, MASK x (B-1)]`."""
-    block_size = models.head.config.block_size
-    embeds = models.target.embed_tokens(models.tokens(block_size))
-    models.head(embeds, models.metadata(block_size, context), models.pool[1:])
+def draft(models: Models, count: int) -> None:
+    """The head over its block `[anchor, MASK x (B-1)]` (`count` = block size)."""
+    for keys in BLOCK_TABLE_KEYS.values():
+        models.head(models.target.embed_tokens(models.tokens(count)), models.metadata(count, keys), models.pool[1:])
 
 
 def head_context(models: Models, count: int) -> None:
     """The head's context K/V of `count` new committed positions (prefill, or an accepted path)."""
-    meta = models.metadata(count, "full")
+    meta = models.metadata(count)
     models.head.extend_context(models.taps(count), meta.positions, meta.slot_mapping, models.pool[1:])
 
 
 def commit(models: Models, count: int) -> None:
-    """Moving an accepted path's K/V rows in every target layer."""
+    """Moving an accepted path's `count` K/V rows in every target layer."""
     import kernels
     slots = models.tokens(count)
     kernels.move_kv(models.pool[:1], slots, slots)
 
 
-def training(models: Models) -> None:
-    """One distillation loss (nanojet/distill.py): the frozen target's teacher forward runs the Triton kernels;
-    the head's forward needs gradients and runs autograd-capable torch ops."""
+def training_step(models: Models, count: int) -> None:
+    """One distillation loss and its backward (nanojet/distill.py, `count` = batch x sequence tokens): the frozen
+    target's teacher forward runs the Triton kernels, the head's forward the autograd-capable torch ops."""
     import random
+
+    import torch
     from .distill import head_loss
     batch, seq = TRAINING_BATCH
-    head_loss(models.target, models.head, models.tokens(batch, seq), 16, "kl", 1.0, None, random.Random(0))
+    models.target.requires_grad_(False)
+    with torch.enable_grad():
+        loss, _ = head_loss(models.target, models.head, models.tokens(batch, seq), 16, "kl", 1.0, None,
+                            random.Random(0))
+        loss.backward()
 
 
-def _each_context(run):
-    return lambda models, count: [run(models, count, context) for context in CONTEXTS]
-
-
-# name -> (what it launches, the token counts it is launched with)
+# What the engine, the head and training launch: name -> (launch, the token counts it runs with). A new kernel is
+# covered by one entry here (or by a new model shape in SHAPES when the target forward launches it).
 WORKLOADS = {
-    "tree verify": (_each_context(verify), (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
-    "prefill": (_each_context(verify), (PREFILL_CHUNK, PROMPT_TAIL)),
-    "draft block": (lambda models, count: [draft(models, context) for context in CONTEXTS], (16,)),
+    "tree verify": (verify, TREE_BUCKETS),
+    "prefill": (verify, (PREFILL_CHUNK, PROMPT_TAIL)),
+    "draft block": (draft, (16,)),
     "head context": (head_context, (PREFILL_CHUNK, PROMPT_TAIL) + PATH_LENGTHS),
     "commit": (commit, PATH_LENGTHS),
-    "training step": (lambda models, count: training(models), (TRAINING_BATCH[0] * TRAINING_BATCH[1],)),
+    "training step": (training_step, (TRAINING_BATCH[0] * TRAINING_BATCH[1],)),
 }
 
 
@@ -206,8 +212,9 @@ class Gate:
             return True
         numbers = {k: max((int(m) for m in re.findall(pattern, log.getvalue())), default=0)
                    for k, pattern in _PTXAS_NUMBERS.items()}
-        constants = {str(path[0] if len(path) == 1 else path): value for path, value in compile["constants"].items()
-                     if isinstance(value, (int, bool, str))}
+        arg_names = fn.jit_function.arg_names
+        constants = {arg_names[path[0]]: value for path, value in compile["constants"].items()
+                     if len(path) == 1 and isinstance(value, (int, bool, str))}
         self.kernels[record_key] = {"kernel": name, "launched_by": {self.where}, "num_warps": options["num_warps"],
                                     "constants": constants, **numbers, "shared": compiled.metadata.shared}
         return True
@@ -225,6 +232,24 @@ class Gate:
         return {"gpu": self.gpu.name, "capability": self.gpu.capability, "specialisations": len(records),
                 "errors": self.errors, "spills": spills, "over_shared_memory": over,
                 "not_covered": sorted(set(_all_triton_kernels()) - compiled_names), "kernels": records}
+
+
+PROBE_SIZE = 16384
+
+
+def _define_spill_probe():
+    """A kernel that must spill (a computed 16K-element row, 512 values per thread of one warp, stays live across a
+    reduction; a loaded row could be loaded again instead): the control proving the gate reads ptxas's spills."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _spill_probe(x_ptr, SIZE: tl.constexpr):
+        offsets = tl.arange(0, SIZE)
+        x = tl.load(x_ptr + offsets)
+        y = tl.exp(x) * 3.0 + x
+        tl.store(x_ptr + offsets, y / tl.sum(y * y, axis=0))
+    return _spill_probe
 
 
 def _all_triton_kernels() -> list[str]:
@@ -254,6 +279,7 @@ def run(capability: int) -> dict:
     import kernels
     gpu = GPUS[capability]
     gate = Gate(gpu)
+    _spill_probe = _define_spill_probe()
     driver.set_active(CompileOnlyDriver(gpu))
     knobs.runtime.jit_cache_hook = gate.hook
     kernels.set_backend("triton")
@@ -265,12 +291,21 @@ def run(capability: int) -> dict:
                     for name, (launch, counts) in WORKLOADS.items():
                         for count in counts:
                             gate.where = f"{name} {shape} {dtype} n={count}"
-                            with torch.enable_grad() if name == "training step" else contextlib.nullcontext():
-                                launch(models, count)
+                            launch(models, count)
+            gate.where = "spill probe"
+            _spill_probe[(1,)](torch.empty(PROBE_SIZE, device="meta"), SIZE=PROBE_SIZE, num_warps=1)
     finally:
         kernels.set_backend(None)
         knobs.runtime.jit_cache_hook = None  # the compile-only driver stays: this process owns no GPU
-    return gate.report()
+    report = gate.report()
+    probe = [r for r in report["kernels"] if r["kernel"].endswith("_spill_probe")]
+    if not probe or not probe[0].get("spill_stores"):
+        raise RuntimeError("the spill probe compiled without spills: ptxas's -v log was not read, so no spill "
+                           "would be seen; check knobs.nvidia.dump_ptxas_log in this Triton version")
+    report["kernels"].remove(probe[0])
+    report["spills"].remove(probe[0])
+    report["specialisations"] -= 1
+    return report
 
 
 def main(argv=None) -> int:
