@@ -89,3 +89,31 @@ def test_training_with_the_triton_backend(hf_model_dir, monkeypatch):
     torch.testing.assert_close(triton_loss, torch_loss, atol=1e-5, rtol=1e-5)
     for a, b in zip(triton_grads, torch_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_train_head_on_a_synthetic_target_evaluates_with_that_target(tmp_path, monkeypatch, capsys):
+    """--synthetic trains against a random target of a published shape (here a tiny one added for the test) and
+    the tau eval at a checkpoint reuses it: no second model is loaded."""
+    import json
+
+    import train_head
+    from nanojet import synthetic
+    monkeypatch.setitem(synthetic.SHAPES, "tiny-test", dict(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=8300, tie_word_embeddings=True))
+
+    def no_second_model(*args, **kwargs):
+        raise AssertionError("a second model was loaded")
+    monkeypatch.setattr(train_head, "load_target", no_second_model)
+    monkeypatch.setattr(train_head, "LLM", no_second_model)
+    data = tmp_path / "data.jsonl"
+    rng = random.Random(0)
+    data.write_text("\n".join(json.dumps({"text": "".join(rng.choice("def (x):\n  return") for _ in range(400))})
+                              for _ in range(3)))
+    args = train_head.parse_args(["--synthetic", "tiny-test", "--out", str(tmp_path / "head"), "--data", str(data),
+                                  "--steps", "2", "--checkpoint-every", "2", "--batch", "2", "--seq", "64",
+                                  "--anchors", "4", "--eval-prompts", "1", "--device", "cpu"])
+    train_head.train(args)
+    evals = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"step"')]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert evals[0]["tau_chain"] >= 1.0 and evals[0]["tau_budget64"] >= 1.0
