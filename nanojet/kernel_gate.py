@@ -19,13 +19,21 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch
+
+import kernels
+from .distill import head_loss
+from .kv_cache import AttentionMetadata
+from .llm import DTYPES as NAMED_DTYPES
+from .synthetic import synthetic_models
+
+# Triton itself is imported inside functions, after run() has pointed its cache at a fresh folder.
 
 
 @dataclass(frozen=True)
@@ -54,15 +62,12 @@ class Models:
     """A one-layer target and head in one shape and dtype, on the meta device, with a KV pool."""
     shape: str
     dtype: str
-    target: object = None
-    head: object = None
-    pool: object = None
+    target: torch.nn.Module | None = None
+    head: torch.nn.Module | None = None
+    pool: torch.Tensor | None = None
     page_size: int = 16
 
     def __post_init__(self) -> None:
-        import torch
-        from .llm import DTYPES as NAMED_DTYPES
-        from .synthetic import synthetic_models
         meta = torch.device("meta")
         self.target, self.head = synthetic_models(self.shape, NAMED_DTYPES[self.dtype], meta, layers=2)
         del self.target.layers[1:]  # a 2-layer cut keeps the head's taps legal; one layer launches what all do
@@ -74,8 +79,6 @@ class Models:
 
     def metadata(self, count: int, table_keys: int = max(BLOCK_TABLE_KEYS.values())):
         """Attention metadata of one sequence appending `count` tokens after a prefix, as the engine builds it."""
-        import torch
-        from .kv_cache import AttentionMetadata
         meta = torch.device("meta")
         words = -(-count // 32)
         max_pages = -(-table_keys // self.page_size)
@@ -86,12 +89,10 @@ class Models:
                                  query_starts=torch.empty(2, dtype=torch.int32, device=meta),
                                  visibility=torch.empty(count, words, dtype=torch.int32, device=meta))
 
-    def tokens(self, *shape: int):
-        import torch
+    def tokens(self, *shape: int) -> torch.Tensor:
         return torch.empty(*shape, dtype=torch.int64, device="meta")
 
-    def taps(self, count: int):
-        import torch
+    def taps(self, count: int) -> torch.Tensor:
         width = len(self.head.config.target_layer_ids) * self.target.config.hidden_size
         return torch.empty(count, width, dtype=self.pool.dtype, device="meta")
 
@@ -117,7 +118,6 @@ def head_context(models: Models, count: int) -> None:
 
 def commit(models: Models, count: int) -> None:
     """Moving an accepted path's `count` K/V rows in every target layer."""
-    import kernels
     slots = models.tokens(count)
     kernels.move_kv(models.pool[:1], slots, slots)
 
@@ -125,10 +125,6 @@ def commit(models: Models, count: int) -> None:
 def training_step(models: Models, count: int) -> None:
     """One distillation loss and its backward (nanojet/distill.py, `count` = batch x sequence tokens): the frozen
     target's teacher forward runs the Triton kernels, the head's forward the autograd-capable torch ops."""
-    import random
-
-    import torch
-    from .distill import head_loss
     batch, seq = TRAINING_BATCH
     models.target.requires_grad_(False)
     with torch.enable_grad():
@@ -168,8 +164,7 @@ class CompileOnlyDriver:
     def get_current_stream(self, device=None) -> int:
         return 0
 
-    def get_active_torch_device(self):
-        import torch
+    def get_active_torch_device(self) -> torch.device:
         return torch.device("meta")
 
     def get_device_properties(self, device) -> dict:
@@ -184,18 +179,19 @@ _PTXAS_NUMBERS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) 
 class Gate:
     gpu: GPU
     where: str = ""  # the workload and shape being run, for the report
-    kernels: dict = field(default_factory=dict)  # specialisation key -> record
+    records: dict = field(default_factory=dict)  # specialisation key -> what was compiled, and its resources
     errors: list = field(default_factory=list)
 
     def hook(self, *, key, repr, fn, compile, is_manual_warmup, already_compiled) -> bool:
         """Triton's jit_cache_hook: compile this specialisation once for the target GPU; True skips the launch."""
         import triton
         from triton import knobs
+        from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
         name = fn.name
         record_key = f"{name}:{key}"
-        if record_key in self.kernels:
-            self.kernels[record_key]["launched_by"].add(self.where)
+        if record_key in self.records:
+            self.records[record_key]["launched_by"].add(self.where)
             return True
         source = ASTSource(fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0])
         options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion",
@@ -204,28 +200,23 @@ class Gate:
         knobs.nvidia.dump_ptxas_log = True  # Triton already runs ptxas -v; this prints its log
         try:
             with contextlib.redirect_stdout(log):
-                compiled = triton.compile(source, target=self.driver_target, options=options)
+                compiled = triton.compile(source, target=GPUTarget("cuda", self.gpu.capability, 32), options=options)
         except Exception as error:  # noqa: BLE001 - every failure is reported, with where it came from
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             self.errors.append({"kernel": name, "launched_by": self.where, "error": first_line[:300]})
-            self.kernels[record_key] = {"kernel": name, "launched_by": {self.where}, "failed": True}
+            self.records[record_key] = {"kernel": name, "launched_by": {self.where}, "failed": True}
             return True
         numbers = {k: max((int(m) for m in re.findall(pattern, log.getvalue())), default=0)
                    for k, pattern in _PTXAS_NUMBERS.items()}
         arg_names = fn.jit_function.arg_names
         constants = {arg_names[path[0]]: value for path, value in compile["constants"].items()
                      if len(path) == 1 and isinstance(value, (int, bool, str))}
-        self.kernels[record_key] = {"kernel": name, "launched_by": {self.where}, "num_warps": options["num_warps"],
+        self.records[record_key] = {"kernel": name, "launched_by": {self.where}, "num_warps": options["num_warps"],
                                     "constants": constants, **numbers, "shared": compiled.metadata.shared}
         return True
 
-    @property
-    def driver_target(self):
-        from triton.backends.compiler import GPUTarget
-        return GPUTarget("cuda", self.gpu.capability, 32)
-
     def report(self) -> dict:
-        records = [{**r, "launched_by": sorted(r["launched_by"])} for r in self.kernels.values()]
+        records = [{**r, "launched_by": sorted(r["launched_by"])} for r in self.records.values()]
         spills = [r for r in records if r.get("spill_stores") or r.get("spill_loads")]
         over = [r for r in records if r.get("shared", 0) + r.get("static_shared", 0) > self.gpu.max_shared_bytes]
         compiled_names = {r["kernel"] for r in records}
@@ -272,11 +263,8 @@ def run(capability: int) -> dict:
         raise ValueError(f"no GPU of capability {capability} is described; use one of {sorted(GPUS)}")
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanojet-kernel-gate-")  # nothing carried over
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-    import torch
     from triton import knobs
     from triton.runtime.driver import driver
-    sys.path.insert(0, str(ROOT))
-    import kernels
     gpu = GPUS[capability]
     gate = Gate(gpu)
     _spill_probe = _define_spill_probe()

@@ -52,7 +52,7 @@ def main() -> int:
                  str(args.vocab), "--measure", str(chunk_elements)]
         peak = int(subprocess.run(child, check=True, capture_output=True, text=True).stdout)
         print(json.dumps({"variant": name, "device": args.device, "rows": args.rows, "vocab": args.vocab,
-                          "peak_mb": round(peak / 2**20), "above_output_mb": round((peak - output_bytes) / 2**20)}))
+                          "peak_mib": round(peak / 2**20), "above_output_mib": round((peak - output_bytes) / 2**20)}))
     return 0
 
 
