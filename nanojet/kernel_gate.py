@@ -261,11 +261,15 @@ def run(capability: int) -> dict:
         raise RuntimeError("the kernel gate compiles for a GPU: run it without TRITON_INTERPRET=1")
     if capability not in GPUS:
         raise ValueError(f"no GPU of capability {capability} is described; use one of {sorted(GPUS)}")
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nanojet-kernel-gate-")  # nothing carried over
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    with tempfile.TemporaryDirectory(prefix="nanojet-kernel-gate-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # every run compiles from scratch and leaves nothing behind
+        return _compile_workloads(GPUS[capability])
+
+
+def _compile_workloads(gpu: GPU) -> dict:
     from triton import knobs
     from triton.runtime.driver import driver
-    gpu = GPUS[capability]
     gate = Gate(gpu)
     _spill_probe = _define_spill_probe()
     driver.set_active(CompileOnlyDriver(gpu))
