@@ -75,7 +75,7 @@ else
     printf '%s\t%s\t%s\t%s\t%s\n' "bench-graphs" "not-available" "" "0" \
         "bench.py has no --enforce-eager yet, so no CUDA-graph-only mode to run" >> "$legs"
 fi
-run_leg train-head 90 "$python" train_head.py --synthetic qwen3-0.6b --steps 200 --checkpoint-every 100 \
+run_leg train-head 120 "$python" train_head.py --synthetic qwen3-0.6b --steps 200 --checkpoint-every 100 \
     --eval-prompts 2 --device cuda --out "$out/head-synthetic-0.6b"
 run_leg sampling-memory 30 "$python" scripts/sampling_memory.py --device cuda
 run_leg bench-compiled "$(( $(remaining) > 30 ? $(remaining) : 30 ))" "${bench[@]}" --compile \
