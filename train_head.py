@@ -31,8 +31,10 @@ if __name__ == "__main__":
 import torch
 
 from nanojet.config import ModelConfig
+from nanojet.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
 from nanojet.head import DraftHead, HeadConfig, load_head
-from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, load_target, resolve_device
+from nanojet.llm import DEFAULT_MODEL, DTYPES, load_target, resolve_device, resolve_dtype
+from nanojet.synthetic import SHAPES, synthetic_target
 from nanojet.tokenizer import Tokenizer
 from nanojet.train_data import load_corpus
 from nanojet.train_state import LEGACY_NAME, load_train_state, save_train_state, state_exists
@@ -48,77 +50,21 @@ def default_layer_ids(num_target_layers: int, count: int = 3) -> list[int]:
     return sorted({round(1 + i * (last - 1) / (count - 1)) for i in range(count)})
 
 
-def training_mask(lengths: list[int], anchors: list[list[int]], block_size: int, causal: bool) -> torch.Tensor:
-    """Block-sparse bool mask `[Q, C + Q]` for blocks of several sequences flattened into one forward.
-
-    Context rows are every sequence's positions laid end to end (C = sum of lengths); block rows are the blocks
-    of every anchor, in order. A block of anchor a in sequence s sees s's context rows < a, and its own rows
-    (all of them, or rows <= itself when causal) — exactly what the inference path shows the head."""
-    context_size = sum(lengths)
-    blocks = sum(len(a) for a in anchors)
-    mask = torch.zeros(blocks * block_size, context_size + blocks * block_size, dtype=torch.bool)
-    inner = torch.ones(block_size, block_size, dtype=torch.bool)
-    inner = inner.tril() if causal else inner
-    row, offset = 0, 0
-    for length, sequence_anchors in zip(lengths, anchors):
-        for anchor in sequence_anchors:
-            rows = slice(row, row + block_size)
-            mask[rows, offset:offset + anchor] = True
-            mask[rows, context_size + row:context_size + row + block_size] = inner
-            row += block_size
-        offset += length
-    return mask
-
-
-def head_loss(target, head: DraftHead, tokens: torch.Tensor, anchors_per_sequence: int, loss_kind: str,
-              temperature: float, gamma: float | None, generator: random.Random) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch `[batch, seq]` of token ids; returns (loss, per-depth accuracy of the head's argmax)."""
-    batch, seq = tokens.shape
-    block_size = head.config.block_size
-    with torch.no_grad():
-        hidden, taps = target.forward_dense(tokens, tap_layers=tuple(head.config.target_layer_ids))
-        teacher_logits = target.logits(hidden)  # [batch, seq, V]: row p predicts the token at p + 1
-    # An anchor needs context before it (a >= 1) and a full block of labels inside the sequence.
-    anchors = [sorted(generator.sample(range(1, seq - block_size + 1), anchors_per_sequence)) for _ in range(batch)]
-    positions = torch.arange(seq)
-    context = head.project_context(taps.flatten(0, 1))
-    block_tokens = torch.full((batch, anchors_per_sequence, block_size), head.config.mask_token_id)
-    label_index = torch.zeros(batch, anchors_per_sequence, block_size - 1, dtype=torch.long)
-    for b in range(batch):
-        for i, a in enumerate(anchors[b]):
-            block_tokens[b, i, 0] = tokens[b, a]
-            label_index[b, i] = b * seq + a + torch.arange(block_size - 1)  # row j (1..B-1) <- position a+j-1
-    block_positions = (torch.tensor(anchors)[:, :, None] + torch.arange(block_size)).flatten()
-    mask = training_mask([seq] * batch, anchors, block_size, head.config.causal)
-    out = head.forward_dense(context, positions.repeat(batch), target.embed_tokens(block_tokens.flatten()),
-                             block_positions, mask)
-    student = target.logits(out.view(batch, anchors_per_sequence, block_size, -1)[:, :, 1:])  # anchor row: no loss
-    teacher = teacher_logits.flatten(0, 1)[label_index]  # [batch, anchors, B-1, V]
-    if loss_kind == "kl":
-        teacher_logp = torch.log_softmax(teacher / temperature, -1)
-        student_logp = torch.log_softmax(student / temperature, -1)
-        per_row = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    else:
-        per_row = torch.nn.functional.cross_entropy(student.flatten(0, 2), teacher.argmax(-1).flatten(),
-                                                    reduction="none").view(student.shape[:-1])
-    depth = torch.arange(block_size - 1, dtype=torch.float32)
-    weights = torch.exp(-depth / gamma) if gamma else torch.ones_like(depth)
-    loss = (per_row.mean((0, 1)) * weights).sum() / weights.sum()
-    accuracy = (student.argmax(-1) == teacher.argmax(-1)).float().mean((0, 1))
-    return loss, {"per_depth_accuracy": [round(x, 3) for x in accuracy.tolist()]}
-
-
-def evaluate_tau(model_dir: Path, head_dir: Path, prompts: list[list[int]], device: str) -> dict:
-    """Accepted tokens per round on held-out prompts: a chain of B-1 drafts and a budget-64 tree."""
+def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
+    """Accepted tokens per round on held-out prompts (64 new tokens each, EOS ignored): a chain of B-1 drafts and
+    a budget-64 tree. Reuses the training target; only the head is loaded, from its checkpoint."""
     from nanojet.engine import SpeculativeParams
     from nanojet.sampling import SamplingParams
-    llm = LLM(model_dir, head=head_dir, device=device)
-    depth = llm.head.config.block_size - 1
+    from nanojet.synthetic import build_engine
+    head = load_head(head_dir, target.config, target.norm.dtype, target.norm.device).eval()
+    new_tokens = 64
+    engine = build_engine(target, head, max(map(len, prompts)) + new_tokens + 1, max_tree_nodes=64)
+    depth = head.config.block_size - 1
     result = {}
     for name, spec in (("chain", SpeculativeParams(budget=depth + 1, width=1)), ("budget64", SpeculativeParams(64, 4))):
         rounds = accepted = 0
         for prompt in prompts:
-            stats = llm.generate(prompt, SamplingParams(max_new_tokens=64), spec).stats
+            stats = engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), spec).stats
             rounds, accepted = rounds + stats.rounds, accepted + stats.accept_len * stats.rounds
         result[f"tau_{name}"] = round(accepted / max(1, rounds), 3)
     return result
@@ -158,6 +104,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order, anchors and initial weights")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="where to train (auto: CUDA if available)")
+    parser.add_argument("--synthetic", choices=sorted(SHAPES), default=None,
+                        help="train against a random target of this published shape (--model gives the tokenizer)")
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of the published head (the resume state keeps fp32)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
@@ -273,7 +221,10 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = Tokenizer.from_dir(args.model)
-    target = load_target(args.model, torch.float32, device).requires_grad_(False)
+    # The frozen target in the device's inference dtype (bf16 on CUDA, under autocast); the head keeps fp32 weights.
+    dtype = resolve_dtype("auto", device)
+    target = synthetic_target(args.synthetic, dtype, device) if args.synthetic else load_target(args.model, dtype, device)
+    target.requires_grad_(False)
     check_step_fits(args, target.config, available_memory_bytes(device))
     if args.resume:
         head = load_head(out, target.config, torch.float32, device)  # the config; fp32 weights come below
@@ -322,6 +273,7 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
         step += 1
         elapsed = time.time() - start
         rate = (step - first_step) / elapsed
+        info["per_depth_accuracy"] = [round(x, 3) for x in info["per_depth_accuracy"].tolist()]  # the step's read
         print(f"\rstep {step}/{args.steps} loss {loss.item():.4f} acc@1 {info['per_depth_accuracy'][0]:.3f} "
               f"acc@{args.block_size - 1} {info['per_depth_accuracy'][-1]:.3f} "
               f"{rate * args.batch * args.seq:.0f} tok/s ETA {(args.steps - step) / rate / 60:.1f} min",
@@ -332,7 +284,7 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
             print(f"\ncheckpoint at step {step}: loss {loss.item():.4f}, per-depth accuracy "
                   f"{info['per_depth_accuracy']}", flush=True)
             if eval_prompts:
-                print(json.dumps({"step": step, **evaluate_tau(args.model, out, eval_prompts, args.device)}),
+                print(json.dumps({"step": step, **evaluate_tau(target, out, eval_prompts)}),
                       flush=True)
         if interrupt is not None and interrupt.requested:
             if not saved:

@@ -2,6 +2,8 @@
 
 `set_backend("triton")` forces the Triton kernels (on CPU they need TRITON_INTERPRET=1, set before triton is
 imported); `set_backend("torch")` forces the reference; `set_backend(None)` restores the automatic choice.
+A call whose inputs need gradients (training the draft head) always runs the reference: the Triton kernels have
+no backward.
 
 Under torch.compile the elementwise kernels are traced from their torch reference (the compiler writes its own
 fused kernels, Triton ones on CUDA), and the three kernels that touch the KV pool are opaque custom ops
@@ -25,9 +27,12 @@ def set_backend(name: str | None) -> None:
     _forced_backend = name
 
 
-def _impl(tensor: torch.Tensor):
+def _impl(tensor: torch.Tensor, *operands: torch.Tensor | None):
+    """The module that runs a kernel on `tensor` (and the other differentiable `operands`)."""
     if torch.compiler.is_compiling():
         return reference  # traced: the compiler generates its own fused kernels from the torch code
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *operands)):
+        return reference  # training: the Triton kernels define no backward, the torch ops do
     use_triton = _forced_backend == "triton" or (_forced_backend is None and tensor.is_cuda)
     if use_triton:
         from . import triton_ops  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
@@ -36,11 +41,11 @@ def _impl(tensor: torch.Tensor):
 
 
 def rms_norm(x, weight, eps, residual=None):
-    return _impl(x).rms_norm(x, weight, eps, residual)
+    return _impl(x, weight, residual).rms_norm(x, weight, eps, residual)
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps):
-    return _impl(q).qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
+    return _impl(q, k, q_weight, k_weight).qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
 
 
 def silu_and_mul(gate_up):

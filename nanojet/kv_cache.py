@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
 from kernels.reference import pack_visibility
 
 

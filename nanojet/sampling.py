@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 _MASK32 = 0xFFFFFFFF
+NOISE_CHUNK_ELEMENTS = 1 << 21  # int64 temporaries of at most 16 MB while hashing noise
 
 
 @dataclass
@@ -59,15 +60,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab_size: int,
+                 chunk_elements: int = NOISE_CHUNK_ELEMENTS) -> torch.Tensor:
     """`[N, V]` fp32 Gumbel noise; row i depends only on (seed, positions[i]). A 0-dim tensor seed keeps the
-    value out of a compiled graph's constants (one graph serves every seed)."""
+    value out of a compiled graph's constants (one graph serves every seed).
+
+    The 32-bit hash runs on int64 lanes, about ten `[N, V]` int64 temporaries if done in one go (622 MB each at
+    N=512, V=151,936), so it runs over column chunks of about `chunk_elements` elements instead; the values do
+    not depend on the chunking. A decode step (N=1) still takes the whole vocabulary in one chunk."""
     seed = torch.as_tensor(seed, dtype=torch.int64, device=positions.device)
-    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(seed)))
-    column = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
-    bits = _mix32((row[:, None] * 0x01000193 + column[None, :] * 0x9E3779B1) & _MASK32)
-    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 random bits, strictly inside (0, 1)
-    return -torch.log(-torch.log(uniform))
+    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(seed)))[:, None] * 0x01000193  # [N, 1]
+    noise = torch.empty(positions.shape[0], vocab_size, dtype=torch.float32, device=positions.device)
+    columns_per_chunk = max(1024, chunk_elements // max(1, positions.shape[0]))
+    for start in range(0, vocab_size, columns_per_chunk):
+        end = min(vocab_size, start + columns_per_chunk)
+        column = torch.arange(start, end, device=positions.device, dtype=torch.int64)
+        bits = _mix32((row + column * 0x9E3779B1) & _MASK32)  # [N, chunk]
+        uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 random bits, strictly inside (0, 1)
+        noise[:, start:end] = -torch.log(-torch.log(uniform))
+    return noise
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -93,4 +104,4 @@ def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     noise = gumbel_noise(params.seed if seed is None else seed, positions, logits.shape[-1])
-    return (filtered + noise).argmax(dim=-1)
+    return noise.add_(filtered).argmax(dim=-1)  # in place: one [N, V] fp32 buffer fewer

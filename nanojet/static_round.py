@@ -18,7 +18,6 @@ the draft block before a step, `finish` trims what the round did not keep after 
 """
 from collections import Counter
 
-import numpy as np
 import torch
 
 import kernels

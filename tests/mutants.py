@@ -39,8 +39,8 @@ MUTANTS = [
     Mutant("noise-key/seed-per-row", "nanojet/static_round.py", "row_seeds = seed.repeat_interleave(bucket)",
            "row_seeds = seed.repeat_interleave(bucket) * 0", ("tests/test_round.py",)),
     # label alignment: block row j is taught the target's distribution after position a+j-1
-    Mutant("labels/shifted", "train_head.py", "b * seq + a + torch.arange(block_size - 1)",
-           "b * seq + a + 1 + torch.arange(block_size - 1)", ("tests/test_train_head.py",)),
+    Mutant("labels/shifted", "nanojet/distill.py", "label_positions = anchors[:, :, None] + offsets[:-1]",
+           "label_positions = anchors[:, :, None] + offsets[1:]", ("tests/test_train_head.py",)),
     # graph keys: a round is built for a tree shape and a sampling mode
     Mutant("graph-key/top_p", "nanojet/engine.py", "params.temperature, params.top_k, params.top_p)",
            "params.temperature, params.top_k)", ("tests/test_round.py", "tests/test_compiled.py")),

@@ -131,6 +131,16 @@ def test_compiling_on_cpu_without_a_cpp_compiler_is_a_clear_error(eager, monkeyp
         Engine(eager.target, eager.kv, 64, [], eager.head, execution="compiled")
 
 
+def test_cuda_without_a_c_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    """Triton builds a C launcher per kernel signature on every CUDA host, whatever the execution mode."""
+    from nanojet.toolchain import check_toolchain
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    for execution in ("eager", "graphed"):
+        with pytest.raises(RuntimeError, match="need a C compiler .*install one"):
+            check_toolchain(torch.device("cuda"), execution)
+    check_toolchain(torch.device("cpu"), "eager")  # the CPU reference path builds nothing
+
+
 class RecordedGraph:
     """A CUDA graph's contract, on CPU: recording does not run the step; each replay runs it and rewrites the
     captured output tensor in place."""

@@ -1,6 +1,5 @@
 """Qwen3-MoE targets: transformers parity (logits at prefill and every decode step, greedy generate), checkpoint
 formats, config validation, and lossless speculation (eager and compiled) on a MoE target."""
-import json
 
 import pytest
 import torch

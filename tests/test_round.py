@@ -7,7 +7,6 @@ import torch
 from conftest import dense_reference, make_engine, oracle_drafter, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams, causal_visibility
-from nanojet.kv_cache import KVCacheExhausted
 from nanojet.sampling import SamplingParams
 from nanojet.static_round import StaticRound
 from kernels.reference import pack_visibility

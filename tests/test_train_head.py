@@ -37,7 +37,7 @@ def test_training_forward_equals_inference_draft(hf_model_dir):
             for i, (s, a) in enumerate((s, a) for s in range(2) for a in anchors[s]):
                 block[i, 0] = sequences[s][a]
                 positions.append(a + torch.arange(8))
-            mask = train_head.training_mask([20, 20], anchors, 8, causal)
+            mask = train_head.training_mask(torch.tensor(anchors), 20, 8, causal)
             hidden = head.forward_dense(context, torch.arange(20).repeat(2), engine.target.embed_tokens(block.flatten()),
                                         torch.cat(positions), mask)
             training = torch.log_softmax(engine.target.logits(hidden.view(4, 8, -1)[:, 1:]), -1)
