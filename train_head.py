@@ -21,6 +21,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from nanojet.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
@@ -51,8 +52,9 @@ def default_layer_ids(num_target_layers: int, count: int = 3) -> list[int]:
 
 
 def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
-    """Accepted tokens per round on held-out prompts (64 new tokens each, EOS ignored): a chain of B-1 drafts and
-    a budget-64 tree. Reuses the training target; only the head is loaded, from its checkpoint."""
+    """Accepted tokens per round on held-out prompts (64 new tokens each, EOS ignored) and acceptance by depth (the
+    share of rounds that accepted the draft at depth d): a chain of B-1 drafts and a budget-64 tree. Reuses the
+    training target; only the head is loaded, from its checkpoint."""
     from nanojet.engine import SpeculativeParams
     from nanojet.sampling import SamplingParams
     from nanojet.synthetic import build_engine
@@ -62,12 +64,53 @@ def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
     depth = head.config.block_size - 1
     result = {}
     for name, spec in (("chain", SpeculativeParams(budget=depth + 1, width=1)), ("budget64", SpeculativeParams(64, 4))):
-        rounds = accepted = 0
+        histogram = Counter()  # tokens emitted per round (bonus included) -> rounds
         for prompt in prompts:
-            stats = engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True), spec).stats
-            rounds, accepted = rounds + stats.rounds, accepted + stats.accept_len * stats.rounds
-        result[f"tau_{name}"] = round(accepted / max(1, rounds), 3)
+            histogram += engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                                         spec).stats.accept_hist
+        rounds = max(1, sum(histogram.values()))
+        result[f"tau_{name}"] = round(sum(k * n for k, n in histogram.items()) / rounds, 3)
+        result[f"accept_by_depth_{name}"] = [round(sum(n for k, n in histogram.items() if k > d) / rounds, 3)
+                                             for d in range(1, depth + 1)]
     return result
+
+
+# The head's shape: flags a new head is built from, and a resumed head keeps (conflicting flags are refused).
+HEAD_SHAPE_DEFAULTS = {"head_layers": 2, "block_size": 8, "target_layer_ids": None, "bidirectional": False,
+                       "mask_token": "<|mask|>"}
+
+
+def resolve_head_shape(args, parser: ArgumentParser) -> None:
+    """Fill the head-shape flags: from the saved head under --resume (refusing a flag that says otherwise),
+    else from the defaults."""
+    if not args.resume:
+        for name, default in HEAD_SHAPE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return
+    config_path = args.out / "config.json"
+    try:
+        saved = HeadConfig.from_dict(json.loads(config_path.read_text()))
+    except FileNotFoundError:
+        parser.error(f"--resume: no head at {args.out} ({config_path} is missing); train one without --resume")
+    except (ValueError, json.JSONDecodeError) as error:
+        parser.error(f"--resume: {config_path} is not a readable head config ({error})")
+    if args.mask_token is not None:  # compared as ids: a token has one id but may be written more than one way
+        try:
+            mask_id = Tokenizer.from_dir(args.model).token_id(args.mask_token)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(f"--mask-token: {error}")
+        if mask_id != saved.mask_token_id:
+            parser.error(f"--mask-token {args.mask_token} (id {mask_id}) conflicts with the resumed head in "
+                         f"{args.out} (mask token id {saved.mask_token_id}); drop the flag, or train a new head")
+    kept = {"head_layers": saved.layers.num_hidden_layers, "block_size": saved.block_size,
+            "target_layer_ids": saved.target_layer_ids, "bidirectional": not saved.causal}
+    for name, value in kept.items():
+        given = getattr(args, name)
+        if given is not None and given != value:
+            parser.error(f"--{name.replace('_', '-')} {given} conflicts with the resumed head in {args.out} "
+                         f"({name.replace('_', ' ')} {value}); drop the flag, or train a new head without --resume")
+        setattr(args, name, value)
 
 
 def build_parser() -> ArgumentParser:
@@ -81,14 +124,19 @@ def build_parser() -> ArgumentParser:
                         help="builtin (the embedded model's training split) or a .jsonl file of text / messages / "
                              "prompt rows")
     parser.add_argument("--regen", action="store_true", help="let the target write the responses to `prompt` rows")
-    parser.add_argument("--head-layers", type=int, default=2, help="Qwen3 decoder layers in the head")
-    parser.add_argument("--block-size", type=int, default=8,
-                        help="rows of the head's block: the anchor and block-size - 1 drafted depths")
+    parser.add_argument("--head-layers", type=int, default=None,
+                        help=f"Qwen3 decoder layers in the head (default {HEAD_SHAPE_DEFAULTS['head_layers']}; "
+                             f"--resume: the saved head's)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help=f"rows of the head's block: the anchor and block-size - 1 drafted depths (default "
+                             f"{HEAD_SHAPE_DEFAULTS['block_size']}; --resume: the saved head's)")
     parser.add_argument("--target-layer-ids", default=None,
                         help="target layers whose outputs the head reads, comma-separated (default: 3 spread "
                              "evenly, never the last)")
-    parser.add_argument("--bidirectional", action="store_true", help="full block mask (DFlash) instead of causal")
-    parser.add_argument("--mask-token", default="<|mask|>", help="special token used for MASK rows")
+    parser.add_argument("--bidirectional", action="store_const", const=True, default=None,
+                        help="full block mask (DFlash) instead of causal")
+    parser.add_argument("--mask-token", default=None,
+                        help=f"special token used for MASK rows (default {HEAD_SHAPE_DEFAULTS['mask_token']})")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all (a resumed run counts on)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
@@ -137,12 +185,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError:
             parser.error(f"--target-layer-ids takes comma-separated layer indices like 1,2,4; "
                          f"got {args.target_layer_ids!r}")
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the head directory whose training continues")
+    resolve_head_shape(args, parser)
     room = args.seq - args.block_size  # an anchor needs context before it and a full block of labels after it
     if args.anchors > room:
         parser.error(f"--anchors {args.anchors} does not fit: a --seq {args.seq} sequence has room for {max(room, 0)} "
                      f"anchors with --block-size {args.block_size}; lower --anchors or raise --seq")
-    if args.resume and args.out is None:
-        parser.error("--resume needs --out DIR, the head directory whose training continues")
     return args
 
 

@@ -341,3 +341,43 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, hf_model_dir)
     assert lines[0] == f"interrupted: checkpoint saved at step {step}; continue with --resume --out {out}"
     train_head.train(train_args(directory, out, data, resume=True, steps=step + 1, anchors=2, batch=1))
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == step + 1
+
+
+def test_resume_keeps_the_saved_head_shape_and_refuses_conflicting_flags(tmp_path, hf_model_dir, capsys):
+    """A resumed run continues the saved head's shape (block size, layers, mask, taps) when the flags say
+    nothing, and refuses a flag that contradicts it with one line (exit 2) instead of training another shape."""
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "head"
+    train_head.train(train_args(directory, out, data, stop_at=2, block_size=4, head_layers=1))
+    resumed = train_args(directory, out, data, resume=True)  # no shape flags: the saved head's
+    assert (resumed.block_size, resumed.head_layers, resumed.bidirectional) == (4, 1, False)
+    train_head.train(resumed)
+    assert json.loads((out / "config.json").read_text())["block_size"] == 4
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
+    common = ["--model", str(directory), "--out", str(out), "--data", str(data), "--resume", "--steps", "6",
+              "--batch", "2", "--seq", "64", "--anchors", "4", "--eval-prompts", "0", "--device", "cpu"]
+    for flags, word in ((["--block-size", "8"], "--block-size 8"), (["--head-layers", "2"], "--head-layers 2"),
+                        (["--bidirectional"], "--bidirectional"), (["--mask-token", "<|endoftext|>"], "--mask-token"),
+                        (["--target-layer-ids", "1"], "--target-layer-ids")):
+        with pytest.raises(SystemExit) as stop:  # flag errors exit from the argument parser
+            train_head.main(common + flags)
+        assert stop.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and word in lines[0] and "conflicts with the resumed head" in lines[0], lines
+
+
+def test_evaluation_reports_acceptance_by_depth(hf_model_dir):
+    """tau and, per depth, the share of rounds that accepted that deep: consistent with each other."""
+    directory, _ = hf_model_dir
+    engine = make_engine(directory)
+    head = random_head(ModelConfig.from_dir(directory), seed=1)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        head.save(folder)
+        result = train_head.evaluate_tau(engine.target, folder, [[5, 6, 7, 8], [9, 10, 11]])
+    for name in ("chain", "budget64"):
+        by_depth = result[f"accept_by_depth_{name}"]
+        assert len(by_depth) == head.config.block_size - 1
+        assert all(a >= b for a, b in zip(by_depth, by_depth[1:]))  # a depth is accepted only after the ones above
+        assert result[f"tau_{name}"] == pytest.approx(1 + sum(by_depth), abs=2e-3)  # tau = 1 + sum of depth rates
