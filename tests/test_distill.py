@@ -105,7 +105,8 @@ def test_train_head_on_a_synthetic_target_evaluates_with_that_target(tmp_path, m
     def no_second_model(*args, **kwargs):
         raise AssertionError("a second model was loaded")
     monkeypatch.setattr(train_head, "load_target", no_second_model)
-    monkeypatch.setattr(train_head, "LLM", no_second_model)
+    from nanojet import train_data
+    monkeypatch.setattr(train_data, "LLM", no_second_model)
     data = tmp_path / "data.jsonl"
     rng = random.Random(0)
     data.write_text("\n".join(json.dumps({"text": "".join(rng.choice("def (x):\n  return") for _ in range(400))})

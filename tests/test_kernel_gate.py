@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CAPABILITIES = (80, 90)
 ALL_KERNELS = {"_paged_attention_kernel", "_combine_splits_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel",
-               "_silu_and_mul_kernel", "_store_kv_kernel", "_move_kv_kernel"}
+               "_silu_and_mul_kernel", "_store_kv_kernel", "_move_kv_kernel",
+               "_moe_gate_up_kernel", "_moe_down_kernel", "_moe_sum_kernel"}
 
 
 def run_gates() -> dict[int, tuple[int, dict | None, str]]:
