@@ -135,7 +135,8 @@ def training_step(models: Models, count: int) -> None:
 
 def fused_moe(models: Models, count: int) -> None:
     """The fused-MoE MLP of one Qwen3-30B-A3B layer over `count` tokens (its own shape; the dtype is the models'):
-    hidden 2048, 128 experts of 768, top-8. Token counts 1, 256 and the prefill chunk reach every tile choice."""
+    hidden 2048, 128 experts of 768, top-8. Token counts 1, 256, the prefill chunk (512) and 1024 (a batched
+    step) reach every tile choice (16-, 32- and 64-row expert tiles)."""
     from kernels.triton_moe import example_args
     if models.shape == SHAPES[0]:  # the MoE shape does not depend on the dense shapes: compile it once per dtype
         kernels.fused_moe(*example_args(count, 2048, 768, 128, 8, NAMED_DTYPES[models.dtype], "meta"))
@@ -150,7 +151,7 @@ WORKLOADS = {
     "head context": (head_context, (PREFILL_CHUNK, PROMPT_TAIL) + PATH_LENGTHS),
     "commit": (commit, PATH_LENGTHS),
     "training step": (training_step, (TRAINING_BATCH[0] * TRAINING_BATCH[1],)),
-    "fused MoE qwen3-30b-a3b": (fused_moe, (1, 256, PREFILL_CHUNK)),
+    "fused MoE qwen3-30b-a3b": (fused_moe, (1, 256, PREFILL_CHUNK, 1024)),
 }
 
 
