@@ -127,8 +127,8 @@ class StaticRound:
         tree = DraftTree(*(torch.cat(parts) for parts in zip(*((t.tokens, t.parents, t.depths, t.visibility)
                                                                 for t in trees))))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
-        scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))
-        meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),  # [S, scratch]
+        scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))  # [S, *]
+        meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),
                                  block_tables=block_table, prefix_lens=length.to(torch.int32),
                                  query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)
