@@ -5,6 +5,7 @@
     python bench.py --model DIR --prompts ../shared/data/humaneval.jsonl --samples 16 --peer hf
     python bench.py --synthetic qwen3-8b --budgets 1,64            # random weights in the real shapes (GPU)
     python bench.py --compile --budgets 1,8                        # compiled rounds (inside CUDA graphs on a GPU)
+    python bench.py --synthetic qwen3-30b-a3b --synthetic-layers 2 --experts-touched --budgets 1,16,256  # MoE
     python bench.py --concurrency 1,4,16 --samples 16 --budgets 4,8 --http   # serving: continuous batching
 
 After one warmup generation per mode, each prompt runs AR and then every budget, so drift (clocks, caches,
@@ -14,7 +15,7 @@ AR and speculative decoding emit the same ids, so speedup = AR decode time / spe
 what users wait for. Every speculative output is compared with AR token for token; a mismatch exits 1 naming
 the prompt and budget (not with --synthetic: random weights are full of near-ties, and that mode measures
 latency, not output).
-Bad input prints one line on stderr and exits 2.
+Bad input prints one line on stderr and exits 2; Ctrl-C prints one line and exits 130.
 """
 import argparse
 import importlib
@@ -24,15 +25,20 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from nanojet.cli import add_runtime_flags, finite_float, install_exit_handlers
+
+if __name__ == "__main__":
+    install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
+
 import torch
 
-from nanojet.cli import add_runtime_flags
 from nanojet.config import ModelConfig
 from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, prefill_memory, synced_clock,
                                   weight_bytes_per_step)
 from nanojet import serving_bench
 from nanojet.engine import Engine, SpeculativeParams, default_execution
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
+from nanojet.moe_stats import expert_touch_curve, print_expert_curve
 from nanojet.sampling import SamplingParams
 from nanojet.synthetic import SHAPES, build_engine, synthetic_models
 
@@ -58,16 +64,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", default=None, help="jsonl: each row's prompt, question, problem or turns[0] "
                                                    "(default: held-out stdlib code prompts)")
     p.add_argument("--samples", type=int, default=8, help="number of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens")
     budgets = p.add_mutually_exclusive_group()
     budgets.add_argument("--budget", type=int, default=None, help="draft tree nodes per round (default 64)")
     budgets.add_argument("--budgets", default=None, help="comma-separated sweep, e.g. 1,8,16,32,64,128,256")
     p.add_argument("--width", type=int, default=4, help="candidates per tree depth")
     p.add_argument("--depth", type=int, default=None, help="tree depth limit (default: head block size - 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (sampling is lossless too)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (sampling is lossless too)")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling (1 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_runtime_flags(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure to this JSON file")
@@ -78,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
+    p.add_argument("--experts-touched", action="store_true", help="MoE targets: experts a verify touches per layer "
+                   "against one decode step, per budget (counts, no timing; eager); then exit")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
     p.add_argument("--concurrency", default=None, help="serving mode: batch limits, e.g. 1,4,16")
     p.add_argument("--http", action="store_true", help="serving mode: also through python -m nanojet.serve")
@@ -105,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for out in (args.json, args.plot):
         if out and not Path(out).resolve().parent.is_dir():
             raise ValueError(f"cannot write {out}: its directory does not exist")
+    if args.experts_touched and (args.compile or args.peer):
+        raise ValueError("--experts-touched counts experts in eager rounds: drop --compile / --peer")
     if args.peer and (args.temperature > 0 or args.synthetic):
         raise ValueError("--peer hf compares greedy decoding of a checkpoint: drop --temperature / --synthetic")
     return args
@@ -298,6 +309,8 @@ def aggregate(args, config: dict, per_prompt: list[dict], runs: dict, extra: dic
 def print_report(result: dict, profile: bool) -> None:
     config, ar, rows, prompts = result["config"], result["ar"], result["budgets"], len(result["per_prompt"])
     sampling = f"temperature {config['temperature']}" if config["temperature"] else "greedy"
+    sampling += "".join(f", {name} {config[key]}" for name, key, off in (("top-p", "top_p", 1.0), ("top-k", "top_k", 0))
+                        if config["temperature"] and config[key] != off)
     print(f"nanojet bench | {config.get('synthetic') or config['model']} | {config['device']} {config['dtype']} | "
           f"{prompts} prompts ({config['prompts_source']}) | max_new_tokens {config['max_new_tokens']} | {sampling}")
     print("tok/s and speedup over decode time (prefill excluded); tau: tokens per round incl. the bonus; "
@@ -383,7 +396,7 @@ def main(argv=None) -> int:
             require("matplotlib", "--plot")  # fail before the run, not after it
         if args.threads:
             torch.set_num_threads(args.threads)
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos or bool(args.synthetic))
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
@@ -392,6 +405,12 @@ def main(argv=None) -> int:
             return prefill_report(args, dtype, device)
         engine, prompts, config = (synthetic_setup(args, dtype, device) if args.synthetic else
                                    checkpoint_setup(args, dtype_name))
+        if args.experts_touched:
+            rows = expert_touch_curve(engine, prompts[0], args.budgets, args.width, args.max_new_tokens)
+            print_expert_curve(rows, engine.target.config)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"config": config, "experts_touched": rows}, indent=1) + "\n")
+            return 0
         if args.profile and engine.execution != "eager":
             raise ValueError("--profile times the parts of eager rounds (a graphed or compiled round is one graph); "
                              "add --enforce-eager on CUDA, or drop --compile")
@@ -402,8 +421,8 @@ def main(argv=None) -> int:
         config.update(head_block_size=engine.head.config.block_size, device=str(device), dtype=dtype_name,
                       torch=torch.__version__, samples=len(prompts), max_new_tokens=args.max_new_tokens,
                       budgets=args.budgets, width=args.width, depth=args.depth, temperature=args.temperature,
-                      top_p=args.top_p, seed=args.seed, threads=torch.get_num_threads(), compile=args.compile,
-                      execution=engine.execution)
+                      top_p=args.top_p, top_k=args.top_k, seed=args.seed, threads=torch.get_num_threads(),
+                      compile=args.compile, execution=engine.execution)
         if args.concurrency:
             return serving_bench.report(engine, prompts, params, args, config)
         peer = HFPeer(config["model"], dtype, device) if args.peer else None

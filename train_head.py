@@ -9,22 +9,36 @@ be weighted by exp(-(j-1)/gamma). Output: a JetSpec / DFlash-format head directo
 Data (--data): `builtin` (the embedded model's training split of the CPython stdlib), or a jsonl file whose rows
 carry `text`, `messages` (chat-templated) or `prompt` (with --regen the target first writes the response with
 nanojet, which is what the head should imitate).
+
+Output goes to a new directory, runs/head-<kind>-<date>, unless --out names one; replacing an existing head needs
+--overwrite. Ctrl-C saves a checkpoint after the step in flight (press it twice to stop at once) and exits 130;
+`--resume --out DIR` continues from it. Bad input prints one line on stderr and exits with 2.
 """
 import argparse
+import datetime
 import json
 import math
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+
+from nanojet.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
+
+if __name__ == "__main__":
+    install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
 
 import torch
 
-from nanojet.cli import ArgumentParser
 from nanojet.config import ModelConfig
+from nanojet.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
 from nanojet.head import DraftHead, HeadConfig, load_head
-from nanojet.llm import DEFAULT_MODEL, DTYPES, LLM, load_target, resolve_device
+from nanojet.llm import DEFAULT_MODEL, DTYPES, load_target, resolve_device, resolve_dtype
+from nanojet.synthetic import SHAPES, synthetic_target
 from nanojet.tokenizer import Tokenizer
+from nanojet.train_data import load_corpus
+from nanojet.train_state import LEGACY_NAME, load_train_state, save_train_state, state_exists
 
 
 def default_layer_ids(num_target_layers: int, count: int = 3) -> list[int]:
@@ -37,149 +51,205 @@ def default_layer_ids(num_target_layers: int, count: int = 3) -> list[int]:
     return sorted({round(1 + i * (last - 1) / (count - 1)) for i in range(count)})
 
 
-def training_mask(lengths: list[int], anchors: list[list[int]], block_size: int, causal: bool) -> torch.Tensor:
-    """Block-sparse bool mask `[Q, C + Q]` for blocks of several sequences flattened into one forward.
-
-    Context rows are every sequence's positions laid end to end (C = sum of lengths); block rows are the blocks
-    of every anchor, in order. A block of anchor a in sequence s sees s's context rows < a, and its own rows
-    (all of them, or rows <= itself when causal) — exactly what the inference path shows the head."""
-    context_size = sum(lengths)
-    blocks = sum(len(a) for a in anchors)
-    mask = torch.zeros(blocks * block_size, context_size + blocks * block_size, dtype=torch.bool)
-    inner = torch.ones(block_size, block_size, dtype=torch.bool)
-    inner = inner.tril() if causal else inner
-    row, offset = 0, 0
-    for length, sequence_anchors in zip(lengths, anchors):
-        for anchor in sequence_anchors:
-            rows = slice(row, row + block_size)
-            mask[rows, offset:offset + anchor] = True
-            mask[rows, context_size + row:context_size + row + block_size] = inner
-            row += block_size
-        offset += length
-    return mask
-
-
-def head_loss(target, head: DraftHead, tokens: torch.Tensor, anchors_per_sequence: int, loss_kind: str,
-              temperature: float, gamma: float | None, generator: random.Random) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch `[batch, seq]` of token ids; returns (loss, per-depth accuracy of the head's argmax)."""
-    batch, seq = tokens.shape
-    block_size = head.config.block_size
-    with torch.no_grad():
-        hidden, taps = target.forward_dense(tokens, tap_layers=tuple(head.config.target_layer_ids))
-        teacher_logits = target.logits(hidden)  # [batch, seq, V]: row p predicts the token at p + 1
-    # An anchor needs context before it (a >= 1) and a full block of labels inside the sequence.
-    anchors = [sorted(generator.sample(range(1, seq - block_size + 1), anchors_per_sequence)) for _ in range(batch)]
-    positions = torch.arange(seq)
-    context = head.project_context(taps.flatten(0, 1))
-    block_tokens = torch.full((batch, anchors_per_sequence, block_size), head.config.mask_token_id)
-    label_index = torch.zeros(batch, anchors_per_sequence, block_size - 1, dtype=torch.long)
-    for b in range(batch):
-        for i, a in enumerate(anchors[b]):
-            block_tokens[b, i, 0] = tokens[b, a]
-            label_index[b, i] = b * seq + a + torch.arange(block_size - 1)  # row j (1..B-1) <- position a+j-1
-    block_positions = (torch.tensor(anchors)[:, :, None] + torch.arange(block_size)).flatten()
-    mask = training_mask([seq] * batch, anchors, block_size, head.config.causal)
-    out = head.forward_dense(context, positions.repeat(batch), target.embed_tokens(block_tokens.flatten()),
-                             block_positions, mask)
-    student = target.logits(out.view(batch, anchors_per_sequence, block_size, -1)[:, :, 1:])  # anchor row: no loss
-    teacher = teacher_logits.flatten(0, 1)[label_index]  # [batch, anchors, B-1, V]
-    if loss_kind == "kl":
-        teacher_logp = torch.log_softmax(teacher / temperature, -1)
-        student_logp = torch.log_softmax(student / temperature, -1)
-        per_row = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    else:
-        per_row = torch.nn.functional.cross_entropy(student.flatten(0, 2), teacher.argmax(-1).flatten(),
-                                                    reduction="none").view(student.shape[:-1])
-    depth = torch.arange(block_size - 1, dtype=torch.float32)
-    weights = torch.exp(-depth / gamma) if gamma else torch.ones_like(depth)
-    loss = (per_row.mean((0, 1)) * weights).sum() / weights.sum()
-    accuracy = (student.argmax(-1) == teacher.argmax(-1)).float().mean((0, 1))
-    return loss, {"per_depth_accuracy": [round(x, 3) for x in accuracy.tolist()]}
-
-
-def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, device: str) -> list[int]:
-    """Training text as one id stream with <|endoftext|>-style separators."""
-    separator = tokenizer.eos_token_ids[0]
-    if data == "builtin":
-        from weights.build_tiny import corpus
-        return corpus(held_out=False).tolist()
-    ids: list[int] = []
-    llm = LLM(model_dir, device=device) if regen else None
-    for line in Path(data).read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "text" in row:
-            ids += tokenizer.encode(row["text"])
-        elif "messages" in row:
-            ids += tokenizer.encode(tokenizer.apply_chat_template(row["messages"], add_generation_prompt=False))
-        elif "prompt" in row:
-            prompt = row["prompt"]
-            if tokenizer.has_chat_template:
-                prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], enable_thinking=False)
-            prompt_ids = tokenizer.encode(prompt)
-            if llm is not None:
-                from nanojet.sampling import SamplingParams
-                prompt_ids += llm.generate(prompt_ids, SamplingParams(max_new_tokens=256)).token_ids
-            ids += prompt_ids
-        else:
-            raise ValueError(f"{data}: a row needs 'text', 'messages' or 'prompt'; got keys {sorted(row)}")
-        ids.append(separator)
-    return ids
-
-
-def evaluate_tau(model_dir: Path, head_dir: Path, prompts: list[list[int]], device: str) -> dict:
-    """Accepted tokens per round on held-out prompts: a chain of B-1 drafts and a budget-64 tree."""
+def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
+    """Accepted tokens per round on held-out prompts (64 new tokens each, EOS ignored) and acceptance by depth (the
+    share of rounds that accepted the draft at depth d): a chain of B-1 drafts and a budget-64 tree. Reuses the
+    training target; only the head is loaded, from its checkpoint."""
     from nanojet.engine import SpeculativeParams
     from nanojet.sampling import SamplingParams
-    llm = LLM(model_dir, head=head_dir, device=device)
-    depth = llm.head.config.block_size - 1
+    from nanojet.synthetic import build_engine
+    head = load_head(head_dir, target.config, target.norm.dtype, target.norm.device).eval()
+    new_tokens = 64
+    engine = build_engine(target, head, max(map(len, prompts)) + new_tokens + 1, max_tree_nodes=64)
+    depth = head.config.block_size - 1
     result = {}
     for name, spec in (("chain", SpeculativeParams(budget=depth + 1, width=1)), ("budget64", SpeculativeParams(64, 4))):
-        rounds = accepted = 0
+        histogram = Counter()  # tokens emitted per round (bonus included) -> rounds
         for prompt in prompts:
-            stats = llm.generate(prompt, SamplingParams(max_new_tokens=64), spec).stats
-            rounds, accepted = rounds + stats.rounds, accepted + stats.accept_len * stats.rounds
-        result[f"tau_{name}"] = round(accepted / max(1, rounds), 3)
+            histogram += engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
+                                         spec).stats.accept_hist
+        rounds = max(1, sum(histogram.values()))
+        result[f"tau_{name}"] = round(sum(k * n for k, n in histogram.items()) / rounds, 3)
+        result[f"accept_by_depth_{name}"] = [round(sum(n for k, n in histogram.items() if k > d) / rounds, 3)
+                                             for d in range(1, depth + 1)]
     return result
 
 
-def parse_args(argv=None):
+# The head's shape: flags a new head is built from, and a resumed head keeps (conflicting flags are refused).
+HEAD_SHAPE_DEFAULTS = {"head_layers": 2, "block_size": 8, "target_layer_ids": None, "bidirectional": False,
+                       "mask_token": "<|mask|>"}
+
+
+def resolve_head_shape(args, parser: ArgumentParser) -> None:
+    """Fill the head-shape flags: from the saved head under --resume (refusing a flag that says otherwise),
+    else from the defaults."""
+    if not args.resume:
+        for name, default in HEAD_SHAPE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+        return
+    config_path = args.out / "config.json"
+    try:
+        saved = HeadConfig.from_dict(json.loads(config_path.read_text()))
+    except FileNotFoundError:
+        parser.error(f"--resume: no head at {args.out} ({config_path} is missing); train one without --resume")
+    except (ValueError, json.JSONDecodeError) as error:
+        parser.error(f"--resume: {config_path} is not a readable head config ({error})")
+    if args.mask_token is not None:  # compared as ids: a token has one id but may be written more than one way
+        try:
+            mask_id = Tokenizer.from_dir(args.model).token_id(args.mask_token)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(f"--mask-token: {error}")
+        if mask_id != saved.mask_token_id:
+            parser.error(f"--mask-token {args.mask_token} (id {mask_id}) conflicts with the resumed head in "
+                         f"{args.out} (mask token id {saved.mask_token_id}); drop the flag, or train a new head")
+    kept = {"head_layers": saved.layers.num_hidden_layers, "block_size": saved.block_size,
+            "target_layer_ids": saved.target_layer_ids, "bidirectional": not saved.causal}
+    for name, value in kept.items():
+        given = getattr(args, name)
+        if given is not None and given != value:
+            parser.error(f"--{name.replace('_', '-')} {given} conflicts with the resumed head in {args.out} "
+                         f"({name.replace('_', ' ')} {value}); drop the flag, or train a new head without --resume")
+        setattr(args, name, value)
+
+
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--out", type=Path, default=None, help="head directory (default: <model>/head-causal)")
-    parser.add_argument("--data", default="builtin")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="the frozen target: a Qwen3 checkpoint directory (default: the embedded model)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="head directory to write (default: a new runs/head-<causal|bidirectional>-<date>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a head that --out already holds")
+    parser.add_argument("--data", default="builtin",
+                        help="builtin (the embedded model's training split) or a .jsonl file of text / messages / "
+                             "prompt rows")
     parser.add_argument("--regen", action="store_true", help="let the target write the responses to `prompt` rows")
-    parser.add_argument("--head-layers", type=int, default=2)
-    parser.add_argument("--block-size", type=int, default=8)
-    parser.add_argument("--target-layer-ids", default=None, help="comma-separated (default: 3 spread, never last)")
-    parser.add_argument("--bidirectional", action="store_true", help="full block mask (DFlash) instead of causal")
-    parser.add_argument("--mask-token", default="<|mask|>", help="special token used for MASK rows")
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--head-layers", type=int, default=None,
+                        help=f"Qwen3 decoder layers in the head (default {HEAD_SHAPE_DEFAULTS['head_layers']}; "
+                             f"--resume: the saved head's)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help=f"rows of the head's block: the anchor and block-size - 1 drafted depths (default "
+                             f"{HEAD_SHAPE_DEFAULTS['block_size']}; --resume: the saved head's)")
+    parser.add_argument("--target-layer-ids", default=None,
+                        help="target layers whose outputs the head reads, comma-separated (default: 3 spread "
+                             "evenly, never the last)")
+    parser.add_argument("--bidirectional", action="store_const", const=True, default=None,
+                        help="full block mask (DFlash) instead of causal")
+    parser.add_argument("--mask-token", default=None,
+                        help=f"special token used for MASK rows (default {HEAD_SHAPE_DEFAULTS['mask_token']})")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all (a resumed run counts on)")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
     parser.add_argument("--anchors", type=int, default=16, help="anchors per sequence per step")
-    parser.add_argument("--loss", choices=["kl", "ce"], default="kl")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--gamma", type=float, default=None, help="depth weight exp(-(j-1)/gamma)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--loss", choices=["kl", "ce"], default="kl",
+                        help="kl: forward KL to the target's distribution; ce: cross-entropy on its argmax")
+    parser.add_argument("--temperature", type=finite_float, default=1.0,
+                        help="softmax temperature of both distributions in the KL loss")
+    parser.add_argument("--gamma", type=finite_float, default=None,
+                        help="depth weight exp(-(j-1)/gamma) (default: every depth weighs the same)")
+    parser.add_argument("--lr", type=finite_float, default=1e-3, help="peak AdamW learning rate (cosine decay)")
+    parser.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order, anchors and initial weights")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where to train (auto: CUDA if available)")
+    parser.add_argument("--synthetic", choices=sorted(SHAPES), default=None,
+                        help="train against a random target of this published shape (--model gives the tokenizer)")
     parser.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of the published head (the resume state keeps fp32)")
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="save the head and the resume state every this many steps")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the training state saved in --out (its train_state/ folder)")
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (time-sliced jobs; --resume)")
     parser.add_argument("--eval-prompts", type=int, default=4,
                         help="held-out stdlib prompts for the tau eval at each checkpoint (0: off)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, least in (("steps", 1), ("batch", 1), ("seq", 2), ("anchors", 1), ("head_layers", 1),
+                        ("block_size", 2), ("checkpoint_every", 1), ("warmup", 0), ("eval_prompts", 0),
+                        ("stop_at", 1)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    for name in ("lr", "temperature", "gamma"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name} must be > 0, got {value}")
+    if args.target_layer_ids is not None:
+        try:
+            args.target_layer_ids = [int(i) for i in args.target_layer_ids.split(",")]
+        except ValueError:
+            parser.error(f"--target-layer-ids takes comma-separated layer indices like 1,2,4; "
+                         f"got {args.target_layer_ids!r}")
+    if args.resume and args.out is None:
+        parser.error("--resume needs --out DIR, the head directory whose training continues")
+    resolve_head_shape(args, parser)
+    room = args.seq - args.block_size  # an anchor needs context before it and a full block of labels after it
+    if args.anchors > room:
+        parser.error(f"--anchors {args.anchors} does not fit: a --seq {args.seq} sequence has room for {max(room, 0)} "
+                     f"anchors with --block-size {args.block_size}; lower --anchors or raise --seq")
+    return args
+
+
+def default_out(bidirectional: bool) -> Path:
+    """A new directory per run, so training never overwrites a head (the shipped ones included) by default."""
+    kind = "bidirectional" if bidirectional else "causal"
+    return Path("runs") / f"head-{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory")
+    holds_head = (out / "config.json").is_file() or (out / "model.safetensors").is_file()
+    if holds_head and not (resume or overwrite):
+        raise ValueError(f"--out {out} already holds a head; pass --overwrite to replace it, --resume to continue "
+                         f"its training, or another --out")
+    if resume and not state_exists(out) and not (out / LEGACY_NAME).is_file():
+        raise FileNotFoundError(f"--resume: {out} holds no training state; train without --resume first")
+
+
+def step_memory_bytes(args, target: ModelConfig) -> int:
+    """A lower bound on one training step's memory (fp32): the teacher's logits over every position, the
+    student's logits and KL terms (with their gradients) over every draft row, and each head layer's attention
+    scores over the block-sparse mask (kept for backward). Weights and smaller activations come on top."""
+    vocab, rows = target.vocab_size, args.batch * args.anchors * args.block_size
+    teacher = args.batch * args.seq * vocab
+    student = 5 * args.batch * args.anchors * (args.block_size - 1) * vocab
+    scores = 2 * args.head_layers * target.num_attention_heads * rows * (args.batch * args.seq + rows)
+    return 4 * (teacher + student + scores)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory where the step runs: CUDA's free bytes, else /proc/meminfo's MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_step_fits(args, target: ModelConfig, available: int | None) -> None:
+    if args.seq > target.max_position_embeddings:
+        raise ValueError(f"--seq {args.seq} exceeds the target's context ({target.max_position_embeddings} tokens, "
+                         f"max_position_embeddings); lower --seq")
+    needed = step_memory_bytes(args, target)
+    if available is not None and needed > available:
+        raise ValueError(f"one step of --batch {args.batch} --seq {args.seq} --anchors {args.anchors} needs at least "
+                         f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB free; lower --batch, "
+                         f"--seq or --anchors")
 
 
 def build_head(args, target_config: ModelConfig, tokenizer: Tokenizer) -> DraftHead:
     from dataclasses import replace
-    ids = ([int(i) for i in args.target_layer_ids.split(",")] if args.target_layer_ids
-           else default_layer_ids(target_config.num_hidden_layers))
+    ids = args.target_layer_ids or default_layer_ids(target_config.num_hidden_layers)
     config = HeadConfig(layers=replace(target_config, num_hidden_layers=args.head_layers), block_size=args.block_size,
                         num_target_layers=target_config.num_hidden_layers, target_layer_ids=ids,
                         mask_token_id=tokenizer.token_id(args.mask_token), causal=not args.bidirectional)
@@ -191,20 +261,27 @@ def build_head(args, target_config: ModelConfig, tokenizer: Tokenizer) -> DraftH
     return head
 
 
-def train(args) -> Path:
-    out = args.out or args.model / ("head-bidirectional" if args.bidirectional else "head-causal")
+def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
+    """Train (or with --resume continue) a head; returns its directory. `interrupt.requested` (set by Ctrl-C
+    under main) ends the run after the current step with a checkpoint, raising KeyboardInterrupt."""
+    out = args.out or default_out(args.bidirectional)
+    check_out(out, args.resume, args.overwrite)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = Tokenizer.from_dir(args.model)
-    target = load_target(args.model, torch.float32, device).requires_grad_(False)
-    state_path = out / "train_state.pt"
+    # The frozen target in the device's inference dtype (bf16 on CUDA, under autocast); the head keeps fp32 weights.
+    dtype = resolve_dtype("auto", device)
+    target = synthetic_target(args.synthetic, dtype, device) if args.synthetic else load_target(args.model, dtype, device)
+    target.requires_grad_(False)
+    check_step_fits(args, target.config, available_memory_bytes(device))
     if args.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: {state_path} does not exist; train without --resume first")
         head = load_head(out, target.config, torch.float32, device)  # the config; fp32 weights come below
     else:
         head = build_head(args, target.config, tokenizer).to(device)
+    if args.anchors > args.seq - head.config.block_size:
+        raise ValueError(f"--anchors {args.anchors} does not fit: the head's block of {head.config.block_size} leaves "
+                         f"room for {args.seq - head.config.block_size} anchors in a --seq {args.seq} sequence")
     stream = load_corpus(args.data, tokenizer, args.model, args.regen, args.device)
     if len(stream) < args.seq + 1:
         raise ValueError(f"the training data has {len(stream)} tokens, fewer than one sequence of {args.seq}")
@@ -212,21 +289,25 @@ def train(args) -> Path:
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     step = 0
     if args.resume:
-        state = torch.load(state_path, weights_only=False)
-        head.load_state_dict(state["head"])  # fp32 master weights: the published file may be bf16
-        optimizer.load_state_dict(state["optimizer"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+        step = load_train_state(out, head, optimizer, rng)  # fp32 master weights: the published file may be bf16
+        if step >= min(args.steps, args.stop_at or args.steps):
+            raise ValueError(f"--resume: {out} is at step {step} already; raise --steps (or --stop-at) past it")
 
     def lr_at(s: int) -> float:
         if s < args.warmup:
             return args.lr * (s + 1) / args.warmup
         return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup))))
 
+    def save_checkpoint() -> None:
+        head.save(out, DTYPES[args.save_dtype])
+        save_train_state(out, step, head, optimizer, rng, vars(args))
+
     eval_prompts = [tokenizer.encode(p) for p in held_out_prompts(args.eval_prompts)] if args.eval_prompts else []
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     start, first_step = time.time(), step
+    print(f"training a head in {out}", flush=True)
+    if interrupt is not None:
+        interrupt.arm()  # from here Ctrl-C ends the run with a checkpoint
     while step < min(args.steps, args.stop_at or args.steps):
         starts = [rng.randrange(0, len(data) - args.seq) for _ in range(args.batch)]
         tokens = torch.stack([data[s:s + args.seq] for s in starts]).to(device)
@@ -241,29 +322,37 @@ def train(args) -> Path:
         step += 1
         elapsed = time.time() - start
         rate = (step - first_step) / elapsed
+        info["per_depth_accuracy"] = [round(x, 3) for x in info["per_depth_accuracy"].tolist()]  # the step's read
         print(f"\rstep {step}/{args.steps} loss {loss.item():.4f} acc@1 {info['per_depth_accuracy'][0]:.3f} "
               f"acc@{args.block_size - 1} {info['per_depth_accuracy'][-1]:.3f} "
               f"{rate * args.batch * args.seq:.0f} tok/s ETA {(args.steps - step) / rate / 60:.1f} min",
               end="", flush=True)
-        if step % args.checkpoint_every == 0 or step in (args.steps, args.stop_at):
-            head.save(out, DTYPES[args.save_dtype])
-            torch.save({"step": step, "head": head.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng.getstate(),
-                        "torch_rng": torch.get_rng_state(), "args": vars(args)}, state_path)
+        saved = step % args.checkpoint_every == 0 or step in (args.steps, args.stop_at)
+        if saved:
+            save_checkpoint()
             print(f"\ncheckpoint at step {step}: loss {loss.item():.4f}, per-depth accuracy "
                   f"{info['per_depth_accuracy']}", flush=True)
             if eval_prompts:
-                print(json.dumps({"step": step, **evaluate_tau(args.model, out, eval_prompts, args.device)}),
+                print(json.dumps({"step": step, **evaluate_tau(target, out, eval_prompts)}),
                       flush=True)
+        if interrupt is not None and interrupt.requested:
+            if not saved:
+                save_checkpoint()
+            raise KeyboardInterrupt(f"checkpoint saved at step {step}; continue with --resume --out {out}")
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        train(args)
+        with DeferredInterrupt() as interrupt:
+            train(args, interrupt)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        print(f"\ninterrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return 0
 
 

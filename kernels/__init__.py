@@ -2,6 +2,8 @@
 
 `set_backend("triton")` forces the Triton kernels (on CPU they need TRITON_INTERPRET=1, set before triton is
 imported); `set_backend("torch")` forces the reference; `set_backend(None)` restores the automatic choice.
+A call whose inputs need gradients (training the draft head) always runs the reference: the Triton kernels have
+no backward.
 
 Under torch.compile the elementwise kernels are traced from their torch reference (the compiler writes its own
 fused kernels, Triton ones on CUDA), and the three kernels that touch the KV pool are opaque custom ops
@@ -9,7 +11,8 @@ fused kernels, Triton ones on CUDA), and the three kernels that touch the KV poo
 around them but never traces into them. Traced, a write into a view of the pool becomes a functional copy of the
 whole pool (O(context) per step, for a few rows), and the reference attention's per-sequence host loop would
 break the graph. Their data dependencies (each write consumes what the previous read produced) keep them in
-program order."""
+program order. `fused_moe` is an opaque custom op too: grouping tokens by expert is data-dependent (the
+reference reads expert counts on the host), which a full-graph compile cannot trace."""
 import torch
 
 from . import reference
@@ -24,9 +27,12 @@ def set_backend(name: str | None) -> None:
     _forced_backend = name
 
 
-def _impl(tensor: torch.Tensor):
+def _impl(tensor: torch.Tensor, *operands: torch.Tensor | None):
+    """The module that runs a kernel on `tensor` (and the other differentiable `operands`)."""
     if torch.compiler.is_compiling():
         return reference  # traced: the compiler generates its own fused kernels from the torch code
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *operands)):
+        return reference  # training: the Triton kernels define no backward, the torch ops do
     use_triton = _forced_backend == "triton" or (_forced_backend is None and tensor.is_cuda)
     if use_triton:
         from . import triton_ops  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
@@ -35,11 +41,11 @@ def _impl(tensor: torch.Tensor):
 
 
 def rms_norm(x, weight, eps, residual=None):
-    return _impl(x).rms_norm(x, weight, eps, residual)
+    return _impl(x, weight, residual).rms_norm(x, weight, eps, residual)
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps):
-    return _impl(q).qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
+    return _impl(q, k, q_weight, k_weight).qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
 
 
 def silu_and_mul(gate_up):
@@ -66,6 +72,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts
                                     visibility, scale)
 
 
+def fused_moe(hidden, gate_up, down, topk_weights, topk_ids):
+    if torch.compiler.is_compiling():
+        return torch.ops.nanojet.fused_moe(hidden, gate_up, down, topk_weights, topk_ids)
+    return _impl(hidden).fused_moe(hidden, gate_up, down, topk_weights, topk_ids)
+
+
 @torch.library.custom_op("nanojet::store_kv", mutates_args=("k_cache", "v_cache"))
 def _store_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -89,3 +101,14 @@ def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 @_paged_attention_op.register_fake
 def _(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale):
     return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("nanojet::fused_moe", mutates_args=())
+def _fused_moe_op(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    return _impl(hidden).fused_moe(hidden, gate_up, down, topk_weights, topk_ids).contiguous()
+
+
+@_fused_moe_op.register_fake
+def _(hidden, gate_up, down, topk_weights, topk_ids):
+    return hidden.new_empty(hidden.shape)

@@ -162,3 +162,30 @@ def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
     probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num_(0.0)
     mixed = (probs.flatten(2, 3) @ values).view(num_sequences, num_kv_heads, group, n, head_dim)
     return mixed.permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
+
+
+def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-experts MLP of tokens `hidden [T, H]`, each routed to k experts (`topk_ids [T, k]`, weighted by
+    `topk_weights [T, k]`). Expert e's weights are stacked: `gate_up[e]` `[2I, H]` (gate rows, then up rows) and
+    `down[e]` `[H, I]`. Returns `sum_j topk_weights[t, j] * down_e(silu(gate_e x) * up_e x)` with e = topk_ids[t, j].
+
+    The (token, slot) pairs are sorted by expert so each expert runs one matmul over its rows. Rounding follows
+    transformers' grouped_mm path: each weighted row is rounded to the activation dtype, the sum over k
+    accumulates in fp32 and is rounded once."""
+    num_tokens, top_k = topk_ids.shape
+    flat_ids = topk_ids.flatten()
+    order = torch.argsort(flat_ids, stable=True)  # pair p = t * k + j, grouped by expert
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()  # a host read: fine on this path
+    rows = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        start += count
+        x = hidden[pairs // top_k]  # [count, H]
+        gate_up_rows = torch.nn.functional.linear(x, gate_up[expert])  # [count, 2I]
+        rows[pairs] = torch.nn.functional.linear(silu_and_mul(gate_up_rows), down[expert])
+    weighted = rows * topk_weights.flatten()[:, None].to(rows.dtype)
+    return weighted.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)

@@ -16,8 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Tile sizes keep the bf16 kernel free of register spills on sm_90 at head_dim 128. fp32 inputs use exact
-# (FMA, "ieee") dots, whose operands need far more registers, so they get small tiles.
+# Tiles and warps (`_warps`) are chosen so that no specialisation the engine launches spills registers on sm_80
+# or sm_90 at head_dim 128: nanojet/kernel_gate.py compiles every one with ptxas and fails CI on a spill. With four
+# warps, 64-row bf16 tiles spilled on sm_80 and every fp32 tile spilled on both (255 registers, up to 452 bytes);
+# eight warps remove it. fp32 inputs use exact (FMA, "ieee") dots, whose operands need far more registers, so
+# they also get small tiles.
 MAX_BLOCK_ROWS = 64       # query rows (token x head) per program
 MAX_TILE_ELEMENTS = 4096  # rows x head_dim above which a key tile shrinks from 64 to 32 keys
 FP32_MAX_BLOCK_ROWS = 16
@@ -61,7 +64,10 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row_ptr
     return m_new, l_i, acc
 
 
-@triton.jit
+# Runtime sizes that only enter address arithmetic are not specialised on (== 1, multiple of 16): one compiled
+# variant per tile configuration serves every tree size, split count and table width.
+@triton.jit(do_not_specialize=["num_tokens", "num_q_heads", "blocks_per_sequence", "num_splits",
+                               "stride_block_table", "stride_visibility"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, prefix_lens_ptr, query_starts_ptr, visibility_ptr,
         out_ptr, partial_out_ptr, partial_lse_ptr,
@@ -71,7 +77,7 @@ def _paged_attention_kernel(
         stride_v_page, stride_v_slot, stride_v_head,
         stride_block_table, stride_visibility, stride_out_token, stride_out_head,
         GROUP: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, COMPUTE_FP32: tl.constexpr,
+        num_splits, SPLIT_K: tl.constexpr, COMPUTE_FP32: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     sequence = tl.program_id(0) // blocks_per_sequence
     block = tl.program_id(0) % blocks_per_sequence
@@ -102,11 +108,11 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         key_begin = 0
         key_end = prefix
     else:
-        chunk = tl.cdiv(tl.cdiv(prefix, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
         key_begin = split * chunk
         key_end = tl.minimum(prefix, key_begin + chunk)
     for start in range(key_begin, key_end, BLOCK_N):
@@ -117,7 +123,7 @@ def _paged_attention_kernel(
                                      stride_k_page, stride_k_slot, stride_k_head,
                                      stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE, COMPUTE_FP32)
 
-    if split == NUM_SPLITS - 1:
+    if split == num_splits - 1:
         for start in range(0, num_new, BLOCK_N):
             new_index = start + tl.arange(0, BLOCK_N)
             new_valid = new_index < num_new
@@ -131,7 +137,7 @@ def _paged_attention_kernel(
                                              stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE, COMPUTE_FP32)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw nothing has acc = 0: zeros, not NaN
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         tl.store(out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_dim_mask)
     else:
@@ -141,16 +147,15 @@ def _paged_attention_kernel(
         tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
 
 
-@triton.jit
-def _combine_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_tokens, num_q_heads,
+@triton.jit(do_not_specialize=["num_tokens", "num_q_heads", "num_splits"])
+def _combine_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_tokens, num_q_heads, num_splits,
                            stride_out_token, stride_out_head,
-                           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)  # token * Hq + head
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
     split_rows = (splits * num_tokens * num_q_heads + row).to(tl.int64)
-    lse = tl.load(partial_lse_ptr + split_rows, mask=splits < NUM_SPLITS, other=float("-inf"))
+    lse = tl.load(partial_lse_ptr + split_rows, mask=splits < num_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)
     weight = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty splits
     partial = tl.load(partial_out_ptr + split_rows[:, None] * HEAD_DIM + dims[None, :],
@@ -165,21 +170,26 @@ def _combine_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_tokens
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    # Asked of Triton's active driver (the CUDA one on a GPU): the ahead-of-time compile check
+    # (nanojet/kernel_gate.py) answers for the GPU it compiles for.
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["multiprocessor_count"]
 
 
 def _default_num_splits(q: torch.Tensor, programs: int, max_keys: int) -> int:
     """Enough splits to fill the GPU twice over when the query blocks alone cannot; never chunks shorter
     than MIN_KEYS_PER_SPLIT at the block table's full length. Depends on shapes only (CUDA-graph safe)."""
-    if not q.is_cuda:
-        return 1
+    if q.device.type == "cpu":
+        return 1  # the interpreter runs one program at a time: splitting only adds work
     multiprocessors = _multiprocessor_count(q.device.index if q.device.index is not None else 0)
     if programs >= multiprocessors:
         return 1
-    splits = max(1, min(-(-2 * multiprocessors // programs), max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
-    # NUM_SPLITS is a compile-time constant: a power of two keeps the variants few (1, 2, 4 .. 32) whatever
-    # the grid, so prompt lengths and tree sizes do not each JIT a kernel.
-    return 1 << (splits.bit_length() - 1)
+    return max(1, min(-(-2 * multiprocessors // programs), max_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def _warps(block_rows: int, fp32_inputs: bool) -> int:
+    """Eight warps where four would spill registers (nanojet/kernel_gate.py checks every tile on sm_80 and sm_90):
+    exact fp32 dots, and 64-row bf16 tiles on sm_80."""
+    return 8 if fp32_inputs or block_rows >= 64 else 4
 
 
 def _interpreted(kernel) -> bool:
@@ -219,6 +229,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     programs = num_sequences * blocks_per_sequence * num_kv_heads
     if num_splits is None:
         num_splits = _default_num_splits(q, programs, block_tables.shape[1] * page_size)
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"paged_attention: num_splits must lie in 1..{MAX_SPLITS}, got {num_splits}")
     if num_splits > 1:
         partial_out = torch.empty(num_splits, num_tokens, num_q_heads, head_dim, dtype=torch.float32,
                                   device=q.device)
@@ -235,11 +247,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), visibility.stride(0), out.stride(0), out.stride(1),
         GROUP=group, TOKENS_PER_BLOCK=tokens_per_block, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits, COMPUTE_FP32=compute_fp32,
-        BLOCK_R=block_rows, BLOCK_N=block_keys, BLOCK_D=block_dim, num_warps=4)
+        num_splits=num_splits, SPLIT_K=num_splits > 1, COMPUTE_FP32=compute_fp32,
+        BLOCK_R=block_rows, BLOCK_N=block_keys, BLOCK_D=block_dim, num_warps=_warps(block_rows, fp32_inputs))
     if num_splits > 1:
         _combine_splits_kernel[(num_tokens * num_q_heads,)](
-            partial_out, partial_lse, out, num_tokens, num_q_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            partial_out, partial_lse, out, num_tokens, num_q_heads, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS,
             BLOCK_D=block_dim, num_warps=1 if block_dim <= 64 else 2)
     return out

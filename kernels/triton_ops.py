@@ -1,16 +1,40 @@
 """Triton kernels with the signatures and numerics of `kernels.reference`; `kernels/__init__.py` dispatches here.
 
-Paged attention lives in `triton_attention.py`. Elementwise kernels compute in fp32 and round to the output
-dtype at the same points as the torch reference (e.g. HF's cast of the normed value before the weight), so
-bf16 results agree with it to the last bit in most elements.
+Paged attention lives in `triton_attention.py`, the fused MoE MLP in `triton_moe.py`. Elementwise kernels
+compute in fp32 and round to the output dtype at the same points as the torch reference (e.g. HF's cast of the
+normed value before the weight), so bf16 results agree with it to the last bit in most elements.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import paged_attention
+from . import triton_attention
+from .triton_moe import fused_moe
 
-__all__ = ["rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv", "move_kv", "paged_attention"]
+__all__ = ["rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv", "move_kv", "paged_attention", "fused_moe"]
+
+
+def _named_errors(launch):
+    """A kernel Triton cannot compile or load for the GPU at hand (too much shared memory, a ptxas failure) is an
+    error naming the kernel and its input shapes; nothing falls back to another implementation."""
+    @functools.wraps(launch)
+    def checked(*args, **kwargs):
+        try:
+            return launch(*args, **kwargs)
+        except Exception as error:
+            if not type(error).__module__.startswith("triton"):
+                raise
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise RuntimeError(f"Triton kernel {launch.__name__} cannot run on {tensors[0].device} for inputs "
+                               f"[{shapes}]: {reason}") from error
+    return checked
+
+
+paged_attention = _named_errors(triton_attention.paged_attention)
 
 
 def _warps(block: int) -> int:
@@ -42,6 +66,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+@_named_errors
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     hidden = x.shape[-1]
@@ -110,6 +135,7 @@ def _qk_norm_rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, q_weight_ptr, k_wei
                          HEAD_DIM, BLOCK_HK, BLOCK_D)
 
 
+@_named_errors
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q `[T, Hq, D]` and k `[T, Hkv, D]` may be strided views of a fused qkv projection (last dim dense)."""
@@ -142,6 +168,7 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, intermediate, stride_gate_up, str
     tl.store(out_ptr + row * stride_out + cols, (silu * up).to(out_dtype), mask=mask)
 
 
+@_named_errors
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     intermediate = gate_up.shape[-1] // 2
     out = torch.empty(*gate_up.shape[:-1], intermediate, dtype=gate_up.dtype, device=gate_up.device)
@@ -177,6 +204,7 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, n
              v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+@_named_errors
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     num_tokens, num_heads, head_dim = k.shape
@@ -208,6 +236,7 @@ def _move_kv_kernel(pool_ptr, src_slots_ptr, dst_slots_ptr, num_moves, slots_per
         tl.store(plane + dst * row_size + cols, row, mask=mask)
 
 
+@_named_errors
 def move_kv(pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
     """Same as the reference's gather-before-scatter whenever no move reads a row that an earlier move wrote
     (`dst[j] != src[i]` for all `i > j`), which holds for commit: it moves logical slot `n + p_i` to `n + i`

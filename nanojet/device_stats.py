@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from .engine import Engine
+from .moe_stats import expert_bytes, sparse_layers
 from .qwen3 import Qwen3
 from .sampling import SamplingParams
 
@@ -29,8 +30,13 @@ def copy_bandwidth(device: torch.device, repeats: int = 20) -> float:
 
 
 def weight_bytes_per_step(target: Qwen3) -> int:
-    """Bytes of weights one decode step reads: every parameter, but of an untied embedding only one row."""
+    """Bytes of weights one decode step reads: every parameter, but of an untied embedding only one row, and of a
+    MoE layer's experts only the k its one token is routed to (top-k experts are distinct)."""
     total = sum(p.numel() * p.element_size() for p in target.parameters())
+    for moe in sparse_layers(target):
+        experts = moe.experts
+        total -= sum(p.numel() * p.element_size() for p in (experts.gate_up_proj, experts.down_proj))
+        total += moe.top_k * expert_bytes(target)
     if target.lm_head is not None:
         embed = target.embed_tokens.weight
         total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()

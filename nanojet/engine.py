@@ -6,8 +6,6 @@ eagerly, torch.compile'd or as a CUDA graph); plain decoding is the same round w
 modes share every line that decides which token comes next. Prefill runs the prompt through the paged forward in
 chunks, each seeing the whole prefix and itself causally, so nothing grows with the square of the prompt.
 """
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from .qwen3 import Qwen3
 from .round_runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
 from .sampling import SamplingParams, sample
 from .static_round import StaticRound
+from .toolchain import check_toolchain
 from .tree import read_outcome
 
 # How rounds run: "eager" runs the static round as plain Python (the CPU default; --enforce-eager on CUDA);
@@ -46,12 +45,6 @@ def causal_visibility(count: int, device: torch.device) -> torch.Tensor:
     visible_bits = (row + 1 - word_start).clamp(0, 32)  # bits 0 .. visible-1 of each word are set
     words = (1 << visible_bits) - 1  # int64, < 2^32
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _cpp_compiler() -> str | None:
-    """The C++ compiler inductor would find for CPU kernels (CXX, else the usual names)."""
-    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for path in map(shutil.which, candidates) if path), None)
 
 
 @dataclass
@@ -104,9 +97,7 @@ class Engine:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
         if execution == "graphed" and kv_cache.pool.device.type != "cuda":
             raise ValueError("execution 'graphed' needs CUDA (CUDA graphs); use 'compiled' on the CPU")
-        if execution == "compiled" and kv_cache.pool.device.type == "cpu" and not _cpp_compiler():
-            raise RuntimeError("compiling on the CPU needs a C++ compiler for torch.compile (g++ or clang++); "
-                               "install one or run without compiling")
+        check_toolchain(kv_cache.pool.device, execution)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.execution = execution

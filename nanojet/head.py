@@ -38,17 +38,26 @@ class HeadConfig:
             raise ValueError("head config: dflash_config.target_layer_ids is empty")
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "HeadConfig":
+    def from_dict(cls, raw: dict, target_layers: int | None = None) -> "HeadConfig":
+        """Read a JetSpec / DFlash config.json. Absent `target_layer_ids` are derived by the published rule
+        (`published_layer_ids`); absent `num_target_layers` is the target's (`target_layers`)."""
         dflash = raw.get("dflash_config") or {}
-        missing = [k for k in ("block_size", "num_target_layers") if k not in raw]
-        missing += [f"dflash_config.{k}" for k in ("target_layer_ids", "mask_token_id") if k not in dflash]
+        num_target_layers = raw.get("num_target_layers", target_layers)
+        missing = [k for k, v in (("block_size", raw.get("block_size")), ("num_target_layers", num_target_layers))
+                   if v is None]
+        if "mask_token_id" not in dflash:  # no tokenizer here to look `<|MASK|>` up in
+            missing.append("dflash_config.mask_token_id")
         if missing:
             raise ValueError(f"head config lacks {', '.join(missing)}; is this a JetSpec/DFlash draft head?")
-        causal = dflash.get("causal", dflash.get("causal_head", False))
         layers = ModelConfig.from_dict({**raw, "architectures": ["Qwen3ForCausalLM"]})
-        return cls(layers=layers, block_size=raw["block_size"], num_target_layers=raw["num_target_layers"],
-                   target_layer_ids=list(dflash["target_layer_ids"]), mask_token_id=dflash["mask_token_id"],
-                   causal=bool(causal), extra=raw)
+        ids = dflash.get("target_layer_ids")
+        if ids is None:
+            ids = published_layer_ids(num_target_layers, layers.num_hidden_layers)
+        # JetSpec writes `causal`, some exports `causal_head`; DFlash heads have neither and are bidirectional.
+        causal = next((source[key] for source in (dflash, raw) for key in ("causal", "causal_head") if key in source),
+                      False)
+        return cls(layers=layers, block_size=raw["block_size"], num_target_layers=num_target_layers,
+                   target_layer_ids=list(ids), mask_token_id=dflash["mask_token_id"], causal=bool(causal), extra=raw)
 
     def to_dict(self) -> dict:
         c = self.layers
@@ -63,25 +72,35 @@ class HeadConfig:
                                   "causal": self.causal, "causal_head": self.causal}}
 
     def check_fits(self, target: ModelConfig) -> None:
-        """Refuse a head trained for another target, with the reason."""
+        """Refuse a head that cannot run on this target, with the reason. A head trained on a target of another
+        depth or vocabulary still runs (losslessly; its acceptance is another matter), so that is not refused."""
         c = self.layers
         problems = []
         if c.hidden_size != target.hidden_size:
-            problems.append(f"hidden size {c.hidden_size} != target's {target.hidden_size}")
-        if c.vocab_size != target.vocab_size:
-            problems.append(f"vocabulary {c.vocab_size} != target's {target.vocab_size}")
-        if self.num_target_layers != target.num_hidden_layers:
-            problems.append(f"trained on a {self.num_target_layers}-layer target, this one has "
-                            f"{target.num_hidden_layers}")
-        if any(not 0 <= i < target.num_hidden_layers - 1 for i in self.target_layer_ids):
-            problems.append(f"target_layer_ids {self.target_layer_ids} must lie in 0..{target.num_hidden_layers - 2}")
+            problems.append(f"hidden size {c.hidden_size} != target's {target.hidden_size} (it reads the target's "
+                            f"embeddings and taps)")
+        if any(not 0 <= i < target.num_hidden_layers for i in self.target_layer_ids):
+            problems.append(f"target_layer_ids {self.target_layer_ids} must lie in 0..{target.num_hidden_layers - 1} "
+                            f"(the target's layers)")
         if (c.num_key_value_heads, c.head_dim) != (target.num_key_value_heads, target.head_dim):
-            problems.append("its KV heads/head_dim differ from the target's (they share one KV pool)")
+            problems.append(f"its KV heads x head_dim ({c.num_key_value_heads} x {c.head_dim}) differ from the "
+                            f"target's ({target.num_key_value_heads} x {target.head_dim}); nanojet keeps both in one "
+                            f"paged KV pool, whose rows have the target's shape")
         if not 0 <= self.mask_token_id < target.vocab_size:
-            problems.append(f"mask_token_id {self.mask_token_id} is outside the vocabulary")
+            problems.append(f"mask_token_id {self.mask_token_id} is outside the target's vocabulary "
+                            f"(0..{target.vocab_size - 1})")
         if problems:
             raise ValueError(f"draft head does not fit the target model: {'; '.join(problems)}; "
-                             f"use a head trained for this target (train_head.py) or --head none")
+                             f"use a head trained for this target (train_head.py) or decode plainly")
+
+
+def published_layer_ids(num_target_layers: int, num_head_layers: int) -> list[int]:
+    """The taps DFlash / JetSpec heads use when their config names none: one per head layer, spread evenly over
+    target layers 1 .. L-3 (the middle layer for a one-layer head)."""
+    if num_head_layers == 1:
+        return [num_target_layers // 2]
+    first, last = 1, num_target_layers - 3
+    return [int(round(first + i * (last - first) / (num_head_layers - 1))) for i in range(num_head_layers)]
 
 
 class DraftHead(nn.Module):
@@ -155,12 +174,15 @@ class DraftHead(nn.Module):
 def load_head(head_dir: str | Path, target: ModelConfig, dtype: torch.dtype, device: torch.device) -> DraftHead:
     path = Path(head_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no draft head at {path} (config.json missing); pass --head DIR or --head none")
+        raise FileNotFoundError(f"no draft head at {path} (its config.json is missing); give a head directory "
+                                f"(train_head.py writes one) or decode plainly (head=None, run.py --head none)")
     try:
         raw = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path / 'config.json'} is not valid JSON ({error})") from None
-    config = HeadConfig.from_dict(raw)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path / 'config.json'} must hold a JSON object")
+    config = HeadConfig.from_dict(raw, target.num_hidden_layers)
     config.check_fits(target)
     with torch.device("meta"):
         head = DraftHead(config)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
 from kernels.reference import pack_visibility
 
 
@@ -59,7 +58,7 @@ class KVCache:
         missing = needed - len(sequence.pages)
         if missing > len(self.free_pages):
             raise KVCacheExhausted(f"KV cache exhausted: {missing} more pages needed, {len(self.free_pages)} free "
-                                   f"of {self.num_pages}; raise kv_cache_tokens or shorten the generation")
+                                   f"of {self.num_pages}; raise --kv-memory-gb or shorten the generation")
         for _ in range(missing):
             sequence.pages.append(self.free_pages.pop())
 

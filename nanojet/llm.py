@@ -1,6 +1,8 @@
 """The user-facing entry point: `LLM(model_dir).generate(prompt, SamplingParams(...))`.
 
 Loads the target (and a draft head), sizes the KV pool, applies the chat template and detokenizes."""
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -9,13 +11,14 @@ import torch
 
 from .config import ModelConfig
 from .engine import DEFAULT_PREFILL_CHUNK, Engine, GenerationStats, SpeculativeParams, default_execution
+from .generation_config import GenerationDefaults
 from .head import DraftHead, load_head
 from .kv_cache import KVCache
 from .loader import load_weights
 from .qwen3 import Qwen3, rope_inv_freq
 from .sampling import SamplingParams
 from .scheduler import DEFAULT_STEP_TOKENS, Request, Scheduler
-from .static_round import pages_per_sequence
+from .static_round import pages_per_sequence, round_scratch_slots, round_tree
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -29,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise ValueError("device cuda was asked for but no CUDA device is available; use cpu (--device cpu)")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda")
     return torch.device(name)
@@ -42,6 +45,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}: use auto, float32 or bfloat16")
     return DTYPES[name]
+
+
+def resolve_head(model_dir: str | Path, head: str | Path | None) -> Path | None:
+    """`head`: a head directory, "auto" (the head shipped at <model>/head-causal, or None when there is none)
+    or None (plain decoding)."""
+    if head is None:
+        return None
+    if head == "none":
+        raise ValueError("head='none' is run.py's spelling; pass head=None for plain decoding")
+    if head == "auto":
+        shipped = Path(model_dir) / DEFAULT_HEAD_NAME
+        return shipped if (shipped / "config.json").is_file() else None
+    return Path(head)
 
 
 def load_target(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> Qwen3:
@@ -68,6 +84,7 @@ class Output:
     token_ids: list[int]
     prompt_token_ids: list[int]
     stats: GenerationStats
+    token_healed: bool = False  # the last prompt token was taken back and regenerated (token healing)
 
 
 class LLM:
@@ -76,17 +93,20 @@ class LLM:
                  max_tree_nodes: int = 512, kv_memory_gb: float | None = None, compile: bool = False,
                  enforce_eager: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_num_seqs: int = 1,
                  step_tokens: int = DEFAULT_STEP_TOKENS):
-        """On CUDA each round shape (tree budget/width/depth, greedy or sampled, batch size) is captured as a CUDA
+        """`head`: a draft head directory, "auto" (the model's shipped head if it has one) or None (plain decoding).
+        On CUDA each round shape (tree budget/width/depth, greedy or sampled, batch bucket) is captured as a CUDA
         graph on first use, unless `enforce_eager`. `compile` adds torch.compile (inside the graphs on CUDA; alone
         on the CPU). Prompts are prefilled in chunks of `prefill_chunk` tokens. A list of prompts is generated
         with continuous batching, up to `max_num_seqs` at once (the KV pool holds that many full-length
         sequences unless `kv_memory_gb` sizes it) and `step_tokens` target tokens per step."""
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
         self.max_num_seqs, self.step_tokens = max_num_seqs, step_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        head = resolve_head(model, head)
         self.tokenizer = Tokenizer.from_dir(model)
+        self.generation_defaults = GenerationDefaults.from_dir(model)
         self.model = load_target(model, self.dtype, self.device)
         config = self.model.config
         self.head: DraftHead | None = None if head is None else load_head(head, config, self.dtype, self.device)
@@ -101,11 +121,14 @@ class LLM:
                                          self.head.config.block_size if self.head else 1, kv_page_size)
         layers = config.num_hidden_layers + head_layers
         pages = table_width * max_num_seqs
+        if kv_memory_gb is not None and not (isinstance(kv_memory_gb, (int, float)) and math.isfinite(kv_memory_gb)):
+            raise ValueError(f"kv_memory_gb must be a finite number of GiB, got {kv_memory_gb!r}")
         if kv_memory_gb is not None:  # a memory budget instead of room for one full-length sequence
             page_bytes = layers * 2 * kv_page_size * config.num_key_value_heads * config.head_dim * self.dtype.itemsize
             pages = int(kv_memory_gb * 2**30 // page_bytes)
             if pages < 1:
-                raise ValueError(f"kv_memory_gb {kv_memory_gb} holds no KV page ({page_bytes} bytes each)")
+                raise ValueError(f"kv_memory_gb {kv_memory_gb} holds no KV page ({page_bytes} bytes each); raise it "
+                                 f"(--kv-memory-gb) or leave it unset to size the pool for max_model_len")
         self.kv_cache = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages=pages,
                                 kv_page_size=kv_page_size, max_pages_per_sequence=table_width,
                                 dtype=self.dtype, device=self.device)
@@ -123,23 +146,47 @@ class LLM:
             prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
         return self.tokenizer.encode(prompt)
 
+    def round_scratch_slots(self, spec: SpeculativeParams | None) -> int:
+        """KV slots past the committed ones that one round writes: the tree padded to its bucket or the draft
+        block, whichever is wider (static_round.StaticRound.scratch_slots); one for plain decoding."""
+        if spec is None or spec.budget == 1 or self.head is None:
+            return 1
+        _, nodes = round_tree(spec, self.head.config.block_size)
+        return round_scratch_slots(nodes, self.head.config.block_size)
+
+    def check_kv_fits(self, prompt_tokens: int, params: SamplingParams, spec: SpeculativeParams | None) -> None:
+        """Refuse at admission, before anything streams, a generation the KV pool cannot hold to its end."""
+        if prompt_tokens >= self.max_model_len:
+            return  # the engine refuses it, naming the context limit
+        page_size = self.kv_cache.kv_page_size
+        tokens = min(prompt_tokens + params.max_new_tokens, self.max_model_len)
+        scratch = self.round_scratch_slots(spec)
+        pages = -(-(tokens + scratch) // page_size)
+        if pages > self.kv_cache.num_pages:
+            raise ValueError(f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) + a "
+                             f"round's scratch ({scratch} slots) need {pages} KV pages of {page_size} tokens, but "
+                             f"the KV pool has {self.kv_cache.num_pages}; raise --kv-memory-gb (LLM kv_memory_gb), "
+                             f"or leave it unset to size the pool for --max-model-len, or ask for fewer new tokens")
+
     def generate(self, prompt: str | list[int] | list[str | list[int]], params: SamplingParams | None = None,
                  spec: SpeculativeParams | None = None, chat: bool = False,
-                 on_text: Callable[[str], None] | None = None, token_healing: bool = True) -> Output | list[Output]:
-        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting. A list of
-        prompts (texts or id lists) goes to `generate_batch` and returns a list of outputs in the same order.
+                 on_text: Callable[[str], None] | None = None,
+                 token_healing: bool | None = None) -> Output | list[Output]:
+        """Generate after `prompt` (text, or token ids used as they are). `spec` turns on tree drafting.
+        `params` None: the model's generation_config.json defaults (`self.generation_defaults`). A list of prompts
+        (texts or id lists) goes to `generate_batch` and returns a list of outputs in the same order.
 
-        Token healing (raw text prompts): a prompt cut inside what training text tokenizes as one piece (e.g.
-        `"):"` where the data always has `"):\n"`) leaves the model an unusual last token. The last prompt token
-        is taken back and the first generated token must start with its bytes; the returned text and stream
-        begin after those bytes, so they continue the prompt exactly."""
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        Token healing (raw text prompts; None: on when generation_config.json sets `"token_healing": true`): a
+        prompt cut inside what training text tokenizes as one piece (e.g. `"):"` where the data always has
+        `"):\n"`) leaves the model an unusual last token. The last prompt token is taken back and the first
+        generated token must start with its bytes; the returned text and stream begin after those bytes, so
+        they continue the prompt exactly. Off by default, as in transformers: it changes the ids."""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], numbers.Integral):
             if on_text is not None:
                 raise ValueError("on_text streams one prompt; for many, use the server or generate them unstreamed")
             return self.generate_batch(prompt, params, spec, chat, token_healing)
-        params = params or SamplingParams()
-        self._check_budget(spec)
-        ids, healed, first_token_ids = self.prepare_prompt(prompt, chat, token_healing)
+        params = self._check_params(params, spec)
+        ids, healed, first_token_ids = self.prepare_prompt(prompt, params, spec, chat, token_healing)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         skip = len(healed.decode("utf-8"))  # characters of the healed token the prompt already shows
 
@@ -153,32 +200,48 @@ class LLM:
         if on_text:
             on_text(detokenizer.flush())
         return Output(text=self._text(result.token_ids, healed), token_ids=result.token_ids, prompt_token_ids=ids,
-                      stats=result.stats)
+                      stats=result.stats, token_healed=bool(healed))
 
     def generate_batch(self, prompts: list[str | list[int]],
                        params: SamplingParams | list[SamplingParams] | None = None,
                        spec: SpeculativeParams | None = None, chat: bool = False,
-                       token_healing: bool = True) -> list[Output]:
+                       token_healing: bool | None = None) -> list[Output]:
         """Generate after every prompt with continuous batching (`Scheduler`); outputs come back in prompt order,
         each with exactly the ids `generate` gives for that prompt alone. `params`: one for all, or one each."""
-        params = params or SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts; give one or one each")
-        self._check_budget(spec)
-        prepared = [self.prepare_prompt(p, chat, token_healing) for p in prompts]
+        per_prompt = [self._check_params(p, spec) for p in per_prompt]
+        prepared = [self.prepare_prompt(prompt, p, spec, chat, token_healing) for prompt, p in zip(prompts, per_prompt)]
         requests = [Request(ids, p, first_token_ids=first) for (ids, _, first), p in zip(prepared, per_prompt)]
         Scheduler(self.engine, spec, self.max_num_seqs, self.step_tokens).run(requests)
         failed = next((r for r in requests if r.error), None)
         if failed is not None:
             raise RuntimeError(f"prompt {requests.index(failed)}: {failed.error}")
         return [Output(text=self._text(r.output_ids, healed), token_ids=r.output_ids, prompt_token_ids=ids,
-                       stats=r.stats) for r, (ids, healed, _) in zip(requests, prepared)]
+                       stats=r.stats, token_healed=bool(healed)) for r, (ids, healed, _) in zip(requests, prepared)]
 
-    def prepare_prompt(self, prompt: str | list[int], chat: bool = False,
-                       token_healing: bool = True) -> tuple[list[int], bytes, list[int] | None]:
-        """Prompt -> (ids to prefill, healed bytes, allowed first tokens or None): see `generate` on healing."""
-        ids = list(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+    def _check_params(self, params: SamplingParams | None, spec: SpeculativeParams | None) -> SamplingParams:
+        params = params or SamplingParams(**self.generation_defaults.sampling)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if spec is not None and not isinstance(spec, SpeculativeParams):
+            raise ValueError(f"spec must be a SpeculativeParams or None, got {type(spec).__name__}")
+        if spec is not None and spec.budget > self.max_tree_nodes:
+            raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
+        return params
+
+    def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, spec: SpeculativeParams | None,
+                       chat: bool = False,
+                       token_healing: bool | None = None) -> tuple[list[int], bytes, list[int] | None]:
+        """Prompt -> (ids to prefill, healed bytes, allowed first tokens or None), refusing what cannot fit the
+        KV pool; see `generate` on healing."""
+        if not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be text (str) or a list of token ids, got {type(prompt).__name__}")
+        if token_healing is None:
+            token_healing = self.generation_defaults.token_healing
+        ids = self._check_token_ids(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        self.check_kv_fits(len(ids), params, spec)
         if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
             tail = self.tokenizer.decode_bytes(ids[-1:])
             candidates = self.tokenizer.ids_starting_with(tail)
@@ -186,9 +249,14 @@ class LLM:
                 return ids[:-1], tail, candidates
         return ids, b"", None
 
-    def _check_budget(self, spec: SpeculativeParams | None) -> None:
-        if spec is not None and spec.budget > self.max_tree_nodes:
-            raise ValueError(f"budget {spec.budget} exceeds max_tree_nodes {self.max_tree_nodes}")
-
     def _text(self, token_ids: list[int], healed: bytes) -> str:
         return self.tokenizer.decode_bytes(token_ids)[len(healed):].decode("utf-8", errors="replace")
+
+    def _check_token_ids(self, ids: list) -> list[int]:
+        vocab = self.model.config.vocab_size
+        for index, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise ValueError(f"prompt token {index} is {token!r}; token ids must be integers")
+            if not 0 <= token < vocab:
+                raise ValueError(f"prompt token {index} is id {token}, outside the vocabulary (0..{vocab - 1})")
+        return [int(token) for token in ids]

@@ -20,9 +20,22 @@ LAYER_NAMES: dict[str, tuple[str, int | None]] = {
     "mlp.gate_proj.weight": ("mlp.gate_up_proj.weight", 0),
     "mlp.up_proj.weight": ("mlp.gate_up_proj.weight", 1),
     "mlp.down_proj.weight": ("mlp.down_proj.weight", None),
+    "mlp.gate.weight": ("mlp.gate.weight", None),  # a MoE layer's router
+    # transformers 5 holds a MoE layer's experts fused and stacked, as nanojet does; a checkpoint may store them so.
+    "mlp.experts.gate_up_proj": ("mlp.experts.gate_up_proj", None),
+    "mlp.experts.down_proj": ("mlp.experts.down_proj", None),
     "input_layernorm.weight": ("input_layernorm", None),
     "post_attention_layernorm.weight": ("post_attention_layernorm", None),
 }
+# Per-expert names (after "mlp.experts.{e}.", the published Qwen3-MoE format) -> (stacked parameter, shard).
+# Expert e's tensors fill row e of the stacked parameter.
+EXPERT_NAMES: dict[str, tuple[str, int | None]] = {
+    "gate_proj.weight": ("mlp.experts.gate_up_proj", 0),
+    "up_proj.weight": ("mlp.experts.gate_up_proj", 1),
+    "down_proj.weight": ("mlp.experts.down_proj", None),
+}
+STACKED = {ours for ours, _ in EXPERT_NAMES.values()}  # parameters with a leading expert dimension
+GATE_UP = ("mlp.gate_up_proj.weight", "mlp.experts.gate_up_proj")  # [..., 2I, H]: gate rows, then up rows
 # Names outside the decoder layers. The target's carry HF's "model." prefix; the draft head's have none.
 TOP_NAMES: dict[str, tuple[str, int | None]] = {
     "embed_tokens.weight": ("embed_tokens.weight", None),
@@ -35,25 +48,42 @@ TOP_NAMES: dict[str, tuple[str, int | None]] = {
 
 def fused_shard_sizes(module: nn.Module) -> dict[str, list[int]]:
     """Row sizes of each fused parameter's shards, keyed by the parameter's suffix."""
-    layer = module.layers[0]
-    attn, inter = layer.self_attn, layer.mlp.down_proj.in_features
+    attn = module.layers[0].self_attn
     qkv = [attn.q_size, attn.kv_size, attn.kv_size]
-    return {"self_attn.qkv_proj.weight": qkv, "self_attn.qkv_proj.bias": qkv, "mlp.gate_up_proj.weight": [inter, inter]}
+    sizes = {"self_attn.qkv_proj.weight": qkv, "self_attn.qkv_proj.bias": qkv}
+    for name, param in module.named_parameters():
+        if _suffix(name) in GATE_UP:  # dense and expert intermediate sizes differ: read each from its shape
+            sizes[_suffix(name)] = [param.shape[-2] // 2] * 2
+    return sizes
 
 
-def map_name(hf_name: str) -> tuple[str, str, int | None] | None:
-    """HF name -> (nanojet name, nanojet suffix, shard), or None when the name is not ours."""
+def map_name(hf_name: str) -> tuple[str, str, int | None, int | None] | None:
+    """HF name -> (nanojet name, nanojet suffix, expert or None, shard or None), or None when the name is not
+    ours. An expert index selects a row of a stacked parameter; a shard, a piece of a fused one."""
     name = hf_name.removeprefix("model.")
     if name.startswith("layers."):
         _, index, rest = name.split(".", 2)
-        if rest in LAYER_NAMES:
-            ours, shard = LAYER_NAMES[rest]
-            return f"layers.{index}.{ours}", ours, shard
+        parts = rest.split(".", 3)  # "mlp.experts.{e}.{EXPERT_NAMES key}" for a per-expert tensor
+        if parts[:2] == ["mlp", "experts"] and len(parts) == 4 and parts[2].isdigit():
+            table, expert, rest = EXPERT_NAMES, int(parts[2]), parts[3]
+        else:
+            table, expert = LAYER_NAMES, None
+        if rest in table:
+            ours, shard = table[rest]
+            return f"layers.{index}.{ours}", ours, expert, shard
         return None
     if name in TOP_NAMES:
         ours, shard = TOP_NAMES[name]
-        return ours, ours, shard
+        return ours, ours, None, shard
     return None
+
+
+def _pieces(name: str, param: torch.Tensor, shard_sizes: dict[str, list[int]]) -> list[tuple[int | None, int | None]]:
+    """The (expert, shard) pieces a checkpoint must supply for one parameter."""
+    suffix = _suffix(name)
+    experts = range(param.shape[0]) if suffix in STACKED else [None]
+    shards = range(len(shard_sizes[suffix])) if suffix in shard_sizes else [None]
+    return [(expert, shard) for expert in experts for shard in shards]
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -92,10 +122,7 @@ def load_weights(module: nn.Module, model_dir: str | Path, ignore: tuple[str, ..
     present without a home (e.g. a tied checkpoint that still stores lm_head.weight)."""
     params = dict(module.named_parameters())
     shard_sizes = fused_shard_sizes(module)
-    expected = set()
-    for name in params:
-        suffix = _suffix(name)
-        expected.update((name, shard) for shard in (range(len(shard_sizes[suffix])) if suffix in shard_sizes else [None]))
+    expected = {(name, *piece) for name, param in params.items() for piece in _pieces(name, param, shard_sizes)}
     loaded, unexpected = set(), []
     for hf_name, tensor in iter_tensors(checkpoint_files(Path(model_dir))):
         mapped = map_name(hf_name)
@@ -103,8 +130,13 @@ def load_weights(module: nn.Module, model_dir: str | Path, ignore: tuple[str, ..
             if hf_name.removeprefix("model.") not in ignore:
                 unexpected.append(hf_name)
             continue
-        name, suffix, shard = mapped
+        name, suffix, expert, shard = mapped
         target = params[name].data
+        if expert is not None:
+            if expert >= target.shape[0]:
+                raise ValueError(f"checkpoint tensor {hf_name} names expert {expert}, but the config has "
+                                 f"{target.shape[0]} experts; config.json and the weights do not belong together")
+            target = target[expert]
         if shard is not None:
             sizes = shard_sizes[suffix]
             target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
@@ -112,11 +144,15 @@ def load_weights(module: nn.Module, model_dir: str | Path, ignore: tuple[str, ..
             raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)} but the config implies "
                              f"{tuple(target.shape)}; config.json and the weights do not belong together")
         target.copy_(tensor.to(target.dtype))
-        loaded.add((name, shard))
+        if expert is None and shard is None:  # a whole parameter, e.g. experts stacked in one tensor
+            loaded.update((name, *piece) for piece in _pieces(name, params[name], shard_sizes))
+        else:
+            loaded.add((name, expert, shard))
     if unexpected:
         raise ValueError(f"checkpoint has tensors this model does not use: {', '.join(unexpected[:5])}"
                          f"{' ...' if len(unexpected) > 5 else ''}; is config.json the right one?")
-    missing = sorted(f"{n}" + ("" if s is None else f"[shard {s}]") for n, s in expected - loaded)
+    missing = sorted(f"{n}" + ("" if e is None else f"[expert {e}]") + ("" if s is None else f"[shard {s}]")
+                     for n, e, s in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:5])}; "
                          f"the download is incomplete or belongs to another model")
@@ -127,16 +163,22 @@ def _suffix(name: str) -> str:
 
 
 def hf_state_dict(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The inverse mapping: nanojet parameters -> HF-named tensors (fused ones split), for saving."""
+    """The inverse mapping: nanojet parameters -> HF-named tensors (fused ones split, stacked experts written per
+    expert as published checkpoints are), for saving."""
     shard_sizes = fused_shard_sizes(module)
     inverse = {(ours, shard): hf for hf, (ours, shard) in {**LAYER_NAMES, **TOP_NAMES}.items()}
+    inverse.update({(ours, shard): hf for hf, (ours, shard) in EXPERT_NAMES.items()})
     out = {}
     for name, param in module.named_parameters():
         suffix = _suffix(name)
         layer_prefix = name[: len(name) - len(suffix)]
-        pieces = (param.detach().split(shard_sizes[suffix]) if suffix in shard_sizes else [param.detach()])
-        for shard, piece in enumerate(pieces):
-            hf = inverse[(suffix, shard if suffix in shard_sizes else None)]
+        for expert, shard in _pieces(name, param, shard_sizes):
+            piece = param.detach() if expert is None else param.detach()[expert]
+            if shard is not None:
+                piece = piece.split(shard_sizes[suffix])[shard]
+            hf = inverse[(suffix, shard)]
+            if expert is not None:
+                hf = f"mlp.experts.{expert}.{hf}"
             # HF keeps lm_head outside the "model." prefix that every other target tensor carries.
             key = hf if hf == "lm_head.weight" else f"{prefix}{layer_prefix}{hf}"
             out[key] = piece.contiguous()

@@ -1,4 +1,7 @@
-"""The dense Qwen3 target in one file: embedding, decoder layers, final norm, lm_head, and taps.
+"""The Qwen3 target in one file, dense or Qwen3-MoE: embedding, decoder layers, final norm, lm_head, and taps.
+
+A decoder layer's MLP is dense or a mixture of experts, as `ModelConfig.is_sparse_layer` (transformers' rule)
+decides; experts are stored stacked and run through one fused kernel (`kernels.fused_moe`).
 
 Two forwards share the weights:
 - `forward` runs flat tokens of one or more sequences over the paged KV pool (prefill, decode, tree verify),
@@ -81,14 +84,52 @@ class MLP(nn.Module):
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(h)))
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm Qwen3 block. The residual stream is carried separately so each RMSNorm fuses the add."""
+class Experts(nn.Module):
+    """Every expert's SwiGLU weights, stacked: expert e's gate rows then up rows, and its down projection."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        experts, hidden, inter = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(experts, hidden, inter))
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-MoE block: a linear router picks `num_experts_per_tok` experts per token; their outputs are summed,
+    weighted by the router's probabilities."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        self.experts = Experts(config)
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h `[T, H]` -> (weights `[T, k]` in h's dtype, expert ids `[T, k]`), computed as transformers does:
+        softmax in fp32, top k, renormalised to sum 1 when norm_topk_prob, then cast to the logits' dtype."""
+        logits = self.gate(h)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), ids
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])  # forward_dense passes [B, S, H]
+        weights, ids = self.route(h)
+        return kernels.fused_moe(h, self.experts.gate_up_proj, self.experts.down_proj, weights, ids).view(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Qwen3 block. The residual stream is carried separately so each RMSNorm fuses the add."""
+
+    def __init__(self, config: ModelConfig, sparse: bool = False):
+        super().__init__()
         self.eps = config.rms_norm_eps
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if sparse else MLP(config)
         self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
 
@@ -107,7 +148,8 @@ class Qwen3(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, sparse=config.is_sparse_layer(index))
+                                    for index in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)

@@ -5,11 +5,14 @@ pure function of `(seed, absolute position of the token being chosen)`. Every tr
 therefore sees the same noise as plain decoding at that position, which makes speculative decoding emit the
 very same tokens as plain decoding for a given seed, at any temperature.
 """
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
+NOISE_CHUNK_ELEMENTS = 1 << 21  # int64 temporaries of at most 16 MB while hashing noise
 
 
 @dataclass
@@ -22,16 +25,28 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, not where they are used: a NaN temperature or a float top_k would otherwise sample
+        # token 0 forever or fail deep inside a round with a message about tensors.
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"SamplingParams: {name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("top_k", "seed", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"SamplingParams: {name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # a numpy integer becomes a plain int
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise ValueError(f"SamplingParams: temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"SamplingParams: top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise ValueError(f"SamplingParams: top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"SamplingParams: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.seed < 2**31:
-            raise ValueError(f"seed must be in [0, 2^31), got {self.seed}")
+            raise ValueError(f"SamplingParams: seed must be in [0, 2^31), got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -45,15 +60,25 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab_size: int,
+                 chunk_elements: int = NOISE_CHUNK_ELEMENTS) -> torch.Tensor:
     """`[N, V]` fp32 Gumbel noise; row i depends only on (seed, positions[i]). A 0-dim tensor seed keeps the
-    value out of a compiled graph's constants (one graph serves every seed)."""
+    value out of a compiled graph's constants (one graph serves every seed).
+
+    The 32-bit hash runs on int64 lanes, about ten `[N, V]` int64 temporaries if done in one go (622 MB each at
+    N=512, V=151,936), so it runs over column chunks of about `chunk_elements` elements instead; the values do
+    not depend on the chunking. A decode step (N=1) still takes the whole vocabulary in one chunk."""
     seed = torch.as_tensor(seed, dtype=torch.int64, device=positions.device)
-    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(seed)))
-    column = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
-    bits = _mix32((row[:, None] * 0x01000193 + column[None, :] * 0x9E3779B1) & _MASK32)
-    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 random bits, strictly inside (0, 1)
-    return -torch.log(-torch.log(uniform))
+    row = _mix32((_mix32(positions.long() & _MASK32) ^ _mix32(seed)))[:, None] * 0x01000193  # [N, 1]
+    noise = torch.empty(positions.shape[0], vocab_size, dtype=torch.float32, device=positions.device)
+    columns_per_chunk = max(1024, chunk_elements // max(1, positions.shape[0]))
+    for start in range(0, vocab_size, columns_per_chunk):
+        end = min(vocab_size, start + columns_per_chunk)
+        column = torch.arange(start, end, device=positions.device, dtype=torch.int64)
+        bits = _mix32((row + column * 0x9E3779B1) & _MASK32)  # [N, chunk]
+        uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # 24 random bits, strictly inside (0, 1)
+        noise[:, start:end] = -torch.log(-torch.log(uniform))
+    return noise
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -79,7 +104,7 @@ def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     noise = gumbel_noise(params.seed if seed is None else seed, positions, logits.shape[-1])
-    return (filtered + noise).argmax(dim=-1)
+    return noise.add_(filtered).argmax(dim=-1)  # in place: one [N, V] fp32 buffer fewer
 
 
 def sample_rows(logits: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -101,4 +126,4 @@ def sample_rows(logits: torch.Tensor, positions: torch.Tensor, temperature: torc
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     filtered = scaled.masked_fill(drop, float("-inf"))
     noise = gumbel_noise(seed, positions, vocab_size)
-    return torch.where(sampled, (filtered + noise).argmax(dim=-1), logits.argmax(dim=-1))
+    return torch.where(sampled, noise.add_(filtered).argmax(dim=-1), logits.argmax(dim=-1))

@@ -22,7 +22,6 @@ the draft block before a step, `finish` trims what the round did not keep after 
 """
 from collections import Counter
 
-import numpy as np
 import torch
 
 import kernels
@@ -35,6 +34,14 @@ from .tree import DraftTree, accept, anchor_tree, build_tree, pad_tree, round_ou
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
     """KV slots past the committed ones that a round may write: the padded tree, or the head's draft block."""
     return max(tree_bucket(max_tree_nodes), block_size)
+
+
+def round_tree(spec, block_size: int) -> tuple[int, int]:
+    """(depth limit, tree nodes) of a round: `spec` None (plain decoding) is the one-node tree."""
+    if spec is None:
+        return 0, 1
+    depth = block_size - 1 if spec.depth is None else min(spec.depth, block_size - 1)
+    return depth, tree_size(spec.budget, spec.width, depth)
 
 
 def pages_per_sequence(max_model_len: int, max_tree_nodes: int, block_size: int, kv_page_size: int) -> int:
@@ -56,12 +63,9 @@ class StaticRound:
         self.num_target_layers = target.config.num_hidden_layers
         self.num_sequences = num_sequences
         device = kv.pool.device
-        if spec is None:
-            depth, nodes, block_size = 0, 1, 0
-        else:
-            block_size = head.config.block_size
-            depth = block_size - 1 if spec.depth is None else min(spec.depth, block_size - 1)
-            nodes = tree_size(spec.budget, spec.width, depth)
+        block_size = 0 if spec is None else head.config.block_size
+        depth, nodes = round_tree(spec, block_size)
+        if spec is not None:
             block_words = pack_visibility(head.block_visibility(device))  # [B, 1]
             self.block_visibility = block_words.repeat(num_sequences, 1)  # [S * B, 1]
             self.mask_block = torch.full((block_size,), head.config.mask_token_id, device=device)
@@ -157,8 +161,8 @@ class StaticRound:
             self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
-        scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))
-        meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),  # [S, scratch]
+        scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))  # [S, *]
+        meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),
                                  block_tables=block_table, prefix_lens=length.to(torch.int32),
                                  query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)

@@ -11,9 +11,12 @@ from .kv_cache import KVCache
 from .qwen3 import Qwen3, rope_inv_freq
 from .static_round import pages_per_sequence
 
-SHAPES = {  # the published Qwen3 configs
+SHAPES = {  # the published Qwen3 configs (Qwen3-30B-A3B: every layer a MoE layer)
     "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                      head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=False,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
     "qwen3-0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
 }
@@ -32,13 +35,23 @@ def random_module(build, config, dtype: torch.dtype, device: torch.device):
     return module.eval()
 
 
+def synthetic_config(name: str, layers: int | None = None, vocab: int | None = None) -> ModelConfig:
+    """The published config `name`, optionally cut to fewer layers / a smaller vocabulary."""
+    shape = {**SHAPES[name], "num_hidden_layers": layers or SHAPES[name]["num_hidden_layers"],
+             "vocab_size": vocab or SHAPES[name]["vocab_size"]}
+    return ModelConfig(**shape, rope_theta=1_000_000.0, max_position_embeddings=40960)
+
+
+def synthetic_target(name: str, dtype: torch.dtype, device: torch.device) -> Qwen3:
+    """A random target in the published shape `name` (train_head.py --synthetic)."""
+    return random_module(Qwen3, synthetic_config(name), dtype, device)
+
+
 def synthetic_models(name: str, dtype: torch.dtype, device: torch.device, layers: int | None = None,
                      vocab: int | None = None) -> tuple[Qwen3, DraftHead]:
     """Target in shape `name` (optionally cut to fewer layers / a smaller vocabulary) and a head of the published
     JetSpec size: 5 layers, block 16, 5 taps spread over 0 .. L-2 (a 1-layer cut can only tap its one layer)."""
-    shape = {**SHAPES[name], "num_hidden_layers": layers or SHAPES[name]["num_hidden_layers"],
-             "vocab_size": vocab or SHAPES[name]["vocab_size"]}
-    config = ModelConfig(**shape, rope_theta=1_000_000.0, max_position_embeddings=40960)
+    config = synthetic_config(name, layers, vocab)
     depth = config.num_hidden_layers
     taps = sorted({round(i * (depth - 2) / 4) for i in range(5)}) if depth > 1 else [0]
     head_config = HeadConfig(layers=replace(config, num_hidden_layers=5), block_size=16, num_target_layers=depth,

@@ -50,6 +50,28 @@ def write_hf_model(directory: Path, seed: int = 0, max_shard_size: str | None = 
     return model
 
 
+def write_hf_moe_model(directory: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """A random HF Qwen3MoeForCausalLM saved with save_pretrained (fp32), returned in eval mode. The router is
+    drawn wider than HF's init so routing probabilities are far from uniform (renormalising them matters)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    base = dict(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-6, eos_token_id=None,
+                bos_token_id=None, pad_token_id=None, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)
+    base.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**base)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            elif name.endswith("mlp.gate.weight"):
+                param.normal_(0.0, 0.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return model
+
+
 def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
     """A tokenizer of the 256 bytes plus specials, so run.py / LLM can be driven on a random model."""
     from nanojet.tokenizer import BYTE_TO_CHAR, write_tokenizer_files

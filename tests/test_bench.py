@@ -110,12 +110,27 @@ def test_synthetic_shape_runs_on_cpu(tmp_path, capsys):
     (["--max-new-tokens", "abc"], "invalid int value"),
     (["--peer", "hf", "--temperature", "0.7"], "greedy"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--temperature", "nan"], "must be a finite number"),
+    (["--top-p", "inf"], "must be a finite number"),
+    (["--top-k", "1.5"], "invalid int value"),
     (["--json", "/nonexistent/dir/out.json"], "directory does not exist"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message, capsys):
     assert bench.main(args) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
+
+
+def test_top_k_reaches_the_sampler(bench_inputs, tmp_path, monkeypatch):
+    """--top-k is recorded and used: with top-k 1 sampling is greedy, so it emits the greedy ids."""
+    out = tmp_path / "bench.json"
+    common = bench_inputs + ["--budgets", "4", "--samples", "1", "--ignore-eos"]
+    assert bench.main(common + ["--temperature", "5", "--top-k", "1", "--json", str(out)]) == 0
+    sampled = json.loads(out.read_text())
+    assert sampled["config"]["top_k"] == 1 and sampled["budgets"][0]["lossless"]
+    assert bench.main(common + ["--json", str(out)]) == 0
+    greedy = json.loads(out.read_text())
+    assert sampled["per_prompt"][0]["ar"]["token_ids"] == greedy["per_prompt"][0]["ar"]["token_ids"]
 
 
 def test_bad_inputs_exit_2_with_one_line(bench_inputs, hf_model_dir, tmp_path, capsys, monkeypatch):

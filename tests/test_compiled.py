@@ -131,6 +131,16 @@ def test_compiling_on_cpu_without_a_cpp_compiler_is_a_clear_error(eager, monkeyp
         Engine(eager.target, eager.kv, 64, [], eager.head, execution="compiled")
 
 
+def test_cuda_without_a_c_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    """Triton builds a C launcher per kernel signature on every CUDA host, whatever the execution mode."""
+    from nanojet.toolchain import check_toolchain
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    for execution in ("eager", "graphed"):
+        with pytest.raises(RuntimeError, match="need a C compiler .*install one"):
+            check_toolchain(torch.device("cuda"), execution)
+    check_toolchain(torch.device("cpu"), "eager")  # the CPU reference path builds nothing
+
+
 class RecordedGraph:
     """A CUDA graph's contract, on CPU: recording does not run the step; each replay runs it and rewrites the
     captured output tensor in place."""
@@ -288,3 +298,12 @@ def test_graphed_batched_rounds_on_cpu_stand_ins(hf_model_dir, head, eager, monk
     requests = Scheduler(engine, spec, max_num_seqs=4).run([Request(p, q) for p, q in zip(prompts, params)])
     assert [r.output_ids for r in requests] == expected
     assert {key[2] for key in engine._runners} >= {1, 4} and all(r.compiles == 1 for r in engine._runners.values())
+
+
+def test_compiled_rounds_follow_sampling_changes(hf_model_dir, head, monkeypatch):
+    """One compiled engine, consecutive generations that change top_p, then top_k and temperature: each equals
+    the dense reference, with drafts accepted to full depth (every compiled graph shares one code object, so a
+    graph reused for the wrong parameters would show here)."""
+    from test_round import GRAPH_KEY_RUNS, check_graph_keys
+    compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled")
+    check_graph_keys(compiled, monkeypatch, [GRAPH_KEY_RUNS[i] for i in (0, 1, 3)])

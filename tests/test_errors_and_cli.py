@@ -62,7 +62,6 @@ def test_missing_tensor_is_named(tmp_path, hf_model_dir):
 
 
 @pytest.mark.parametrize("patch, message", [({"architectures": ["LlamaForCausalLM"]}, "not supported"),
-                                            ({"num_experts": 8}, "MoE"),
                                             ({"num_key_value_heads": 3}, "multiple"),
                                             ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "yarn")])
 def test_unsupported_configs(patch, message):
@@ -95,10 +94,9 @@ def test_cli_json_output(hf_model_dir):
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["new_tokens"] == 12 == len(record["token_ids"])
-    # The byte tokenizer has one token per byte; token healing takes the last one back.
-    assert record["prompt_tokens"] == len("def f(x):") - 1
-    from nanojet.tokenizer import Tokenizer
-    assert Tokenizer.from_dir(hf_model_dir[0]).decode(record["token_ids"][:1]) == ":"
+    # The byte tokenizer has one token per byte; without token healing (off by default) the prompt stays whole.
+    assert record["prompt_tokens"] == len("def f(x):")
+    assert record["token_healing"] == {"enabled": False, "applied": False}
     assert record["mode"] == "ar" and record["tokens_per_s"] > 0 and isinstance(record["text"], str)
     assert record["execution"] == "eager"  # the CPU default; CUDA graphs are the CUDA default
     chunked = run_cli("--model", str(hf_model_dir[0]), "--prompt", "def f(x):", "--max-new-tokens", "12",
@@ -141,7 +139,9 @@ def test_cli_speculative_matches_ar(tmp_path, hf_model_dir):
     spec, plain = json.loads(spec.stdout), json.loads(plain.stdout)
     assert spec["mode"] == "speculative" and plain["mode"] == "ar"
     assert spec["token_ids"] == plain["token_ids"]
-    assert spec["rounds"] == sum(spec["accept_hist"].values()) and spec["accept_len"] >= 1
+    # A random head is rejected almost always: acceptance through the CLI is tested with the embedded model's
+    # trained head (test_compiled.py: test_run_py_compile_on_the_embedded_model, paths of 4+ tokens).
+    assert spec["rounds"] == sum(spec["accept_hist"].values())
     assert set(spec["time_split_s"]) == {"draft", "tree", "verify", "accept", "commit"}
 
 
@@ -149,13 +149,15 @@ def test_cli_refuses_a_head_for_another_target(tmp_path, hf_model_dir):
     from dataclasses import replace
 
     from conftest import random_head
-    other = replace(ModelConfig.from_dir(hf_model_dir[0]), num_hidden_layers=5)
+    other = replace(ModelConfig.from_dir(hf_model_dir[0]), hidden_size=32)
     random_head(other).save(tmp_path / "head")
     result = run_cli("--model", str(hf_model_dir[0]), "--prompt", "hi", "--head", str(tmp_path / "head"))
-    assert result.returncode == 2 and "does not fit" in result.stderr
+    assert result.returncode == 2 and "does not fit" in result.stderr and "hidden size" in result.stderr
 
 
-def test_cli_exhausted_kv_pool_exits_2(hf_model_dir):
+def test_cli_kv_pool_too_small_is_refused_before_anything_streams(hf_model_dir):
     result = run_cli("--model", str(hf_model_dir[0]), "--prompt", "a" * 40, "--raw", "--kv-memory-gb", "0.0001",
                      "--max-new-tokens", "200", "--ignore-eos")
-    assert result.returncode == 2 and "KV cache exhausted" in result.stderr
+    assert result.returncode == 2 and result.stdout == ""  # refused at admission: no partial output
+    assert "--kv-memory-gb" in result.stderr and "--max-model-len" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

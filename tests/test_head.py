@@ -1,5 +1,5 @@
 """The draft head: its paged, cached forward equals a naive dense implementation; checkpoints round-trip in the
-JetSpec / DFlash format; heads that do not fit the target are refused."""
+JetSpec / DFlash format; heads that cannot run on the target are refused, the rest load as JetSpec's loader would."""
 import json
 
 import pytest
@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import draft_after, make_engine, random_head
 from nanojet.config import ModelConfig
-from nanojet.head import load_head
+from nanojet.engine import SpeculativeParams
+from nanojet.head import load_head, published_layer_ids
 from nanojet.kv_cache import Sequence
 from nanojet.sampling import SamplingParams
 
@@ -111,20 +112,68 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, hf_model_dir):
     assert loaded.config.causal and loaded.config.target_layer_ids == [0, 1]
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"hidden_size": 32}, "hidden size"),
-    ({"num_target_layers": 5}, "5-layer target"),
-    ({"dflash_config": {"target_layer_ids": [0, 2], "mask_token_id": 300}}, "target_layer_ids"),
-    ({"vocab_size": 999}, "vocabulary"),
-])
-def test_heads_that_do_not_fit_are_refused(tmp_path, hf_model_dir, patch, message):
-    directory, _ = hf_model_dir
-    target = ModelConfig.from_dir(directory)
+def write_patched_head(tmp_path, target, patch: dict, drop_dflash: tuple = ()):
     random_head(target).save(tmp_path / "head")
     raw = json.loads((tmp_path / "head" / "config.json").read_text())
-    (tmp_path / "head" / "config.json").write_text(json.dumps({**raw, **patch}))
+    raw = {**raw, **patch}
+    raw["dflash_config"] = {k: v for k, v in raw["dflash_config"].items() if k not in drop_dflash}
+    (tmp_path / "head" / "config.json").write_text(json.dumps(raw))
+    return tmp_path / "head"
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"hidden_size": 32}, "hidden size"),
+    ({"dflash_config": {"target_layer_ids": [0, 3], "mask_token_id": 300}}, r"must lie in 0\.\.2"),
+    ({"num_key_value_heads": 4}, r"KV heads x head_dim \(4 x 24\) differ .* one paged KV pool"),
+    ({"dflash_config": {"target_layer_ids": [0, 1], "mask_token_id": 999}}, "mask_token_id 999 is outside"),
+])
+def test_heads_that_cannot_run_are_refused_with_the_reason(tmp_path, hf_model_dir, patch, message):
+    target = ModelConfig.from_dir(hf_model_dir[0])
     with pytest.raises(ValueError, match=message):
-        load_head(tmp_path / "head", target, torch.float32, torch.device("cpu"))
+        load_head(write_patched_head(tmp_path, target, patch), target, torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("patch", [
+    {"num_target_layers": 5},  # trained on a deeper target: runs (losslessly), so it is not refused
+    {"vocab_size": 999},       # the head uses the target's embeddings and lm_head
+    {"dflash_config": {"target_layer_ids": [0, 2], "mask_token_id": 300}},  # taps the last layer
+])
+def test_heads_that_can_run_are_loaded(tmp_path, hf_model_dir, patch):
+    target = ModelConfig.from_dir(hf_model_dir[0])
+    head = load_head(write_patched_head(tmp_path, target, patch), target, torch.float32, torch.device("cpu"))
+    engine = make_engine(hf_model_dir[0], head=head)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert engine.generate([5, 6, 7], params, SpeculativeParams(8, 2)).token_ids == \
+        engine.generate([5, 6, 7], params).token_ids
+
+
+def test_published_layer_rule():
+    # z-lab/Qwen3-8B-DFlash-b16: a 5-layer head on the 36-layer Qwen3-8B taps layers 1, 9, 17, 25, 33.
+    assert published_layer_ids(36, 5) == [1, 9, 17, 25, 33]
+    assert published_layer_ids(28, 1) == [14]
+    assert published_layer_ids(28, 3) == [1, 13, 25]
+
+
+def test_absent_target_layer_ids_and_num_target_layers_are_derived(tmp_path, hf_model_dir):
+    target = ModelConfig.from_dir(hf_model_dir[0])
+    path = write_patched_head(tmp_path, target, {}, drop_dflash=("target_layer_ids",))
+    raw = json.loads((path / "config.json").read_text())
+    del raw["num_target_layers"]
+    (path / "config.json").write_text(json.dumps(raw))
+    head = load_head(path, target, torch.float32, torch.device("cpu"))
+    assert head.config.num_target_layers == 3
+    assert head.config.target_layer_ids == published_layer_ids(3, 2)
+
+
+@pytest.mark.parametrize("flags, causal", [({"causal": True}, True), ({"causal_head": True}, True),
+                                           ({"causal": False, "causal_head": True}, False), ({}, False)])
+def test_causal_or_causal_head_is_read(tmp_path, hf_model_dir, flags, causal):
+    target = ModelConfig.from_dir(hf_model_dir[0])
+    path = write_patched_head(tmp_path, target, {}, drop_dflash=("causal", "causal_head"))
+    raw = json.loads((path / "config.json").read_text())
+    raw["dflash_config"].update(flags)
+    (path / "config.json").write_text(json.dumps(raw))
+    assert load_head(path, target, torch.float32, torch.device("cpu")).config.causal is causal
 
 
 def test_missing_head_directory(tmp_path, hf_model_dir):

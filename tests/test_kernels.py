@@ -50,11 +50,27 @@ def randn(*shape, generator: torch.Generator, dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("name", ["paged_attention", "rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv",
-                                  "move_kv"])
+                                  "move_kv", "fused_moe"])
 def test_triton_ops_take_the_reference_arguments(name):
     """kernels/__init__.py calls both modules with the reference's positional arguments."""
     expected = list(inspect.signature(getattr(reference, name)).parameters)
     assert list(inspect.signature(getattr(triton_ops, name)).parameters)[:len(expected)] == expected
+
+
+def test_a_kernel_triton_cannot_build_is_an_error_naming_kernel_and_shapes(monkeypatch):
+    """E.g. a tile over the GPU's shared memory: a one-line error with the kernel and its inputs, no fallback."""
+    from triton.runtime.errors import OutOfResources
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(300000, 232448, "shared memory")
+            return launch
+    monkeypatch.setattr(triton_ops, "_rms_norm_kernel", Unbuildable())
+    x = torch.zeros(3, 64)
+    with pytest.raises(RuntimeError, match=r"Triton kernel rms_norm cannot run on cpu for inputs \[\[3, 64\] float32, "
+                                           r"\[64\] float32\]: out of resource: shared memory"):
+        triton_ops.rms_norm(x, torch.ones(64), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

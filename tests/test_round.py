@@ -7,7 +7,6 @@ import torch
 from conftest import dense_reference, make_engine, oracle_drafter, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams, causal_visibility
-from nanojet.kv_cache import KVCacheExhausted
 from nanojet.sampling import SamplingParams
 from nanojet.static_round import StaticRound
 from kernels.reference import pack_visibility
@@ -134,3 +133,33 @@ def test_page_table_holds_every_budget_at_the_context_limit(hf_model_dir, head_d
     assert out.token_ids == expected and out.stats.finish_reason in ("length", "context")
     assert max(out.stats.accept_hist) >= 3
     assert sorted(llm.kv_cache.free_pages) == list(range(llm.kv_cache.num_pages))
+
+
+GRAPH_KEY_RUNS = [  # consecutive generations of one engine; each changes one thing a round is built for
+    (SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_new_tokens=16, ignore_eos=True), (8, 4, None)),
+    (SamplingParams(temperature=0.8, top_p=0.5, seed=5, max_new_tokens=16, ignore_eos=True), (8, 4, None)),
+    (SamplingParams(temperature=0.8, top_p=0.5, top_k=3, seed=5, max_new_tokens=16, ignore_eos=True), (8, 4, None)),
+    (SamplingParams(temperature=1.7, top_p=0.5, top_k=3, seed=5, max_new_tokens=16, ignore_eos=True), (8, 4, None)),
+    (SamplingParams(temperature=1.7, top_p=0.5, top_k=3, seed=6, max_new_tokens=16, ignore_eos=True), (8, 4, None)),
+    (SamplingParams(temperature=1.7, top_p=0.5, top_k=3, seed=6, max_new_tokens=16, ignore_eos=True), (16, 2, 3)),
+    (SamplingParams(max_new_tokens=16, ignore_eos=True), (16, 2, 3)),
+    (SamplingParams(max_new_tokens=16, ignore_eos=True), (16, 2, None)),  # only the depth limit changes
+    (SamplingParams(max_new_tokens=16, ignore_eos=True), (16, 1, None)),  # only the width changes
+]
+
+
+def check_graph_keys(engine, monkeypatch, runs=GRAPH_KEY_RUNS) -> None:
+    """Each run equals the dense reference with its own parameters: a round reused across a change it is built
+    for (a runner key missing a field) would sample with the old parameters or shape."""
+    for params, shape in runs:
+        expected = dense_reference(engine.target, PROMPT, params, params.max_new_tokens)
+        monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(PROMPT + expected, 320))
+        out = engine.generate(PROMPT, params, SpeculativeParams(*shape))
+        assert out.token_ids == expected, (params, shape)
+        assert max(out.stats.accept_hist) == min(8, (shape[2] or 7) + 1), out.stats.accept_hist
+
+
+def test_round_keys_follow_every_sampling_and_tree_change(hf_model_dir, monkeypatch):
+    directory, _ = hf_model_dir
+    check_graph_keys(make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=2)),
+                     monkeypatch)

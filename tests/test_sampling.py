@@ -14,6 +14,32 @@ def test_noise_depends_only_on_seed_and_position():
     assert torch.isfinite(a).all()
 
 
+def unchunked_gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The noise as it was first written, over the whole `[N, V]` at once: the values must never change (seeded
+    outputs would)."""
+    mask = 0xFFFFFFFF
+
+    def mix32(x):
+        x = ((x >> 16) ^ x) * 0x45D9F3B & mask
+        x = ((x >> 16) ^ x) * 0x45D9F3B & mask
+        return (x >> 16) ^ x
+    seed = torch.as_tensor(seed, dtype=torch.int64)
+    row = mix32((mix32(positions.long() & mask) ^ mix32(seed)))
+    column = torch.arange(vocab_size, dtype=torch.int64)
+    bits = mix32((row[:, None] * 0x01000193 + column[None, :] * 0x9E3779B1) & mask)
+    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(uniform))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 3000, 1 << 21])
+def test_chunked_noise_is_bit_identical_to_the_one_shot_formula(chunk_elements):
+    """Chunk edges inside and at the end of the vocabulary (1027 columns, chunks of 1024 or more), one row and
+    many, positions and seeds past 2^31."""
+    for seed, positions in ((0, torch.tensor([5])), (2**31 - 1, torch.arange(40) * 977 + 2**33)):
+        chunked = gumbel_noise(seed, positions, 1027, chunk_elements=chunk_elements)
+        assert torch.equal(chunked, unchunked_gumbel_noise(seed, positions, 1027))
+
+
 def test_noise_is_gumbel_distributed():
     noise = gumbel_noise(0, torch.arange(200), 1000).flatten()
     assert abs(noise.mean().item() - 0.5772) < 0.02  # Euler-Mascheroni constant

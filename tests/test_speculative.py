@@ -22,13 +22,33 @@ def engine(request, hf_model_dir):
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "top-p"])
-@pytest.mark.parametrize("budget", [1, 2, 8, 64, 256])
+@pytest.mark.parametrize("budget", [2, 8, 64, 256])
 @pytest.mark.parametrize("width", [1, 4])
 def test_random_head_is_lossless(engine, params, budget, width):
+    """A fuzz: a random head's drafts are mostly rejected, so this exercises rejection paths and tree shapes;
+    the drafter tests below are what exercise acceptance."""
     plain = engine.generate(PROMPT, params).token_ids
     spec = engine.generate(PROMPT, params, SpeculativeParams(budget=budget, width=width))
     assert spec.token_ids == plain
-    assert spec.stats.rounds + 1 >= len(plain) / engine.head.config.block_size
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "top-p"])
+@pytest.mark.parametrize("budget", [2, 8, 64, 256])
+@pytest.mark.parametrize("width", [1, 4])
+@pytest.mark.parametrize("right_depths", [7, 4, 1])
+def test_drafts_right_to_a_depth_are_accepted_to_that_depth(hf_model_dir, monkeypatch, params, budget, width,
+                                                            right_depths):
+    """A drafter right at depths 1..right_depths (wrong below) is lossless and accepts exactly that far, as far
+    as the tree reaches: the best-scored chain of `budget` nodes (the right tokens score 0, the rest -30)."""
+    directory, _ = hf_model_dir
+    engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=2))
+    plain = engine.generate(PROMPT, params).token_ids
+    install_oracle(monkeypatch, engine, PROMPT + plain, wrong_from_depth=right_depths + 1)
+    spec = engine.generate(PROMPT, params, SpeculativeParams(budget=budget, width=width))
+    assert spec.token_ids == plain
+    reach = min(right_depths, budget - 1)  # the zero-score chain comes first; budget - 1 nodes past the anchor
+    assert max(spec.stats.accept_hist) == reach + 1, spec.stats.accept_hist
+    assert spec.stats.accept_hist[reach + 1] >= spec.stats.rounds - 1  # the last round may be cut short
 
 
 def install_oracle(monkeypatch, engine, reference: list[int], **kwargs):

@@ -2,10 +2,16 @@
 trained head decodes losslessly."""
 import json
 import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import draft_after, make_engine, random_head
+from conftest import ROOT, draft_after, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams
 from nanojet.head import load_head
@@ -31,7 +37,7 @@ def test_training_forward_equals_inference_draft(hf_model_dir):
             for i, (s, a) in enumerate((s, a) for s in range(2) for a in anchors[s]):
                 block[i, 0] = sequences[s][a]
                 positions.append(a + torch.arange(8))
-            mask = train_head.training_mask([20, 20], anchors, 8, causal)
+            mask = train_head.training_mask(torch.tensor(anchors), 20, 8, causal)
             hidden = head.forward_dense(context, torch.arange(20).repeat(2), engine.target.embed_tokens(block.flatten()),
                                         torch.cat(positions), mask)
             training = torch.log_softmax(engine.target.logits(hidden.view(4, 8, -1)[:, 1:]), -1)
@@ -87,7 +93,7 @@ def test_resume_continues_from_the_same_state(tmp_path, hf_model_dir):
     data = write_data(tmp_path / "data.jsonl")
     straight = train_head.train(train_args(directory, tmp_path / "straight", data))
     train_head.train(train_args(directory, tmp_path / "sliced", data, stop_at=2))
-    assert torch.load(tmp_path / "sliced" / "train_state.pt", weights_only=False)["step"] == 2
+    assert json.loads((tmp_path / "sliced" / "train_state" / "state.json").read_text())["step"] == 2
     sliced = train_head.train(train_args(directory, tmp_path / "sliced", data, resume=True))
     target = ModelConfig.from_dir(directory)
     a = load_head(straight, target, torch.float32, torch.device("cpu")).state_dict()
@@ -139,3 +145,239 @@ def test_data_formats_and_regen(tmp_path, hf_model_dir):
         assert "'text', 'messages' or 'prompt'" in str(error)
     else:
         raise AssertionError("a row without text/messages/prompt was accepted")
+
+
+def test_block_row_j_is_taught_the_target_distribution_at_anchor_plus_j(hf_model_dir):
+    """Label alignment, against a naive loss computed one anchor at a time: row j of the block anchored at a
+    (input `[x_a, MASK ...]` at positions a, a+1, ..) drafts the token at position a+j, so its teacher is the
+    target's distribution after position a+j-1. With every possible anchor drawn, the set of anchors does not
+    depend on the sampler, so the two losses must agree. A label index off by one still lowers the loss, but
+    not this one."""
+    directory, _ = hf_model_dir
+    engine = make_engine(directory)
+    target = engine.target
+    head = random_head(ModelConfig.from_dir(directory), seed=6)
+    block, seq = head.config.block_size, 20
+    tokens = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(3))
+    anchors = range(1, seq - block + 1)  # every anchor with context before it and a full block of labels
+    gamma = 4.0
+    with torch.no_grad():
+        loss, _ = train_head.head_loss(target, head, tokens, len(anchors), "kl", 1.0, gamma, random.Random(0))
+        hidden, taps = target.forward_dense(tokens, tap_layers=tuple(head.config.target_layer_ids))
+        teacher = torch.log_softmax(target.logits(hidden), -1)  # [2, seq, V]: row p is the token at p + 1
+        weights = torch.exp(-torch.arange(block - 1) / gamma)
+        per_anchor = []
+        for b in range(2):
+            for a in anchors:
+                context = head.project_context(taps[b, :a])  # positions < a
+                embeds = target.embed_tokens(torch.tensor([tokens[b, a].item()] + [head.config.mask_token_id] * (block - 1)))
+                mask = torch.ones(block, a + block, dtype=torch.bool)
+                mask[:, a:] = torch.ones(block, block, dtype=torch.bool).tril()
+                out = head.forward_dense(context, torch.arange(a), embeds, a + torch.arange(block), mask)
+                student = torch.log_softmax(target.logits(out[1:]), -1)  # row j-1 <-> depth j
+                expected_teacher = teacher[b, a:a + block - 1]  # depth j: the distribution after position a+j-1
+                kl = (expected_teacher.exp() * (expected_teacher - student)).sum(-1)
+                per_anchor.append(kl)
+        naive = (torch.stack(per_anchor).mean(0) * weights).sum() / weights.sum()
+    torch.testing.assert_close(loss, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_train_head_on_a_moe_target(tmp_path):
+    """train_head.py on a tiny random Qwen3-MoE target: the loss falls over a few steps, and the CLI writes a head
+    that loads and decodes losslessly on that target."""
+    from conftest import write_byte_tokenizer, write_hf_moe_model
+    directory = tmp_path / "moe"
+    write_hf_moe_model(directory, seed=6, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1])
+    write_byte_tokenizer(directory)
+    engine = make_engine(directory)
+    head = random_head(ModelConfig.from_dir(directory), seed=4)
+    head.train()
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        loss, _ = train_head.head_loss(engine.target, head, tokens, 8, "kl", 1.0, 4.0, random.Random(step))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+    out = train_head.train(train_args(directory, tmp_path / "head", write_data(tmp_path / "d.jsonl")))
+    trained = load_head(out, ModelConfig.from_dir(directory), torch.float32, torch.device("cpu"))
+    engine = make_engine(directory, head=trained)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=24, ignore_eos=True)
+    prompt = [5, 6, 7, 8, 9]
+    assert engine.generate(prompt, params, SpeculativeParams(16, 2)).token_ids == engine.generate(prompt, params).token_ids
+
+
+def test_default_output_is_a_new_folder_and_heads_are_not_overwritten(tmp_path, hf_model_dir, monkeypatch):
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    monkeypatch.chdir(tmp_path)
+    args = train_args(directory, None, data, steps=1)
+    args.out = None  # what `python train_head.py` without --out gives
+    out = train_head.train(args)
+    assert out.parent == Path("runs") and out.name.startswith("head-causal-") and (out / "config.json").is_file()
+    assert not (directory / "head-causal").exists()  # nothing written beside the model
+    with pytest.raises(ValueError, match="already holds a head; pass --overwrite"):
+        train_head.train(train_args(directory, out, data, steps=1))
+    before = (out / "model.safetensors").read_bytes()
+    train_head.train(train_args(directory, out, data, steps=1, overwrite=True, seed=1))
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def run_main(capsys, argv) -> tuple[int, str]:
+    try:
+        code = train_head.main(argv)
+    except SystemExit as stop:  # argparse errors
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def base_argv(directory, out, data):
+    return ["--model", str(directory), "--out", str(out), "--data", str(data), "--mask-token", "<|im_end|>",
+            "--target-layer-ids", "0,1", "--steps", "2", "--batch", "1", "--seq", "64", "--anchors", "2",
+            "--eval-prompts", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"text": "abc"}', '{"text": 123}'], "line 2: 'text' must be a string, got int 123"),
+    (['"just a string"'], "line 1: a row must be a JSON object with 'text', 'messages' or 'prompt'; got a str"),
+    (['{"text": "abc"}', '{"text": "abc"'], "line 2 is not valid JSON"),
+    (['{"messages": "hi"}'], "line 1: 'messages' must be a list of"),
+    (['{"prompt": ["a"]}'], "line 1: 'prompt' must be a string"),
+    (['{"question": "?"}'], "line 1: a row needs 'text', 'messages' or 'prompt'"),
+])
+def test_bad_data_rows_are_one_line_naming_file_and_line(tmp_path, hf_model_dir, capsys, rows, message):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    code, err = run_main(capsys, base_argv(hf_model_dir[0], tmp_path / "out", data))
+    assert code == 2 and err.count("\n") == 1 and f"{data} {message}" in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--batch": "0"}, "--batch must be >= 1, got 0"),
+    ({"--steps": "0"}, "--steps must be >= 1, got 0"),
+    ({"--target-layer-ids": "a,b"}, "--target-layer-ids takes comma-separated layer indices like 1,2,4; got 'a,b'"),
+    ({"--anchors": "1000"}, "--anchors 1000 does not fit: a --seq 64 sequence has room for 56 anchors"),
+    ({"--lr": "nan"}, "must be a finite number"),
+    ({"--gamma": "0"}, "--gamma must be > 0"),
+    ({"--seq": "100000", "--anchors": "2"}, "--seq 100000 exceeds the target's context (512 tokens"),
+    ({"--data": "DIR"}, "is a directory; give a .jsonl file"),
+    ({"--data": "MISSING"}, "does not exist; give a .jsonl file"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, hf_model_dir, capsys, change, message):
+    argv = base_argv(hf_model_dir[0], tmp_path / "out", write_data(tmp_path / "data.jsonl"))
+    for flag, value in change.items():
+        value = {"DIR": str(tmp_path), "MISSING": str(tmp_path / "none.jsonl")}.get(value, value)
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    code, err = run_main(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused(hf_model_dir):
+    args = train_head.parse_args(["--seq", "512", "--batch", "64"])
+    target = ModelConfig.from_dir(hf_model_dir[0])
+    needed = train_head.step_memory_bytes(args, target)
+    assert needed > 64 * 512 * target.vocab_size * 4  # at least the teacher's logits
+    train_head.check_step_fits(args, target, available=needed)
+    with pytest.raises(ValueError, match="one step of --batch 64 --seq 512 --anchors 16 needs at least"):
+        train_head.check_step_fits(args, target, available=needed - 1)
+
+
+def test_resume_state_is_safetensors_and_json_never_pickle(tmp_path, hf_model_dir, monkeypatch, capsys):
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    out = train_head.train(train_args(directory, tmp_path / "head", data, stop_at=2))
+    state = out / "train_state"
+    assert sorted(p.name for p in state.iterdir()) == ["state.json", "tensors.safetensors"]
+    assert not list(out.glob("*.pt"))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    assert train_head.train(train_args(directory, out, data, resume=True)) == out
+    assert json.loads((state / "state.json").read_text())["step"] == 4
+    argv = base_argv(directory, out, data) + ["--resume", "--steps", "9"]
+    (state / "tensors.safetensors").write_bytes(b"\x00garbage")
+    code, err = run_main(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and "is not a readable resume state" in err
+    shutil.rmtree(state)
+    (out / "train_state.pt").write_bytes(b"pickle")
+    code, err = run_main(capsys, argv)
+    assert code == 2 and err.count("\n") == 1 and "old pickled format, which is not loaded" in err
+
+
+def test_every_flag_has_help():
+    import run
+    for parser in (train_head.build_parser(), run.build_parser()):
+        assert [a.option_strings for a in parser._actions if not a.help] == []
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path, hf_model_dir):
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "head"
+    argv = base_argv(directory, out, data)
+    argv[argv.index("--steps") + 1] = "100000"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_head.py"), *argv, "--checkpoint-every", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    seen = b""
+    while b"step 2/" not in seen:
+        byte = process.stdout.read(1)
+        assert byte, seen
+        seen += byte
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == 130 and len(lines) == 1 and b"Traceback" not in err
+    step = json.loads((out / "train_state" / "state.json").read_text())["step"]
+    assert step >= 2
+    assert lines[0] == f"interrupted: checkpoint saved at step {step}; continue with --resume --out {out}"
+    train_head.train(train_args(directory, out, data, resume=True, steps=step + 1, anchors=2, batch=1))
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == step + 1
+
+
+def test_resume_keeps_the_saved_head_shape_and_refuses_conflicting_flags(tmp_path, hf_model_dir, capsys):
+    """A resumed run continues the saved head's shape (block size, layers, mask, taps) when the flags say
+    nothing, and refuses a flag that contradicts it with one line (exit 2) instead of training another shape."""
+    directory, _ = hf_model_dir
+    data = write_data(tmp_path / "data.jsonl")
+    out = tmp_path / "head"
+    train_head.train(train_args(directory, out, data, stop_at=2, block_size=4, head_layers=1))
+    resumed = train_args(directory, out, data, resume=True)  # no shape flags: the saved head's
+    assert (resumed.block_size, resumed.head_layers, resumed.bidirectional) == (4, 1, False)
+    train_head.train(resumed)
+    assert json.loads((out / "config.json").read_text())["block_size"] == 4
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
+    common = ["--model", str(directory), "--out", str(out), "--data", str(data), "--resume", "--steps", "6",
+              "--batch", "2", "--seq", "64", "--anchors", "4", "--eval-prompts", "0", "--device", "cpu"]
+    for flags, word in ((["--block-size", "8"], "--block-size 8"), (["--head-layers", "2"], "--head-layers 2"),
+                        (["--bidirectional"], "--bidirectional"), (["--mask-token", "<|endoftext|>"], "--mask-token"),
+                        (["--target-layer-ids", "1"], "--target-layer-ids")):
+        with pytest.raises(SystemExit) as stop:  # flag errors exit from the argument parser
+            train_head.main(common + flags)
+        assert stop.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and word in lines[0] and "conflicts with the resumed head" in lines[0], lines
+
+
+def test_evaluation_reports_acceptance_by_depth(hf_model_dir):
+    """tau and, per depth, the share of rounds that accepted that deep: consistent with each other."""
+    directory, _ = hf_model_dir
+    engine = make_engine(directory)
+    head = random_head(ModelConfig.from_dir(directory), seed=1)
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        head.save(folder)
+        result = train_head.evaluate_tau(engine.target, folder, [[5, 6, 7, 8], [9, 10, 11]])
+    for name in ("chain", "budget64"):
+        by_depth = result[f"accept_by_depth_{name}"]
+        assert len(by_depth) == head.config.block_size - 1
+        assert all(a >= b for a, b in zip(by_depth, by_depth[1:]))  # a depth is accepted only after the ones above
+        assert result[f"tau_{name}"] == pytest.approx(1 + sum(by_depth), abs=2e-3)  # tau = 1 + sum of depth rates

@@ -1,8 +1,10 @@
-"""The whole engine on the Triton kernels (the CUDA path), run by the interpreter on CPU: the same ids as the
-torch reference path, for plain and speculative decoding (sampled, so every logit matters)."""
-import os
+"""The whole engine on the Triton kernels (the CUDA path) against the torch reference path, for plain and
+speculative decoding (sampled, so every logit matters): on CPU tensors under the interpreter when
+TRITON_INTERPRET=1 was set before triton was imported (CI), natively on CUDA otherwise.
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+This module never sets TRITON_INTERPRET itself: collected first on a GPU machine, that would switch every later
+Triton kernel in the session to the interpreter (and make test_kernels.py skip its CUDA cases)."""
+import os
 
 import pytest
 import torch
@@ -13,8 +15,12 @@ from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams
 from nanojet.sampling import SamplingParams
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="Triton needs CUDA or TRITON_INTERPRET=1")
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETER else "cuda"
+pytestmark = [pytest.mark.skipif(not INTERPRETER and not torch.cuda.is_available(),
+                                 reason="Triton needs CUDA or TRITON_INTERPRET=1")]
+if not INTERPRETER:
+    pytestmark.append(pytest.mark.gpu)
 
 
 @pytest.fixture
@@ -32,10 +38,25 @@ def test_engine_on_triton_kernels_matches_reference(hf_model_dir, triton_backend
     spec = SpeculativeParams(budget=8, width=2)
     from kernels import triton_ops
     assert kernels._impl(torch.zeros(1)) is triton_ops  # the forced backend really is the Triton one
-    on_triton = make_engine(directory, page_size=4, head=head)
+    on_triton = make_engine(directory, page_size=4, head=head.to(DEVICE), device=DEVICE)
     triton_plain = on_triton.generate(prompt, params).token_ids
     triton_spec = on_triton.generate(prompt, params, spec).token_ids
     kernels.set_backend("torch")
-    reference = make_engine(directory, page_size=4, head=head)
+    reference = make_engine(directory, page_size=4, head=head, device=DEVICE)
     assert triton_plain == reference.generate(prompt, params).token_ids
     assert triton_spec == triton_plain
+
+
+def test_triton_round_accepts_full_paths_and_equals_the_dense_reference(hf_model_dir, triton_backend, monkeypatch):
+    """With drafts that are right, the round on the Triton kernels commits whole paths (move_kv of real rows,
+    head context from the accepted taps) and still emits exactly the dense reference's sampled tokens."""
+    from conftest import dense_reference, oracle_drafter
+    from nanojet.static_round import StaticRound
+    directory, _ = hf_model_dir
+    engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=7))
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_new_tokens=17, ignore_eos=True)
+    expected = dense_reference(engine.target, prompt, params, params.max_new_tokens)
+    monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(prompt + expected, 320))
+    out = engine.generate(prompt, params, SpeculativeParams(budget=8, width=2))
+    assert out.token_ids == expected and out.stats.accept_hist[8] == 2  # 1 + 8 + 8 tokens

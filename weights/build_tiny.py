@@ -144,8 +144,9 @@ def save(model: Qwen3, out: Path, meta: dict) -> None:
               "initializer_range": 0.02, "torch_dtype": "bfloat16", "dtype": "bfloat16", "use_cache": True,
               "bos_token_id": SPECIAL_TOKENS["<|endoftext|>"], "eos_token_id": SPECIAL_TOKENS["<|endoftext|>"]}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # Token healing on: the model is used on raw code prompts, which often stop inside a token (README).
     generation = {"bos_token_id": SPECIAL_TOKENS["<|endoftext|>"], "eos_token_id": SPECIAL_TOKENS["<|endoftext|>"],
-                  "do_sample": False}
+                  "do_sample": False, "token_healing": True}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -1,0 +1,157 @@
+"""Mutation check: apply realistic one-line bugs, one at a time, to a temporary copy of the repo and run the tests.
+
+    python tests/mutants.py                  # each mutant against the tests named for it (minutes)
+    python tests/mutants.py --full           # each mutant against the whole suite (-x: a caught mutant stops early)
+    python tests/mutants.py --only noise     # mutants whose name contains "noise"
+
+A mutant that no test catches is a weak spot: either a test is missing, or the mutant is equivalent (changes no
+behaviour); say which when you add it. This is a tool, not part of CI. Keep the list current: when a file changes,
+a mutant whose line no longer exists is reported as stale, never silently skipped.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutant:
+    name: str      # class/what: the bug it stands for
+    path: str      # file, relative to the repo root
+    original: str  # must occur exactly once in the file
+    mutated: str
+    tests: tuple[str, ...]  # where a catch is expected (pytest node ids or files)
+
+
+MUTANTS = [
+    # noise keys: every token's Gumbel noise is keyed by its own absolute position
+    Mutant("noise-key/first-token", "nanojet/engine.py", "torch.full((1,), len(prompt_ids), device=self.device)",
+           "torch.full((1,), len(prompt_ids) + 1, device=self.device)", ("tests/test_round.py",)),
+    Mutant("noise-key/round", "nanojet/static_round.py", "self.target.logits(hidden), positions + 1,",
+           "self.target.logits(hidden), positions + 2,", ("tests/test_round.py",)),
+    Mutant("noise-key/seed-per-row", "nanojet/static_round.py", "row_seeds = seed.repeat_interleave(bucket)",
+           "row_seeds = seed.repeat_interleave(bucket) * 0", ("tests/test_round.py",)),
+    # label alignment: block row j is taught the target's distribution after position a+j-1
+    Mutant("labels/shifted", "nanojet/distill.py", "label_positions = anchors[:, :, None] + offsets[:-1]",
+           "label_positions = anchors[:, :, None] + offsets[1:]", ("tests/test_train_head.py",)),
+    # graph keys: a round is built for a tree shape and a sampling mode
+    Mutant("graph-key/top_p", "nanojet/engine.py", "params.temperature, params.top_k, params.top_p)",
+           "params.temperature, params.top_k)", ("tests/test_round.py", "tests/test_compiled.py")),
+    Mutant("graph-key/shape", "nanojet/engine.py", "(spec.budget, spec.width, spec.depth)",
+           "(spec.budget, spec.width)", ("tests/test_round.py",)),
+    # path length: the longest path a tree allows
+    Mutant("path/one-short", "nanojet/static_round.py", "self.path_len = min(depth + 1, nodes)",
+           "self.path_len = max(1, min(depth, nodes))", ("tests/test_round.py",)),
+    # tree scoring: a node's score is the sum of its ranks' log-probs
+    Mutant("tree/score-ignores-parent", "nanojet/tree.py",
+           "candidates = (level_scores[:, None] + top_logprobs[d - 1][None, :]).flatten()",
+           "candidates = (0 * level_scores[:, None] + top_logprobs[d - 1][None, :]).flatten()",
+           ("tests/test_tree.py", "tests/test_speculative.py")),
+    Mutant("tree/worst-first", "nanojet/tree.py",
+           "chosen = scores.sort(descending=True, stable=True)", "chosen = scores.sort(descending=False, stable=True)",
+           ("tests/test_tree.py", "tests/test_speculative.py")),
+    # commit rows: the accepted path's K/V move down to the committed slots
+    Mutant("commit/no-move", "nanojet/static_round.py",
+           "kept = torch.where(rows < counts[:, None], paths, rows)", "kept = rows.expand_as(paths)",
+           ("tests/test_round.py", "tests/test_speculative.py")),
+    Mutant("commit/head-context-position", "nanojet/static_round.py",
+           "self.head.extend_context(taps[path_rows], (length[:, None] + rows).flatten()",
+           "self.head.extend_context(taps[path_rows], (length[:, None] + rows + 1).flatten()",
+           ("tests/test_speculative.py",)),
+    Mutant("commit/bonus-from-anchor", "nanojet/static_round.py", "bonus_rows = paths[:, -1] +",
+           "bonus_rows = paths[:, 0] +", ("tests/test_round.py",)),
+    # masks: tree ancestors, the causal chain of a prefill chunk, the causal head block
+    Mutant("mask/tree-no-ancestors", "nanojet/tree.py",
+           "visibility = torch.where(at_depth, visibility[parents.clamp(min=0)] | own_bit, visibility)",
+           "visibility = torch.where(at_depth, own_bit, visibility)", ("tests/test_tree.py", "tests/test_round.py")),
+    Mutant("mask/prefill-chunk-no-self", "nanojet/engine.py", "visible_bits = (row + 1 - word_start).clamp(0, 32)",
+           "visible_bits = (row - word_start).clamp(0, 32)", ("tests/test_prefill.py",)),
+    Mutant("mask/prefill-chunk-no-prefix", "nanojet/engine.py", "prefix_lens=torch.full((1,), start,",
+           "prefix_lens=torch.full((1,), 0,", ("tests/test_prefill.py",)),
+    Mutant("mask/head-block-anticausal", "nanojet/head.py", "return ones.tril() if self.config.causal else ones",
+           "return ones.triu() if self.config.causal else ones", ("tests/test_head.py",)),
+    # acceptance walk: a node is accepted only when every ancestor matched too
+    Mutant("accept/ignores-ancestors", "nanojet/tree.py",
+           "accepted = (matches[None, :] | ~ancestors).all(dim=-1)", "accepted = matches.clone()",
+           ("tests/test_tree.py", "tests/test_speculative.py")),
+    # padding nodes must never be accepted (token -1 matches no choice)
+    Mutant("tree/padding-token-zero", "nanojet/tree.py", "torch.full((extra,), -1, dtype=torch.int64, device=device)",
+           "torch.full((extra,), 0, dtype=torch.int64, device=device)", ("tests/test_tree.py", "tests/test_round.py")),
+    # the draft block sees the committed context: prefix = committed length
+    Mutant("draft/context-one-short", "nanojet/static_round.py",
+           "block_tables=block_table, prefix_lens=length.to(torch.int32),\n"
+           "                                 query_starts=self.query_starts[block_size]",
+           "block_tables=block_table, prefix_lens=(length - 1).to(torch.int32),\n"
+           "                                 query_starts=self.query_starts[block_size]",
+           ("tests/test_head.py", "tests/test_train_head.py")),
+    # pages: a trim that frees a page still holding committed K/V
+    Mutant("kv/trim-frees-a-live-page", "nanojet/kv_cache.py", "keep = -(-num_slots // self.kv_page_size)",
+           "keep = num_slots // self.kv_page_size", ("tests/test_kv_cache.py", "tests/test_round.py")),
+    # stops: EOS inside an accepted path is emitted, nothing after it
+    Mutant("stop/eos-dropped", "nanojet/engine.py", 'stats.finish_reason = "eos"\n                return new[:i + 1]',
+           'stats.finish_reason = "eos"\n                return new[:i]',
+           ("tests/test_speculative.py", "tests/test_errors_and_cli.py")),
+    # sampling filters
+    Mutant("sampling/top-k-one-more", "nanojet/sampling.py", "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",
+           "kth = torch.topk(logits, top_k + 1, dim=-1).values[..., -1:]",
+           ("tests/test_sampling.py", "tests/test_round.py")),
+    Mutant("sampling/top-p-drops-boundary", "nanojet/sampling.py", "drop_sorted = probs.cumsum(-1) - probs >= top_p",
+           "drop_sorted = probs.cumsum(-1) >= top_p", ("tests/test_sampling.py", "tests/test_round.py")),
+]
+
+
+def copy_repo(destination: Path) -> None:
+    """The tracked and untracked-but-not-ignored files of the working tree (what the suite sees)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in listed:
+        source = ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_mutant(mutant: Mutant, full: bool) -> str:
+    with tempfile.TemporaryDirectory(prefix="nanojet-mutant-") as temp:
+        clone = Path(temp)
+        copy_repo(clone)
+        path = clone / mutant.path
+        text = path.read_text()
+        if text.count(mutant.original) != 1:
+            return "stale"  # the line changed: update the mutant
+        path.write_text(text.replace(mutant.original, mutant.mutated))
+        selection = ["tests"] if full else list(mutant.tests)
+        environment = {**os.environ, "TRITON_INTERPRET": "1"}
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *selection],
+                                cwd=clone, env=environment, capture_output=True, text=True)
+        if result.returncode == 0:
+            return "SURVIVED"
+        return "caught" if result.returncode == 1 else f"error (pytest exit {result.returncode})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="run the whole suite per mutant")
+    parser.add_argument("--only", default="", help="run the mutants whose name contains this")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.only in m.name]
+    outcomes = {}
+    for mutant in chosen:
+        start = time.perf_counter()
+        outcomes[mutant.name] = run_mutant(mutant, args.full)
+        print(f"{outcomes[mutant.name]:>8}  {mutant.name}  ({time.perf_counter() - start:.0f} s)", flush=True)
+    caught = sum(o == "caught" for o in outcomes.values())
+    print(f"{caught}/{len(outcomes)} mutants caught ({'whole suite' if args.full else 'named tests'})")
+    return 0 if caught == len(outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

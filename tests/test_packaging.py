@@ -1,0 +1,52 @@
+"""pyproject.toml builds a wheel with nanojet, kernels and the embedded model, and README's Python snippet runs
+from that install in another directory (not only from the repository root)."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import ROOT
+from nanojet.llm import DEFAULT_MODEL
+
+setuptools = pytest.importorskip("setuptools")
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="embedded model not built")
+
+
+def readme_snippet() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    snippet = next(block for block in blocks if "from nanojet import" in block)
+    assert "weights/" not in snippet  # a relative path would tie it to the repository root
+    return snippet
+
+
+def test_wheel_installs_and_the_readme_snippet_runs_elsewhere(tmp_path):
+    if int(setuptools.__version__.split(".")[0]) < 64:
+        pytest.skip("building needs setuptools >= 64")
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "train_state", "*.pt", "*.png")
+    for name in ("nanojet", "kernels", "weights"):
+        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("nanojet-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for expected in ("nanojet/llm.py", "kernels/triton_attention.py", "weights/build_tiny.py",
+                     "weights/qwen3-stdlib-tiny/model.safetensors", "weights/qwen3-stdlib-tiny/tokenizer.json",
+                     "weights/qwen3-stdlib-tiny/generation_config.json",
+                     "weights/qwen3-stdlib-tiny/head-causal/model.safetensors"):
+        assert expected in names, expected
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = readme_snippet() + "\nimport nanojet\nprint(nanojet.__file__)\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(site / "nanojet" / "__init__.py")
