@@ -34,16 +34,18 @@ MUTANTS = [
     # noise keys: every token's Gumbel noise is keyed by its own absolute position
     Mutant("noise-key/first-token", "nanojet/engine.py", "torch.full((1,), len(prompt_ids), device=self.device)",
            "torch.full((1,), len(prompt_ids) + 1, device=self.device)", ("tests/test_round.py",)),
-    Mutant("noise-key/round", "nanojet/static_round.py", "self.target.logits(hidden), positions + 1,",
-           "self.target.logits(hidden), positions + 2,", ("tests/test_round.py",)),
-    Mutant("noise-key/seed-per-row", "nanojet/static_round.py", "row_seeds = seed.repeat_interleave(bucket)",
-           "row_seeds = seed.repeat_interleave(bucket) * 0", ("tests/test_round.py",)),
+    Mutant("noise-key/round", "nanojet/static_round.py", "sample_rows(logits, positions + 1,",
+           "sample_rows(logits, positions + 2,", ("tests/test_round.py",)),
+    Mutant("noise-key/seed-per-row", "nanojet/static_round.py", "for t in (temperature, top_k, top_p, seed)))",
+           "for t in (temperature, top_k, top_p, seed * 0)))", ("tests/test_round.py", "tests/test_batching.py")),
     # label alignment: block row j is taught the target's distribution after position a+j-1
     Mutant("labels/shifted", "nanojet/distill.py", "label_positions = anchors[:, :, None] + offsets[:-1]",
            "label_positions = anchors[:, :, None] + offsets[1:]", ("tests/test_train_head.py",)),
     # graph keys: a round is built for a tree shape and a sampling mode
-    Mutant("graph-key/top_p", "nanojet/engine.py", "params.temperature, params.top_k, params.top_p)",
-           "params.temperature, params.top_k)", ("tests/test_round.py", "tests/test_compiled.py")),
+    Mutant("graph-key/sampled", "nanojet/engine.py", "(spec.budget, spec.width, spec.depth), sampled, num_sequences",
+           "(spec.budget, spec.width, spec.depth), num_sequences", ("tests/test_round.py", "tests/test_compiled.py")),
+    Mutant("graph-key/rows", "nanojet/engine.py", "(spec.budget, spec.width, spec.depth), sampled, num_sequences",
+           "(spec.budget, spec.width, spec.depth), sampled", ("tests/test_batching.py",)),
     Mutant("graph-key/shape", "nanojet/engine.py", "(spec.budget, spec.width, spec.depth)",
            "(spec.budget, spec.width)", ("tests/test_round.py",)),
     # path length: the longest path a tree allows
@@ -104,6 +106,13 @@ MUTANTS = [
            ("tests/test_sampling.py", "tests/test_round.py")),
     Mutant("sampling/top-p-drops-boundary", "nanojet/sampling.py", "drop_sorted = probs.cumsum(-1) - probs >= top_p",
            "drop_sorted = probs.cumsum(-1) >= top_p", ("tests/test_sampling.py", "tests/test_round.py")),
+    Mutant("sampling/rows-top-p-drops-boundary", "nanojet/sampling.py",
+           "drop_sorted = (probs.cumsum(-1) - probs >= top_p[:, None])",
+           "drop_sorted = (probs.cumsum(-1) >= top_p[:, None])",
+           ("tests/test_sampling.py", "tests/test_round.py")),
+    # batching: inert rows write only the round's idle pages
+    Mutant("batch/inert-rows-on-a-live-sequence", "nanojet/static_round.py", "                sequence = self.idle\n",
+           "                sequence = sequences[0]\n", ("tests/test_batching.py",)),
 ]
 
 
