@@ -39,10 +39,10 @@ from nanojet import serving_bench
 from nanojet.engine import Engine, SpeculativeParams, default_execution
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
 from nanojet.moe_stats import expert_touch_curve, print_expert_curve
+from nanojet.prompt_sets import builtin_prompts, read_prompts
 from nanojet.sampling import SamplingParams
 from nanojet.synthetic import SHAPES, build_engine, synthetic_models
 
-PROMPT_FIELDS = ("prompt", "question", "problem")
 COMPONENTS = ("draft", "tree", "verify", "accept", "commit")
 MAX_BUDGET = 512  # LLM's max_tree_nodes
 SYNTHETIC_PROMPT_TOKENS = 128
@@ -119,37 +119,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.peer and (args.temperature > 0 or args.synthetic):
         raise ValueError("--peer hf compares greedy decoding of a checkpoint: drop --temperature / --synthetic")
     return args
-
-
-def read_prompts(path: Path, count: int) -> list[str]:
-    """The first `count` prompts of a jsonl file: each row's prompt, question, problem or turns[0]."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if len(prompts) == count:
-            break
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} line {number} is not valid JSON ({error})") from None
-        row = row if isinstance(row, dict) else {}
-        turns = row.get("turns") if isinstance(row.get("turns"), list) else []
-        text = next((row[f] for f in PROMPT_FIELDS if f in row), turns[0] if turns else None)
-        if not isinstance(text, str) or not text:
-            raise ValueError(f"{path} line {number}: a row needs a text field {', '.join(PROMPT_FIELDS)} or "
-                             f"turns[0]; got keys {sorted(row)}")
-        prompts.append(text)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
-
-
-def builtin_prompts(count: int) -> list[str]:
-    from weights.build_tiny import held_out_prompts
-    return held_out_prompts(count)
 
 
 def require(module: str, flag: str):
