@@ -281,7 +281,13 @@ def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTE
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        import fastapi  # noqa: F401 (create_app imports it; checked here, before the model loads)
         import uvicorn
+    except ImportError as error:
+        print(f"error: the server needs {error.name or 'fastapi and uvicorn'}: pip install fastapi uvicorn "
+              f"(or pip install 'nanojet[serve]')", file=sys.stderr)
+        return 2
+    try:
 
         from .engine import SpeculativeParams
         from .llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM

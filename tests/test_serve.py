@@ -208,3 +208,12 @@ def test_sigterm_drains_running_requests_and_exits_0(server):
     received += list(chunks)
     assert received[-1].choices[0].finish_reason == "length"  # it ran to max_tokens: drained, not cut
     assert process.wait(timeout=60) == 0
+
+
+def test_missing_server_packages_are_one_line(monkeypatch, capsys):
+    """Without fastapi/uvicorn (the `serve` extra), the server says what to install instead of a traceback."""
+    from nanojet import serve
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` raise ImportError
+    assert serve.main([]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "pip install fastapi uvicorn" in lines[0] and "uvicorn" in lines[0].split(":")[1]
