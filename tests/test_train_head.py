@@ -49,20 +49,25 @@ def test_training_forward_equals_inference_draft(hf_model_dir):
                 torch.testing.assert_close(training[i], inference, atol=1e-4, rtol=1e-4)
 
 
-def test_a_few_steps_lower_the_loss(hf_model_dir):
-    directory, _ = hf_model_dir
+def losses_of_a_few_steps(directory, steps: int) -> list[float]:
+    """A random head trained for `steps` AdamW steps on one fixed batch of the target in `directory`."""
     engine = make_engine(directory)
     head = random_head(ModelConfig.from_dir(directory), seed=4)
     head.train()
     tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
     losses = []
-    for step in range(15):
+    for step in range(steps):
         loss, _ = train_head.head_loss(engine.target, head, tokens, 8, "kl", 1.0, 4.0, random.Random(step))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+def test_a_few_steps_lower_the_loss(hf_model_dir):
+    losses = losses_of_a_few_steps(hf_model_dir[0], 15)
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -189,18 +194,7 @@ def test_train_head_on_a_moe_target(tmp_path):
     directory = tmp_path / "moe"
     write_hf_moe_model(directory, seed=6, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[1])
     write_byte_tokenizer(directory)
-    engine = make_engine(directory)
-    head = random_head(ModelConfig.from_dir(directory), seed=4)
-    head.train()
-    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    losses = []
-    for step in range(12):
-        loss, _ = train_head.head_loss(engine.target, head, tokens, 8, "kl", 1.0, 4.0, random.Random(step))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_of_a_few_steps(directory, 12)
     assert losses[-1] < 0.7 * losses[0]
 
     out = train_head.train(train_args(directory, tmp_path / "head", write_data(tmp_path / "d.jsonl")))
