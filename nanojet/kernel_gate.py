@@ -29,9 +29,11 @@ import torch
 
 import kernels
 from .distill import head_loss
+from .engine import DEFAULT_PREFILL_CHUNK
 from .kv_cache import AttentionMetadata
 from .llm import DTYPES as NAMED_DTYPES
 from .synthetic import synthetic_models
+from .tree import TREE_BUCKETS
 
 # Triton itself is imported inside functions, after run() has pointed its cache at a fresh folder.
 
@@ -47,8 +49,7 @@ class GPU:
 GPUS = {80: GPU("A100 (sm_80)", 80, 108, 166912), 90: GPU("H100/H200 (sm_90)", 90, 132, 232448)}
 SHAPES = ("qwen3-0.6b", "qwen3-8b")  # nanojet.synthetic shapes, cut to one target and one head layer
 DTYPES = ("bfloat16", "float32")
-TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK
 PROMPT_TAIL = 300                    # a prefill (or a last chunk) whose length is not a multiple of 16
 PATH_LENGTHS = (1, 7, 16)            # accepted rows a commit moves: plain decoding, a short path, block 16
 TRAINING_BATCH = (4, 256)            # train_head.py's default batch x sequence length

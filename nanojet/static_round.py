@@ -72,7 +72,7 @@ class StaticRound:
         self.depth = depth
         self.bucket = tree_bucket(nodes)
         self.path_len = min(depth + 1, nodes)  # the most nodes an accepted path can hold
-        self.scratch_slots = max(self.bucket, block_size)  # slots past the committed ones a round writes
+        self.scratch_slots = round_scratch_slots(nodes, block_size)  # slots past the committed ones a round writes
         self.taps = tuple(head.config.target_layer_ids) if spec is not None else ()
         # Constants are built here, not in `step`: a host-to-device copy cannot be captured in a CUDA graph.
         self.query_starts = {count: torch.arange(num_sequences + 1, dtype=torch.int32, device=device) * count

@@ -107,14 +107,18 @@ def test_resume_continues_from_the_same_state(tmp_path, hf_model_dir):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_trained_head_decodes_losslessly(tmp_path, hf_model_dir):
-    directory, _ = hf_model_dir
+def assert_cli_trained_head_is_lossless(directory, tmp_path, max_new_tokens: int) -> None:
+    """train_head.train (the CLI path) writes a head that loads and decodes exactly as plain decoding (top-p)."""
     out = train_head.train(train_args(directory, tmp_path / "head", write_data(tmp_path / "d.jsonl")))
     head = load_head(out, ModelConfig.from_dir(directory), torch.float32, torch.device("cpu"))
     engine = make_engine(directory, head=head)
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=30, ignore_eos=True)
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=max_new_tokens, ignore_eos=True)
     prompt = [5, 6, 7, 8, 9]
     assert engine.generate(prompt, params, SpeculativeParams(16, 2)).token_ids == engine.generate(prompt, params).token_ids
+
+
+def test_trained_head_decodes_losslessly(tmp_path, hf_model_dir):
+    assert_cli_trained_head_is_lossless(hf_model_dir[0], tmp_path, 30)
 
 
 def test_cli_bad_input_exits_2(tmp_path, hf_model_dir, capsys):
@@ -196,13 +200,7 @@ def test_train_head_on_a_moe_target(tmp_path):
     write_byte_tokenizer(directory)
     losses = losses_of_a_few_steps(directory, 12)
     assert losses[-1] < 0.7 * losses[0]
-
-    out = train_head.train(train_args(directory, tmp_path / "head", write_data(tmp_path / "d.jsonl")))
-    trained = load_head(out, ModelConfig.from_dir(directory), torch.float32, torch.device("cpu"))
-    engine = make_engine(directory, head=trained)
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=24, ignore_eos=True)
-    prompt = [5, 6, 7, 8, 9]
-    assert engine.generate(prompt, params, SpeculativeParams(16, 2)).token_ids == engine.generate(prompt, params).token_ids
+    assert_cli_trained_head_is_lossless(directory, tmp_path, 24)
 
 
 def test_default_output_is_a_new_folder_and_heads_are_not_overwritten(tmp_path, hf_model_dir, monkeypatch):
