@@ -21,7 +21,6 @@ import math
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 from nanojet.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
@@ -56,7 +55,7 @@ def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
     share of rounds that accepted the draft at depth d): a chain of B-1 drafts and a budget-64 tree. Reuses the
     training target; only the head is loaded, from its checkpoint."""
     from nanojet.engine import SpeculativeParams
-    from nanojet.sampling import SamplingParams
+    from nanojet.head_eval import acceptance
     from nanojet.synthetic import build_engine
     head = load_head(head_dir, target.config, target.norm.dtype, target.norm.device).eval()
     new_tokens = 64
@@ -64,14 +63,8 @@ def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
     depth = head.config.block_size - 1
     result = {}
     for name, spec in (("chain", SpeculativeParams(budget=depth + 1, width=1)), ("budget64", SpeculativeParams(64, 4))):
-        histogram = Counter()  # tokens emitted per round (bonus included) -> rounds
-        for prompt in prompts:
-            histogram += engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
-                                         spec).stats.accept_hist
-        rounds = max(1, sum(histogram.values()))
-        result[f"tau_{name}"] = round(sum(k * n for k, n in histogram.items()) / rounds, 3)
-        result[f"accept_by_depth_{name}"] = [round(sum(n for k, n in histogram.items() if k > d) / rounds, 3)
-                                             for d in range(1, depth + 1)]
+        measured = acceptance(engine, prompts, spec, new_tokens, depth)
+        result[f"tau_{name}"], result[f"accept_by_depth_{name}"] = measured["tau"], measured["accept_by_depth"]
     return result
 
 
@@ -123,7 +116,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--data", default="builtin",
                         help="builtin (the embedded model's training split) or a .jsonl file of text / messages / "
                              "prompt rows")
-    parser.add_argument("--regen", action="store_true", help="let the target write the responses to `prompt` rows")
+    parser.add_argument("--regen", action="store_true",
+                        help="let the target write the training text: responses to `prompt` rows, or with --data "
+                             "builtin to function headers of the training split (cached, see --regen-cache)")
+    parser.add_argument("--regen-prompts", type=int, default=2000, help="--regen --data builtin: prompts answered")
+    parser.add_argument("--regen-tokens", type=int, default=192, help="--regen --data builtin: tokens per response")
+    parser.add_argument("--regen-cache", type=Path, default=None,
+                        help="--regen --data builtin: cache file (default runs/regen/<model>-<settings hash>.jsonl; "
+                             "reused when it exists)")
     parser.add_argument("--head-layers", type=int, default=None,
                         help=f"Qwen3 decoder layers in the head (default {HEAD_SHAPE_DEFAULTS['head_layers']}; "
                              f"--resume: the saved head's)")
@@ -171,7 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name, least in (("steps", 1), ("batch", 1), ("seq", 2), ("anchors", 1), ("head_layers", 1),
                         ("block_size", 2), ("checkpoint_every", 1), ("warmup", 0), ("eval_prompts", 0),
-                        ("stop_at", 1)):
+                        ("stop_at", 1), ("regen_prompts", 1), ("regen_tokens", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
@@ -185,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError:
             parser.error(f"--target-layer-ids takes comma-separated layer indices like 1,2,4; "
                          f"got {args.target_layer_ids!r}")
+    if args.regen and args.synthetic:
+        parser.error("--regen needs a real target to write responses; drop --synthetic (its weights are random)")
     if args.resume and args.out is None:
         parser.error("--resume needs --out DIR, the head directory whose training continues")
     resolve_head_shape(args, parser)
@@ -282,7 +284,8 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
     if args.anchors > args.seq - head.config.block_size:
         raise ValueError(f"--anchors {args.anchors} does not fit: the head's block of {head.config.block_size} leaves "
                          f"room for {args.seq - head.config.block_size} anchors in a --seq {args.seq} sequence")
-    stream = load_corpus(args.data, tokenizer, args.model, args.regen, args.device)
+    stream = load_corpus(args.data, tokenizer, args.model, args.regen, args.device, args.regen_prompts,
+                         args.regen_tokens, args.regen_cache)
     if len(stream) < args.seq + 1:
         raise ValueError(f"the training data has {len(stream)} tokens, fewer than one sequence of {args.seq}")
     data = torch.tensor(stream)

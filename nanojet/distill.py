@@ -52,10 +52,32 @@ def sample_anchors(batch: int, seq_len: int, block_size: int, per_sequence: int,
 def head_loss(target: Qwen3, head: DraftHead, tokens: torch.Tensor, anchors_per_sequence: int, loss_kind: str,
               temperature: float, gamma: float | None, generator: random.Random) -> tuple[torch.Tensor, dict]:
     """Loss of one batch `[batch, seq]` of token ids; returns (loss, per-depth accuracy of the head's argmax)."""
+    anchors = sample_anchors(*tokens.shape, head.config.block_size, anchors_per_sequence, generator, tokens.device)
+    teacher, student = block_logits(target, head, tokens, anchors)
+    if loss_kind == "kl":
+        teacher_logp = torch.log_softmax(teacher / temperature, -1)
+        student_logp = torch.log_softmax(student / temperature, -1)
+        per_row = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    else:
+        per_row = F.cross_entropy(student.flatten(0, 2), teacher.argmax(-1).flatten(),
+                                  reduction="none").view(student.shape[:-1])
+    depth = torch.arange(student.shape[2], dtype=torch.float32, device=tokens.device)
+    weights = torch.exp(-depth / gamma) if gamma else torch.ones_like(depth)
+    loss = (per_row.mean((0, 1)) * weights).sum() / weights.sum()
+    with torch.no_grad():
+        accuracy = (student.argmax(-1) == teacher.argmax(-1)).float().mean((0, 1))
+    return loss, {"per_depth_accuracy": accuracy}
+
+
+def block_logits(target: Qwen3, head: DraftHead, tokens: torch.Tensor,
+                 anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, student) logits `[batch, A, B-1, V]` fp32 for the blocks anchored at `anchors` `[batch, A]` of
+    `tokens` `[batch, seq]`: row j of each is the distribution of the token at depth j (position a + j).
+    The teacher runs without gradients; the student keeps them."""
     batch, seq = tokens.shape
     device = tokens.device
     block_size = head.config.block_size
-    anchors = sample_anchors(batch, seq, block_size, anchors_per_sequence, generator, device)  # [batch, A]
+    anchors_per_sequence = anchors.shape[1]
     offsets = torch.arange(block_size, device=device)
     sequence = torch.arange(batch, device=device)[:, None, None]
     label_positions = anchors[:, :, None] + offsets[:-1]  # [batch, A, B-1]: row j (1..B-1) <- position a+j-1
@@ -70,16 +92,4 @@ def head_loss(target: Qwen3, head: DraftHead, tokens: torch.Tensor, anchors_per_
                              target.embed_tokens(block_tokens.flatten()),
                              (anchors[:, :, None] + offsets).flatten(), mask)
     student = target.logits(out.view(batch, anchors_per_sequence, block_size, -1)[:, :, 1:])  # anchor row: no loss
-    if loss_kind == "kl":
-        teacher_logp = torch.log_softmax(teacher / temperature, -1)
-        student_logp = torch.log_softmax(student / temperature, -1)
-        per_row = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    else:
-        per_row = F.cross_entropy(student.flatten(0, 2), teacher.argmax(-1).flatten(),
-                                  reduction="none").view(student.shape[:-1])
-    depth = torch.arange(block_size - 1, dtype=torch.float32, device=device)
-    weights = torch.exp(-depth / gamma) if gamma else torch.ones_like(depth)
-    loss = (per_row.mean((0, 1)) * weights).sum() / weights.sum()
-    with torch.no_grad():
-        accuracy = (student.argmax(-1) == teacher.argmax(-1)).float().mean((0, 1))
-    return loss, {"per_depth_accuracy": accuracy}
+    return teacher, student

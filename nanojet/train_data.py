@@ -1,16 +1,26 @@
-"""train_head.py's training text: the built-in corpus, or a jsonl file of `text`, `messages` or `prompt` rows,
-tokenized into one id stream. A bad row is one error naming the file and line."""
+"""train_head.py's training text: the built-in corpus (or, with --regen, the target's responses to prompts cut
+from it), or a jsonl file of `text`, `messages` or `prompt` rows, tokenized into one id stream. A bad row is one
+error naming the file and line."""
 import json
 from pathlib import Path
 
 from .llm import LLM
+from .regen import cached_regeneration, default_cache, regenerate, stream_of, weights_fingerprint
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
+# Regeneration of the built-in corpus: prompts longer than this are skipped (they would crowd the batch's KV).
+REGEN_PROMPT_LIMIT = 256
 
-def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, device: str) -> list[int]:
+
+def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, device: str,
+                regen_prompts: int = 2000, regen_tokens: int = 192, regen_cache: Path | None = None,
+                regen_batch: int = 16) -> list[int]:
     """Training text as one id stream with <|endoftext|>-style separators."""
     separator = tokenizer.eos_token_ids[0]
+    if data == "builtin" and regen:
+        return stream_of(builtin_regeneration(tokenizer, model_dir, device, regen_prompts, regen_tokens,
+                                              regen_cache, regen_batch), separator)
     if data == "builtin":
         from weights.build_tiny import corpus
         return corpus(held_out=False).tolist()
@@ -57,6 +67,31 @@ def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, d
             raise ValueError(f"{where}: a row needs 'text', 'messages' or 'prompt'; got keys {sorted(row)}")
         ids.append(separator)
     return ids
+
+
+def builtin_regeneration(tokenizer: Tokenizer, model_dir: Path, device: str, count: int, max_new_tokens: int,
+                         cache: Path | None, batch: int) -> list[dict]:
+    """The target's responses to `count` function headers (with docstrings) of the training split, cached."""
+    from weights.build_tiny import function_prompts
+    settings = {"target_sha256": weights_fingerprint(model_dir), "prompts": count, "max_new_tokens": max_new_tokens,
+                "prompt_limit": REGEN_PROMPT_LIMIT, "source": "build_tiny.function_prompts(held_out=False)"}
+    cache = cache or default_cache(model_dir, settings)
+
+    def produce() -> list[dict]:
+        encoded = [tokenizer.encode(p) for p in function_prompts(held_out=False, count=4 * count)]
+        prompts = [ids for ids in encoded if len(ids) <= REGEN_PROMPT_LIMIT][:count]
+        if len(prompts) < count:
+            raise ValueError(f"--regen-prompts {count}: the training split has only {len(prompts)} prompts of at "
+                             f"most {REGEN_PROMPT_LIMIT} tokens; lower --regen-prompts")
+        print(f"regenerating {count} responses of up to {max_new_tokens} tokens into {cache}", flush=True)
+        llm = LLM(model_dir, head=None, device=device, max_num_seqs=batch,
+                  max_model_len=REGEN_PROMPT_LIMIT + max_new_tokens + 1)
+        return regenerate(llm, prompts, max_new_tokens, log=lambda line: print(line, flush=True))
+
+    rows = cached_regeneration(cache, settings, produce)
+    print(f"regenerated data: {len(rows)} responses, {sum(len(r['response_ids']) for r in rows)} tokens ({cache})",
+          flush=True)
+    return rows
 
 
 def checked_string(value, key: str, where: str) -> str:

@@ -258,12 +258,16 @@ def test_bad_data_rows_are_one_line_naming_file_and_line(tmp_path, hf_model_dir,
     ({"--seq": "100000", "--anchors": "2"}, "--seq 100000 exceeds the target's context (512 tokens"),
     ({"--data": "DIR"}, "is a directory; give a .jsonl file"),
     ({"--data": "MISSING"}, "does not exist; give a .jsonl file"),
+    ({"--regen-prompts": "0"}, "--regen-prompts must be >= 1, got 0"),
+    ({"--synthetic": "qwen3-0.6b", "--regen": None}, "--regen needs a real target to write responses"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(tmp_path, hf_model_dir, capsys, change, message):
     argv = base_argv(hf_model_dir[0], tmp_path / "out", write_data(tmp_path / "data.jsonl"))
     for flag, value in change.items():
         value = {"DIR": str(tmp_path), "MISSING": str(tmp_path / "none.jsonl")}.get(value, value)
-        if flag in argv:
+        if value is None:  # a switch
+            argv.append(flag)
+        elif flag in argv:
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]

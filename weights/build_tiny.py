@@ -80,14 +80,19 @@ def corpus(held_out: bool) -> np.ndarray:
 
 
 def held_out_prompts(count: int) -> list[str]:
-    """Function headers with their docstrings from held-out modules: code prompts the model never saw.
+    """Function headers with their docstrings from held-out modules: code prompts the model never saw."""
+    return function_prompts(held_out=True, count=count)
 
-    Taken round-robin over the held-out files (sorted), so a few prompts already span several modules."""
+
+def function_prompts(held_out: bool, count: int) -> list[str]:
+    """Function headers with their docstrings (dedented) from the modules of one split: code prompts.
+
+    Taken round-robin over the split's files (sorted), so a few prompts already span several modules."""
     import ast
     import textwrap
     per_file = []
     for relative, path in stdlib_files():
-        if not is_held_out(relative):
+        if is_held_out(relative) != held_out:
             continue
         source = path.read_text(errors="replace")
         try:
