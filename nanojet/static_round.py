@@ -28,7 +28,7 @@ import kernels
 from kernels.reference import pack_visibility
 from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
 from .sampling import SamplingParams, sample_rows
-from .tree import DraftTree, accept, anchor_tree, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
+from .tree import DraftTree, accept, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
 
 
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
@@ -77,6 +77,8 @@ class StaticRound:
         # Constants are built here, not in `step`: a host-to-device copy cannot be captured in a CUDA graph.
         self.query_starts = {count: torch.arange(num_sequences + 1, dtype=torch.int32, device=device) * count
                              for count in (self.bucket, block_size)}
+        self.one_node_visibility = torch.ones(num_sequences, 1, dtype=torch.int32, device=device)  # sees itself
+        self.one_node_accepted = torch.ones(num_sequences, 1, dtype=torch.int64, device=device)  # count 1
         self.anchor = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.length = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.seed = torch.zeros(num_sequences, dtype=torch.int64, device=device)
@@ -147,18 +149,17 @@ class StaticRound:
 
     def step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
              seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        self._mark(None)
+        if self.spec is None:
+            return self._decode_step(pool, anchor, length, block_table, seed, temperature, top_k, top_p)
         device = pool.device
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
-        self._mark(None)
         # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows: one batch
         # of ops for the whole round instead of S of them.
-        if self.spec is None:
-            trees = torch.vmap(lambda a: tree_fields(anchor_tree(a)))(anchor)
-        else:
-            logprobs = self.draft_logprobs(pool, anchor, length, block_table)  # [S, B-1, V]
-            self._mark("draft")
-            trees = torch.vmap(self._row_tree)(anchor, logprobs)  # each [S, bucket, ...]
-            self._mark("tree")
+        logprobs = self.draft_logprobs(pool, anchor, length, block_table)  # [S, B-1, V]
+        self._mark("draft")
+        trees = torch.vmap(self._row_tree)(anchor, logprobs)  # each [S, bucket, ...]
+        self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
         scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))  # [S, *]
@@ -168,11 +169,7 @@ class StaticRound:
                                  visibility=tree.visibility)
         hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps)
         logits = self.target.logits(hidden)  # [S * bucket, V]
-        if self.sampled:
-            choices = sample_rows(logits, positions + 1, *(t.repeat_interleave(bucket)  # each [S * bucket]
-                                                          for t in (temperature, top_k, top_p, seed)))
-        else:
-            choices = logits.argmax(dim=-1)
+        choices = self._choose(logits, positions, bucket, seed, temperature, top_k, top_p)
         self._mark("verify")
 
         paths, counts, outcomes = torch.vmap(self._row_accept)(*trees, choices.view(num_sequences, bucket))
@@ -191,6 +188,34 @@ class StaticRound:
         length.add_(counts)
         self._mark("commit")
         return outcomes
+
+    def _decode_step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
+                     seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
+        """The round with a one-node tree, written out: the anchor is verified alone at its own slot, so there is no
+        tree to build, no path to walk and no K/V to move (its scratch slot is its committed slot). Same outcome
+        layout as `step` (P = 1): `[1, anchor, chosen token]` per sequence."""
+        slots = self._slots(block_table, length[:, None]).flatten()  # [S]
+        meta = AttentionMetadata(positions=length, slot_mapping=slots, block_tables=block_table,
+                                 prefix_lens=length.to(torch.int32), query_starts=self.query_starts[1],
+                                 visibility=self.one_node_visibility)
+        hidden, _ = self.target(anchor, meta, pool)
+        choices = self._choose(self.target.logits(hidden), length, 1, seed, temperature, top_k, top_p)  # [S]
+        self._mark("verify")
+        outcomes = torch.cat([self.one_node_accepted, anchor[:, None], choices[:, None]], dim=1)  # [S, 3]
+        anchor.copy_(choices)
+        length.add_(1)
+        self._mark("commit")
+        return outcomes
+
+    def _choose(self, logits: torch.Tensor, positions: torch.Tensor, rows_per_sequence: int, seed: torch.Tensor,
+                temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """The target's token after each row (at `positions + 1`): argmax in a greedy round (no noise is built),
+        else each row samples with its sequence's parameters."""
+        if not self.sampled:
+            return logits.argmax(dim=-1)
+        return sample_rows(logits, positions + 1, *(t.repeat_interleave(rows_per_sequence)  # each [S * rows]
+                                                   for t in (temperature, top_k, top_p, seed)))
 
     def _row_tree(self, anchor: torch.Tensor, logprobs: torch.Tensor) -> tuple:
         """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
