@@ -28,7 +28,7 @@ import kernels
 from kernels.reference import pack_visibility
 from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
 from .sampling import SamplingParams, sample_rows
-from .tree import DraftTree, accept, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
+from .tree import DraftTree, accept, tree_from_candidates, pad_tree, round_outcome, tree_bucket, tree_size
 
 
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
@@ -66,10 +66,17 @@ class StaticRound:
         block_size = 0 if spec is None else head.config.block_size
         depth, nodes = round_tree(spec, block_size)
         if spec is not None:
+            # The lm_head rows the head scores: the whole vocabulary, or its draft vocabulary (nanojet/draft_vocab.py)
+            self.draft_weight = head.draft_lm_head(target.lm_head_weight)  # [V or N, H]
+            self.draft_ids = head.draft_vocab  # [N] target ids of those rows, or None
+            if spec.width > self.draft_weight.shape[0]:
+                raise ValueError(f"width {spec.width} exceeds the head's draft vocabulary "
+                                 f"({self.draft_weight.shape[0]} tokens); lower the width")
             block_words = pack_visibility(head.block_visibility(device))  # [B, 1]
             self.block_visibility = block_words.repeat(num_sequences, 1)  # [S * B, 1]
             self.mask_block = torch.full((block_size,), head.config.mask_token_id, device=device)
         self.depth = depth
+        self.nodes = nodes  # a tree's real nodes; the bucket pads it
         self.bucket = tree_bucket(nodes)
         self.path_len = min(depth + 1, nodes)  # the most nodes an accepted path can hold
         self.scratch_slots = round_scratch_slots(nodes, block_size)  # slots past the committed ones a round writes
@@ -156,9 +163,9 @@ class StaticRound:
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
         # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows: one batch
         # of ops for the whole round instead of S of them.
-        logprobs = self.draft_logprobs(pool, anchor, length, block_table)  # [S, B-1, V]
+        top_logprobs, top_tokens = self.draft_candidates(pool, anchor, length, block_table)  # each [S, D, width]
         self._mark("draft")
-        trees = torch.vmap(self._row_tree)(anchor, logprobs)  # each [S, bucket, ...]
+        trees = torch.vmap(self._row_tree)(anchor, top_logprobs, top_tokens)  # each [S, bucket, ...]
         self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
@@ -168,8 +175,15 @@ class StaticRound:
                                  query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)
         hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps)
-        logits = self.target.logits(hidden)  # [S * bucket, V]
-        choices = self._choose(logits, positions, bucket, seed, temperature, top_k, top_p)
+        # Logits of the real nodes only: a padding node's choice is never read (no node hangs below it, and it is
+        # never accepted), so it is left 0.
+        nodes = self.nodes
+        real_rows = hidden.view(num_sequences, bucket, -1)[:, :nodes].flatten(0, 1)  # [S * nodes, H]
+        real_positions = positions.view(num_sequences, bucket)[:, :nodes].flatten()
+        choices = self._choose(self.target.logits(real_rows), real_positions, nodes, seed, temperature, top_k,
+                               top_p)  # [S * nodes]
+        if nodes < bucket:
+            choices = torch.nn.functional.pad(choices.view(num_sequences, nodes), (0, bucket - nodes)).flatten()
         self._mark("verify")
 
         paths, counts, outcomes = torch.vmap(self._row_accept)(*trees, choices.view(num_sequences, bucket))
@@ -217,9 +231,9 @@ class StaticRound:
         return sample_rows(logits, positions + 1, *(t.repeat_interleave(rows_per_sequence)  # each [S * rows]
                                                    for t in (temperature, top_k, top_p, seed)))
 
-    def _row_tree(self, anchor: torch.Tensor, logprobs: torch.Tensor) -> tuple:
+    def _row_tree(self, anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor) -> tuple:
         """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
-        tree = build_tree(anchor, logprobs, self.spec.budget, self.spec.width, self.depth)
+        tree = tree_from_candidates(anchor, top_logprobs, top_tokens, self.spec.budget, self.depth)
         return tree_fields(pad_tree(tree, self.bucket))
 
     def _row_accept(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
@@ -236,10 +250,10 @@ class StaticRound:
         page_size = self.kv.kv_page_size
         return block_table.gather(1, logical // page_size).long() * page_size + logical % page_size
 
-    def draft_logprobs(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
-                       block_table: torch.Tensor) -> torch.Tensor:
-        """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> draft
-        log-probs `[S, B-1, V]` (row d-1: depth d)."""
+    def draft_hidden(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
+                     block_table: torch.Tensor) -> torch.Tensor:
+        """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> final-normed
+        hidden `[S, B, H]` (row d: depth d)."""
         config, device = self.head.config, pool.device
         block_size = config.block_size
         offsets = torch.arange(block_size, device=device)
@@ -250,8 +264,19 @@ class StaticRound:
                                  query_starts=self.query_starts[block_size],
                                  visibility=self.block_visibility)
         hidden = self.head(self.target.embed_tokens(block), meta, pool[self.num_target_layers:])
-        draft_rows = hidden.view(self.num_sequences, block_size, -1)[:, 1:]  # [S, B-1, H]
-        return torch.log_softmax(self.target.logits(draft_rows), dim=-1)
+        return hidden.view(self.num_sequences, block_size, -1)
+
+    def draft_candidates(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
+                         block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each depth's `width` likeliest draft tokens, best first, and their log-probs: `[S, D, width]` each, D the
+        tree's depth limit (row d-1: depth d). All the tree reads of the head's output, so only the rows of depths
+        the tree can reach are scored, and only over the draft vocabulary; log-prob = logit - logsumexp, no
+        `[D, V]` log-softmax is kept."""
+        rows = self.draft_hidden(pool, anchor, length, block_table)[:, 1:1 + self.depth]  # [S, D, H]
+        logits = torch.nn.functional.linear(rows, self.draft_weight).float()  # [S, D, V or N]
+        top_logits, top_index = logits.topk(self.spec.width, dim=-1)
+        top_logprobs = top_logits - logits.logsumexp(dim=-1, keepdim=True)
+        return top_logprobs, top_index if self.draft_ids is None else self.draft_ids[top_index]
 
     def _mark(self, part: str | None) -> None:
         """Eager profiling (bench.py --profile): charge the time since the last mark to `part`. Off unless a caller

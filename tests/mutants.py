@@ -110,6 +110,17 @@ MUTANTS = [
            "drop_sorted = (probs.cumsum(-1) - probs >= top_p[:, None])",
            "drop_sorted = (probs.cumsum(-1) >= top_p[:, None])",
            ("tests/test_sampling.py", "tests/test_round.py")),
+    # drafting: candidates are log-probs over the draft vocabulary, in target ids; plain decoding's noise key
+    Mutant("draft/logits-as-logprobs", "nanojet/static_round.py",
+           "top_logprobs = top_logits - logits.logsumexp(dim=-1, keepdim=True)", "top_logprobs = top_logits",
+           ("tests/test_draft_vocab.py",)),
+    Mutant("draft/vocab-ids-unmapped", "nanojet/static_round.py",
+           "top_index if self.draft_ids is None else self.draft_ids[top_index]", "top_index",
+           ("tests/test_draft_vocab.py",)),
+    Mutant("draft/rows-off-by-one", "nanojet/static_round.py", "[:, 1:1 + self.depth]", "[:, :self.depth]",
+           ("tests/test_draft_vocab.py", "tests/test_head.py")),
+    Mutant("verify/real-rows-shifted", "nanojet/static_round.py", "[:, :nodes].flatten(0, 1)",
+           "[:, bucket - nodes:].flatten(0, 1)", ("tests/test_round.py",)),
     # batching: inert rows write only the round's idle pages
     Mutant("batch/inert-rows-on-a-live-sequence", "nanojet/static_round.py", "                sequence = self.idle\n",
            "                sequence = sequences[0]\n", ("tests/test_batching.py",)),
