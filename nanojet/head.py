@@ -19,6 +19,7 @@ from .config import ModelConfig
 from .draft_vocab import load_draft_vocab, save_draft_vocab
 from .kv_cache import AttentionMetadata
 from .loader import hf_state_dict, load_weights
+from .packed_gemm import Linear
 from .qwen3 import DecoderLayer, rope_inv_freq
 
 
@@ -110,13 +111,14 @@ class DraftHead(nn.Module):
         self.config = config
         c = config.layers
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
-        self.fc = nn.Linear(len(config.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
+        self.fc = Linear(len(config.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
         self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
         # Target ids the head may draft (nanojet/draft_vocab.py), None: all. Not in model.safetensors.
         self.register_buffer("draft_vocab", None, persistent=False)
         self._draft_rows: tuple | None = None  # (lm_head weight, vocabulary, its rows): built once, not per round
+        self.packed_draft_rows: dict[int, torch.Tensor] = {}  # those rows packed per row count (CPU rounds)
 
     def draft_lm_head(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
         """The rows of the target's lm_head `[V, H]` that drafting scores: all of them, or the draft vocabulary's."""
@@ -126,6 +128,7 @@ class DraftHead(nn.Module):
         if cached is None or cached[0] is not lm_head_weight or cached[1] is not self.draft_vocab:
             rows = lm_head_weight[self.draft_vocab.to(lm_head_weight.device)]  # [N, H], a copy
             self._draft_rows = cached = (lm_head_weight, self.draft_vocab, rows)
+            self.packed_draft_rows = {}
         return cached[2]
 
     def block_visibility(self, device: torch.device | None = None) -> torch.Tensor:
