@@ -183,8 +183,9 @@ class HFPeer:
     def _generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
         inputs = torch.tensor([ids], device=self.model.device)
         start = synced_clock()
+        # token_healing off: the engine decodes the encoded prompt as is (and HF's healing would need a tokenizer)
         out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=0)
+                                  min_new_tokens=n, pad_token_id=0, token_healing=False)
         return out[0, len(ids):].tolist(), synced_clock() - start
 
     def run(self, ids: list[int], n: int) -> dict:
