@@ -117,19 +117,18 @@ class DraftHead(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
         # Target ids the head may draft (nanojet/draft_vocab.py), None: all. Not in model.safetensors.
         self.register_buffer("draft_vocab", None, persistent=False)
-        self._draft_rows: tuple | None = None  # (lm_head weight, vocabulary, its rows): built once, not per round
-        self.packed_draft_rows: dict[int, torch.Tensor] = {}  # those rows packed per row count (CPU rounds)
+        self._draft_rows: tuple | None = None  # (lm_head weight, vocabulary, its rows, their packed copies)
 
-    def draft_lm_head(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
-        """The rows of the target's lm_head `[V, H]` that drafting scores: all of them, or the draft vocabulary's."""
-        if self.draft_vocab is None:
-            return lm_head_weight
+    def draft_lm_head(self, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The rows of the target's lm_head `[V, H]` that drafting scores (all of them, or the draft vocabulary's),
+        built once rather than per round, and a dict for their packed copies (nanojet/packed_gemm.py), new whenever
+        the rows are."""
         cached = self._draft_rows
         if cached is None or cached[0] is not lm_head_weight or cached[1] is not self.draft_vocab:
-            rows = lm_head_weight[self.draft_vocab.to(lm_head_weight.device)]  # [N, H], a copy
-            self._draft_rows = cached = (lm_head_weight, self.draft_vocab, rows)
-            self.packed_draft_rows = {}
-        return cached[2]
+            vocab = self.draft_vocab
+            rows = lm_head_weight if vocab is None else lm_head_weight[vocab.to(lm_head_weight.device)]  # a copy
+            self._draft_rows = cached = (lm_head_weight, self.draft_vocab, rows, {})
+        return cached[2], cached[3]
 
     def block_visibility(self, device: torch.device | None = None) -> torch.Tensor:
         """bool `[B, B]` mask inside the block: lower-triangular (causal) or all ones (bidirectional)."""

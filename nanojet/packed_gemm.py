@@ -7,16 +7,21 @@ weight read per pair of rows, and only from 16 rows on it switches to a proper G
 GEMM (`cblas_sgemm_pack`, exposed as `torch.ops.mkl`) reorders a weight once for a given row count and then
 reads it once per product: 8 rows 32 ms, 15 rows 37 ms, 16 rows 37 ms.
 
-A round's shapes are static, so its row counts are known when it is built, and `pack_rows` reorders each weight
-once per row count the round uses (a copy about 1.14x the weight's size each; only counts where the packed GEMM
-was measured to win, 3..31). `linear` uses the packed copy when the input has exactly those rows, and is plain
-`F.linear` otherwise (other devices and dtypes, prefill, autograd, torch.compile).
+A round's shapes are static, so its row counts are known when it is built, and `pack_rows` reorders a weight for
+the first round that multiplies it by a row count where the packed GEMM was measured to win (3..31). A packed copy
+is about 1.14x the weight's size, so each weight keeps one (later round shapes use the plain GEMM), and none is
+made while the machine has less than `MEMORY_HEADROOM` times its size available. `linear` uses the packed copy
+when the input has exactly its rows and the weight has not been written since it was packed (its version counter),
+and is plain `F.linear` otherwise (other devices and dtypes, prefill, autograd, torch.compile).
 """
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PACKED_ROWS = range(3, 32)  # row counts where the packed GEMM beat F.linear on the CPU
+MEMORY_HEADROOM = 4  # pack only while MemAvailable >= this many packed copies
 
 
 def can_pack(weight: torch.Tensor, rows: int) -> bool:
@@ -24,18 +29,43 @@ def can_pack(weight: torch.Tensor, rows: int) -> bool:
             and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"))
 
 
-def pack_rows(packed: dict[int, torch.Tensor], weight: torch.Tensor, rows: int) -> None:
-    """Add `weight` reordered for products with `rows` rows to `packed` (a no-op where packing does not apply)."""
-    if rows not in packed and can_pack(weight, rows):
-        packed[rows] = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+def available_memory_bytes() -> int | None:
+    """Linux's MemAvailable, or None where /proc/meminfo cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def pack_rows(packed: dict[int, tuple[int, torch.Tensor]], weight: torch.Tensor, rows: int) -> None:
+    """Give `weight` a copy reordered for products with `rows` rows, kept in `packed`, unless it has one already or
+    packing does not apply (device, dtype, row count, memory)."""
+    if packed or not can_pack(weight, rows):
+        return
+    available = available_memory_bytes()
+    if available is not None and available < MEMORY_HEADROOM * 1.2 * weight.numel() * weight.element_size():
+        return
+    packed[rows] = _version(weight), torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+
+
+def _version(weight: torch.Tensor) -> int:
+    """The weight's in-place write counter; -1 for a tensor made under inference_mode, which keeps none (such as a
+    draft vocabulary's lm_head rows, derived data nothing trains)."""
+    return -1 if weight.is_inference() else weight._version
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the packed copy of `weight` for x's row count when there is one."""
+           packed: dict[int, tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through the packed copy of `weight` for x's row count when there is a current
+    one (`packed` as `pack_rows` fills it: row count -> (the weight's version when packed, packed copy))."""
     if packed and not torch.compiler.is_compiling() and x.dim() == 2 and x.shape[0] in packed \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return torch.ops.mkl._mkl_linear(x, packed[x.shape[0]], weight, bias, x.shape[0])
+        version, copy = packed[x.shape[0]]
+        if version == _version(weight):  # else the weight was written since (training): the copy is stale
+            return torch.ops.mkl._mkl_linear(x, copy, weight, bias, x.shape[0])
     return F.linear(x, weight, bias)
 
 
@@ -44,7 +74,7 @@ class Linear(nn.Linear):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.packed: dict[int, torch.Tensor] = {}
+        self.packed: dict[int, tuple[int, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self.packed)

@@ -155,7 +155,7 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
-        self.packed_lm_head: dict[int, torch.Tensor] = {}  # the lm_head (tied or not) packed per row count
+        self.packed_lm_head: dict[int, tuple] = {}  # the lm_head (tied or not) packed (nanojet/packed_gemm.py)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

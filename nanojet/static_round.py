@@ -68,9 +68,8 @@ class StaticRound:
         depth, nodes = round_tree(spec, block_size)
         if spec is not None:
             # The lm_head rows the head scores: the whole vocabulary, or its draft vocabulary (nanojet/draft_vocab.py)
-            self.draft_weight = head.draft_lm_head(target.lm_head_weight)  # [V or N, H]
+            self.draft_weight, self.draft_packed = head.draft_lm_head(target.lm_head_weight)  # [V or N, H]
             self.draft_ids = head.draft_vocab  # [N] target ids of those rows, or None
-            self.draft_packed = target.packed_lm_head if self.draft_ids is None else head.packed_draft_rows
             if spec.width > self.draft_weight.shape[0]:
                 raise ValueError(f"width {spec.width} exceeds the head's draft vocabulary "
                                  f"({self.draft_weight.shape[0]} tokens); lower the width")
