@@ -33,8 +33,8 @@ if __name__ == "__main__":
 import torch
 
 from nanojet.config import ModelConfig
-from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, prefill_memory, synced_clock,
-                                  weight_bytes_per_step)
+from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, matvec_bandwidth, prefill_memory,
+                                  synced_clock, weight_bytes_per_step)
 from nanojet import serving_bench
 from nanojet.engine import Engine, SpeculativeParams, default_execution
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random weights in a real Qwen3 shape and a random head: no checkpoint needed")
     p.add_argument("--synthetic-layers", type=int, default=None, help="cut the synthetic depth (quick CPU checks)")
     p.add_argument("--synthetic-vocab", type=int, default=None, help="cut the synthetic vocabulary")
+    p.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                   help="with --synthetic: the random head drafts over token ids 0..N-1 only, a draft vocabulary of "
+                        "N (random weights have no data to choose it by; a checkpoint's head brings its own)")
     p.add_argument("--experts-touched", action="store_true", help="MoE targets: experts a verify touches per layer "
                    "against one decode step, per budget (counts, no timing; eager); then exit")
     p.add_argument("--peer", default=None, choices=["hf"], help="also time Hugging Face transformers generate")
@@ -105,10 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"budgets must lie in 1..{MAX_BUDGET} (tree nodes per round); got {args.budgets}")
     if args.concurrency is not None:
         args.concurrency = serving_bench.parse_concurrency(args.concurrency, args.synthetic or args.peer)
+    if args.draft_vocab is not None and not args.synthetic:
+        raise ValueError("--draft-vocab gives a --synthetic head a draft vocabulary; a checkpoint head has its own "
+                         "(train_head.py --draft-vocab N)")
     if args.prefill_tokens is not None and not args.synthetic:
         raise ValueError("--prefill-tokens measures a --synthetic target; add --synthetic NAME")
     for name in ("samples", "max_new_tokens", "threads", "width", "depth", "synthetic_layers", "synthetic_vocab",
-                 "prefill_tokens"):
+                 "prefill_tokens", "draft_vocab"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for out in (args.json, args.plot):
@@ -133,12 +139,17 @@ def synthetic_setup(args, dtype: torch.dtype, device: torch.device):
     torch.manual_seed(args.seed)
     target, head = synthetic_models(args.synthetic, dtype, device, args.synthetic_layers, args.synthetic_vocab)
     vocab = target.config.vocab_size
+    if args.draft_vocab:
+        if args.draft_vocab > vocab:
+            raise ValueError(f"--draft-vocab {args.draft_vocab} exceeds the synthetic vocabulary ({vocab} tokens)")
+        head.draft_vocab = torch.arange(args.draft_vocab, device=device)
     prompts = [torch.randint(vocab - 1, (SYNTHETIC_PROMPT_TOKENS,)).tolist() for _ in range(args.samples)]
     engine = build_engine(target, head, SYNTHETIC_PROMPT_TOKENS + args.max_new_tokens + 1, max(args.budgets),
                           execution=default_execution(device, args.compile, args.enforce_eager),
                           prefill_chunk=args.prefill_chunk)
     return engine, prompts, {"synthetic": args.synthetic, "layers": target.config.num_hidden_layers,
-                             "vocab_size": vocab, "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
+                             "vocab_size": vocab, "draft_vocab": args.draft_vocab,
+                             "prompts_source": f"random ids ({SYNTHETIC_PROMPT_TOKENS} tokens)"}
 
 
 def checkpoint_setup(args, dtype_name: str):
@@ -172,8 +183,9 @@ class HFPeer:
     def _generate(self, ids: list[int], n: int) -> tuple[list[int], float]:
         inputs = torch.tensor([ids], device=self.model.device)
         start = synced_clock()
+        # token_healing off: the engine decodes the encoded prompt as is (and HF's healing would need a tokenizer)
         out = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=0)
+                                  min_new_tokens=n, pad_token_id=0, token_healing=False)
         return out[0, len(ids):].tolist(), synced_clock() - start
 
     def run(self, ids: list[int], n: int) -> dict:
@@ -265,6 +277,7 @@ def aggregate(args, config: dict, per_prompt: list[dict], runs: dict, extra: dic
                      "lossless": all(p["spec"][str(budget)]["lossless"] for p in per_prompt), **spec})
     extra["ar_step_ms"] = ar["round_ms"]
     extra["achieved_bytes_per_s"] = extra["weight_bytes_per_step"] / (ar["round_ms"] / 1e3)
+    extra["roofline_step_ms"] = 1e3 * extra["weight_bytes_per_step"] / extra["matvec_bytes_per_s"]
     if "copy_bytes_per_s" in extra:
         extra["bandwidth_fraction"] = extra["achieved_bytes_per_s"] / extra["copy_bytes_per_s"]
     if "peer_hf" in per_prompt[0]:
@@ -303,12 +316,20 @@ def print_report(result: dict, profile: bool) -> None:
             split = s["time_split_ms_per_round"]
             print(f"{name:>6} " + " ".join(f"{split.get(c, 0.0):>8.3f}" for c in COMPONENTS) +
                   f" {sum(split.values()):>8.3f} {s['round_ms']:>8.3f}")
+        print(f"the same in AR steps ({ar['round_ms']:.3f} ms): what each part of a round costs against plain decoding")
+        for name, s in [(str(r["budget"]), r) for r in rows]:
+            split = s["time_split_ms_per_round"]
+            print(f"{name:>6} " + " ".join(f"{split.get(c, 0.0) / ar['round_ms']:>8.3f}" for c in COMPONENTS) +
+                  f" {sum(split.values()) / ar['round_ms']:>8.3f} {s['round_ms'] / ar['round_ms']:>8.3f}")
     bandwidth = (f"AR step {result['ar_step_ms']:.3f} ms reads {result['weight_bytes_per_step'] / 1e9:.3f} GB of "
                  f"weights: {result['achieved_bytes_per_s'] / 1e9:.1f} GB/s")
     if "bandwidth_fraction" in result:
         bandwidth += (f" = {100 * result['bandwidth_fraction']:.1f}% of the measured device copy bandwidth "
                       f"({result['copy_bytes_per_s'] / 1e9:.0f} GB/s)")
     print(bandwidth)
+    print(f"roofline: a one-row matrix product reads {result['matvec_bytes_per_s'] / 1e9:.1f} GB/s of weights here, so "
+          f"a decode step cannot take less than {result['roofline_step_ms']:.3f} ms; the AR step takes "
+          f"{result['ar_step_ms'] / result['roofline_step_ms']:.2f}x that")
     compiled = result["compiled"]
     if config["execution"] != "eager":
         times = ", ".join(f"{'AR' if name == 'ar' else 'budget ' + str(name)} {seconds:.1f} s"
@@ -384,7 +405,8 @@ def main(argv=None) -> int:
             raise ValueError("--profile times the parts of eager rounds (a graphed or compiled round is one graph); "
                              "add --enforce-eager on CUDA, or drop --compile")
         engine.profile = args.profile  # per-part timing (device syncs on CUDA) only when a split is asked for
-        extra = {"weight_bytes_per_step": weight_bytes_per_step(engine.target)}
+        extra = {"weight_bytes_per_step": weight_bytes_per_step(engine.target),
+                 "matvec_bytes_per_s": matvec_bandwidth(device, dtype)}
         if device.type == "cuda":
             extra["copy_bytes_per_s"] = copy_bandwidth(device)
         config.update(head_block_size=engine.head.config.block_size, device=str(device), dtype=dtype_name,

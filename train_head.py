@@ -32,6 +32,7 @@ import torch
 
 from nanojet.config import ModelConfig
 from nanojet.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
+from nanojet.draft_vocab import select_draft_vocab
 from nanojet.head import DraftHead, HeadConfig, load_head
 from nanojet.llm import DEFAULT_MODEL, DTYPES, load_target, resolve_device, resolve_dtype
 from nanojet.synthetic import SHAPES, synthetic_target
@@ -163,6 +164,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--stop-at", type=int, default=None, help="stop after this step (time-sliced jobs; --resume)")
     parser.add_argument("--eval-prompts", type=int, default=4,
                         help="held-out stdlib prompts for the tau eval at each checkpoint (0: off)")
+    parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
+                        help="draft only the N most frequent tokens of the training data (draft_vocab.json; "
+                             "nanojet/draft_vocab.py); default: the whole vocabulary")
     return parser
 
 
@@ -171,7 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name, least in (("steps", 1), ("batch", 1), ("seq", 2), ("anchors", 1), ("head_layers", 1),
                         ("block_size", 2), ("checkpoint_every", 1), ("warmup", 0), ("eval_prompts", 0),
-                        ("stop_at", 1), ("regen_prompts", 1), ("regen_tokens", 1)):
+                        ("stop_at", 1), ("regen_prompts", 1), ("regen_tokens", 1), ("draft_vocab", 1)):
         value = getattr(args, name)
         if value is not None and value < least:
             parser.error(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
@@ -289,6 +293,9 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
     if len(stream) < args.seq + 1:
         raise ValueError(f"the training data has {len(stream)} tokens, fewer than one sequence of {args.seq}")
     data = torch.tensor(stream)
+    if args.draft_vocab:
+        head.draft_vocab = select_draft_vocab(data, target.config.vocab_size, args.draft_vocab,
+                                              always=tokenizer.eos_token_ids).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
     step = 0
     if args.resume:

@@ -12,6 +12,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     can carry the residual stream from layer to layer without a separate add."""
     if residual is not None:
         x = x + residual
+    if x.dtype == torch.float32:  # the casts below would be no-ops, each still a dispatch on a decode step's path
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)), x
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     # HF Qwen3RMSNorm casts back to the input dtype before scaling; matching it keeps bf16 parity.
@@ -32,12 +34,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
                  positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head RMSNorm of q `[T, Hq, D]` and k `[T, Hkv, D]`, then rotary embedding at `positions`."""
-    q, _ = rms_norm(q, q_weight, eps)
-    k, _ = rms_norm(k, k_weight, eps)
+    """Qwen3's per-head RMSNorm of q `[T, Hq, D]` and k `[T, Hkv, D]`, then rotary embedding at `positions`.
+
+    q and k go through one norm and one rotation side by side (each head's values are what separate calls give):
+    half the ops, which is most of the cost of a decode step on a small model."""
+    num_q_heads, num_k_heads = q.shape[1], k.shape[1]
+    both = torch.cat([q, k], dim=1)  # [T, Hq + Hkv, D]
+    weight = torch.cat([q_weight.expand(num_q_heads, -1), k_weight.expand(num_k_heads, -1)])  # [Hq + Hkv, D]
+    both, _ = rms_norm(both, weight, eps)
     cos, sin = rope_cos_sin(positions, inv_freq)
     cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)  # broadcast over heads
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return (both * cos + _rotate_half(both) * sin).split([num_q_heads, num_k_heads], dim=1)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -91,16 +98,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     `0 .. prefix_lens[s] + n_new - 1` read through `block_tables[s]`: the prefix is visible to every query,
     new token j (logical slot prefix + j, already stored) is visible to query i when bit j of
     `visibility[i]` is set. A query that sees nothing returns zeros instead of NaN. fp32 accumulation."""
-    out = torch.zeros_like(q)
     page_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    offsets = torch.arange(page_size, device=q.device)
     k_rows, v_rows = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
     starts, prefixes = query_starts.tolist(), prefix_lens.tolist()
     counts = {hi - lo for lo, hi in zip(starts, starts[1:])}
-    if len(counts) == 1 and 0 not in counts:  # every sequence has n new tokens: a round, or one decode step each
+    if counts == {1}:  # one decode step per sequence
+        return _attend_decode(q, k_rows, v_rows, block_tables, prefix_lens, visibility, max(prefixes) + 1,
+                              page_size, scale)
+    if len(counts) == 1 and 0 not in counts:  # every sequence has n new tokens: a round
         n = counts.pop()
         if len(prefixes) * q.shape[1] * n * (max(prefixes) + n) <= SCORE_ELEMENTS:
             return _attend_batched(q, k_rows, v_rows, block_tables, prefix_lens, visibility, n, page_size, scale)
+    out = torch.zeros_like(q)
+    offsets = torch.arange(page_size, device=q.device)
     for s, prefix in enumerate(prefixes):
         lo, hi = starts[s], starts[s + 1]
         n = hi - lo
@@ -137,6 +147,25 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: i
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num_(0.0)
     mixed = (probs.flatten(1, 2) @ values).view(num_kv_heads, group, m, head_dim)
     return mixed.permute(2, 0, 1, 3).reshape(m, -1, head_dim).to(q.dtype)
+
+
+def _attend_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, block_tables: torch.Tensor,
+                   prefix_lens: torch.Tensor, visibility: torch.Tensor, n_keys: int, page_size: int,
+                   scale: float) -> torch.Tensor:
+    """`paged_attention` for one new token per sequence (plain decoding): the fewest ops that give the same
+    attention, since on a small model a decode step's time is mostly per-op overhead. The new token (logical slot
+    `prefix`) is visible to itself when its bit 0 is set."""
+    num_sequences, num_kv_heads, head_dim = prefix_lens.shape[0], k_rows.shape[1], k_rows.shape[2]
+    logical = torch.arange(n_keys, device=q.device)
+    slots = block_tables[:, logical // page_size].long() * page_size + logical % page_size  # [S, keys]
+    keys = k_rows[slots].float().permute(0, 2, 3, 1)  # [S, Hkv, D, keys]
+    values = v_rows[slots].float().transpose(1, 2)  # [S, Hkv, keys, D]
+    prefix = prefix_lens.long()[:, None]
+    visible = (logical < prefix) | ((logical == prefix) & (visibility[:, :1] & 1).bool())  # [S, keys]
+    queries = q.float().view(num_sequences, num_kv_heads, -1, head_dim)  # [S, Hkv, G, D]: GQA without a repeat
+    scores = (queries @ keys) * scale  # [S, Hkv, G, keys]
+    probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num_(0.0)
+    return (probs @ values).view(q.shape).to(q.dtype)
 
 
 def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, block_tables: torch.Tensor,

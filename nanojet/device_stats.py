@@ -1,5 +1,5 @@
-"""What the hardware does during decoding, for bench.py: device copy bandwidth, the weight bytes a decode step
-must read, and how often the host waits on the device per round."""
+"""What the hardware does during decoding, for bench.py: device copy and matrix-vector bandwidth, the weight bytes a
+decode step must read, and how often the host waits on the device per round."""
 import time
 import warnings
 from dataclasses import replace
@@ -27,6 +27,22 @@ def copy_bandwidth(device: torch.device, repeats: int = 20) -> float:
     for _ in range(repeats):
         target.copy_(source)
     return 2 * source.numel() * repeats / (synced_clock() - start)
+
+
+def matvec_bandwidth(device: torch.device, dtype: torch.dtype, repeats: int = 8) -> float:
+    """Bytes/s of weights a one-row matrix product reads, over a 256 MiB matrix (far past any cache): the rate a
+    decode step's weights can at best be streamed at, by the same library that runs the model's linears. Best of
+    `repeats`, so a noisy moment does not lower the floor."""
+    columns = 1024
+    weight = torch.randn(2**28 // (columns * torch.finfo(dtype).bits // 8), columns, device=device).to(dtype)
+    row = torch.randn(1, columns, device=device, dtype=dtype)
+    torch.nn.functional.linear(row, weight)
+    best = float("inf")
+    for _ in range(repeats):
+        start = synced_clock()
+        torch.nn.functional.linear(row, weight)
+        best = min(best, synced_clock() - start)
+    return weight.numel() * weight.element_size() / best
 
 
 def weight_bytes_per_step(target: Qwen3) -> int:

@@ -221,6 +221,8 @@ class Engine:
         key = self.runner_key(spec, sampled, num_sequences)
         if key not in self._runners:
             static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences)
+            if self.execution == "eager":
+                static_round.pack_weights()
             runner = CompiledRunner(static_round) if self.execution == "compiled" else EagerRunner(static_round)
             if self.device.type == "cuda" and self.execution in ("compiled", "graphed"):
                 if self._graph_memory_pool is None:

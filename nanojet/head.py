@@ -16,8 +16,10 @@ from torch import nn
 
 import kernels
 from .config import ModelConfig
+from .draft_vocab import load_draft_vocab, save_draft_vocab
 from .kv_cache import AttentionMetadata
 from .loader import hf_state_dict, load_weights
+from .packed_gemm import Linear
 from .qwen3 import DecoderLayer, rope_inv_freq
 
 
@@ -109,10 +111,24 @@ class DraftHead(nn.Module):
         self.config = config
         c = config.layers
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
-        self.fc = nn.Linear(len(config.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
+        self.fc = Linear(len(config.target_layer_ids) * c.hidden_size, c.hidden_size, bias=False)
         self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
+        # Target ids the head may draft (nanojet/draft_vocab.py), None: all. Not in model.safetensors.
+        self.register_buffer("draft_vocab", None, persistent=False)
+        self._draft_rows: tuple | None = None  # (lm_head weight, vocabulary, its rows, their packed copies)
+
+    def draft_lm_head(self, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The rows of the target's lm_head `[V, H]` that drafting scores (all of them, or the draft vocabulary's),
+        built once rather than per round, and a dict for their packed copies (nanojet/packed_gemm.py), new whenever
+        the rows are."""
+        cached = self._draft_rows
+        if cached is None or cached[0] is not lm_head_weight or cached[1] is not self.draft_vocab:
+            vocab = self.draft_vocab
+            rows = lm_head_weight if vocab is None else lm_head_weight[vocab.to(lm_head_weight.device)]  # a copy
+            self._draft_rows = cached = (lm_head_weight, self.draft_vocab, rows, {})
+        return cached[2], cached[3]
 
     def block_visibility(self, device: torch.device | None = None) -> torch.Tensor:
         """bool `[B, B]` mask inside the block: lower-triangular (causal) or all ones (bidirectional)."""
@@ -169,6 +185,8 @@ class DraftHead(nn.Module):
         tensors = {k: v.to(dtype or v.dtype) for k, v in hf_state_dict(self).items()}
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if self.draft_vocab is not None:
+            save_draft_vocab(out, self.draft_vocab.cpu())
 
 
 def load_head(head_dir: str | Path, target: ModelConfig, dtype: torch.dtype, device: torch.device) -> DraftHead:
@@ -190,4 +208,6 @@ def load_head(head_dir: str | Path, target: ModelConfig, dtype: torch.dtype, dev
     head.inv_freq = rope_inv_freq(config.layers.head_dim, config.layers.rope_theta).to(device)
     # Published heads sometimes carry copies of the target's embedding / lm_head; the target's are used.
     load_weights(head, path, ignore=("embed_tokens.weight", "lm_head.weight"))
+    vocab = load_draft_vocab(path, target.vocab_size)
+    head.draft_vocab = None if vocab is None else vocab.to(device)
     return head

@@ -16,6 +16,7 @@ from torch import nn
 import kernels
 from .config import ModelConfig
 from .kv_cache import AttentionMetadata
+from .packed_gemm import Linear, linear, pack_module, pack_rows
 
 
 class Attention(nn.Module):
@@ -28,8 +29,8 @@ class Attention(nn.Module):
         self.scale = config.head_dim ** -0.5
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, config.qkv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.qkv_proj = Linear(config.hidden_size, config.qkv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
         self.q_norm = nn.Parameter(torch.ones(self.head_dim))
         self.k_norm = nn.Parameter(torch.ones(self.head_dim))
 
@@ -77,8 +78,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(h)))
@@ -151,9 +152,10 @@ class Qwen3(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, sparse=config.is_sparse_layer(index))
                                     for index in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        self.packed_lm_head: dict[int, tuple] = {}  # the lm_head (tied or not) packed (nanojet/packed_gemm.py)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -161,7 +163,13 @@ class Qwen3(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden rows -> fp32 logits (computed only for the rows a caller needs)."""
-        return F.linear(hidden, self.lm_head_weight).float()
+        return linear(hidden, self.lm_head_weight, packed=self.packed_lm_head).float()
+
+    def pack(self, rows: int, logit_rows: int) -> None:
+        """CPU rounds: packed weights for forwards of `rows` tokens that score `logit_rows` of them
+        (nanojet/packed_gemm.py)."""
+        pack_module(self, rows)
+        pack_rows(self.packed_lm_head, self.lm_head_weight, logit_rows)
 
     def _run_layers(self, x: torch.Tensor, attend_for_layer, tap_layers: tuple[int, ...]):
         residual, taps = None, []

@@ -27,8 +27,9 @@ import torch
 import kernels
 from kernels.reference import pack_visibility
 from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
+from .packed_gemm import linear, pack_module, pack_rows
 from .sampling import SamplingParams, sample_rows
-from .tree import DraftTree, accept, anchor_tree, build_tree, pad_tree, round_outcome, tree_bucket, tree_size
+from .tree import DraftTree, accept, tree_from_candidates, pad_tree, round_outcome, tree_bucket, tree_size
 
 
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
@@ -66,10 +67,17 @@ class StaticRound:
         block_size = 0 if spec is None else head.config.block_size
         depth, nodes = round_tree(spec, block_size)
         if spec is not None:
+            # The lm_head rows the head scores: the whole vocabulary, or its draft vocabulary (nanojet/draft_vocab.py)
+            self.draft_weight, self.draft_packed = head.draft_lm_head(target.lm_head_weight)  # [V or N, H]
+            self.draft_ids = head.draft_vocab  # [N] target ids of those rows, or None
+            if spec.width > self.draft_weight.shape[0]:
+                raise ValueError(f"width {spec.width} exceeds the head's draft vocabulary "
+                                 f"({self.draft_weight.shape[0]} tokens); lower the width")
             block_words = pack_visibility(head.block_visibility(device))  # [B, 1]
             self.block_visibility = block_words.repeat(num_sequences, 1)  # [S * B, 1]
             self.mask_block = torch.full((block_size,), head.config.mask_token_id, device=device)
         self.depth = depth
+        self.nodes = nodes  # a tree's real nodes; the bucket pads it
         self.bucket = tree_bucket(nodes)
         self.path_len = min(depth + 1, nodes)  # the most nodes an accepted path can hold
         self.scratch_slots = round_scratch_slots(nodes, block_size)  # slots past the committed ones a round writes
@@ -77,6 +85,8 @@ class StaticRound:
         # Constants are built here, not in `step`: a host-to-device copy cannot be captured in a CUDA graph.
         self.query_starts = {count: torch.arange(num_sequences + 1, dtype=torch.int32, device=device) * count
                              for count in (self.bucket, block_size)}
+        self.one_node_visibility = torch.ones(num_sequences, 1, dtype=torch.int32, device=device)  # sees itself
+        self.one_node_accepted = torch.ones(num_sequences, 1, dtype=torch.int64, device=device)  # count 1
         self.anchor = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.length = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.seed = torch.zeros(num_sequences, dtype=torch.int64, device=device)
@@ -143,22 +153,31 @@ class StaticRound:
             self.kv.trim(sequence, sequence.length)
             self._pages_written[row] = min(self._pages_written[row], len(sequence.pages))
 
+    def pack_weights(self) -> None:
+        """Eager CPU rounds: MKL-packed copies of the weights for this round's row counts, each product's rows known
+        now (nanojet/packed_gemm.py; a no-op elsewhere and for counts where packing does not pay)."""
+        rows = self.num_sequences
+        self.target.pack(rows * self.bucket, rows * self.nodes)  # verify: the padded tree; logits of real nodes
+        if self.spec is not None:
+            pack_module(self.head, rows * self.head.config.block_size)  # the draft block
+            pack_module(self.head, rows * self.path_len)  # commit: context of the accepted paths (fc)
+            pack_rows(self.draft_packed, self.draft_weight, rows * (1 + self.depth))  # draft logits
+
     # --- device side: one round, static shapes ----------------------------------------------------------
 
     def step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
              seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        self._mark(None)
+        if self.spec is None:
+            return self._decode_step(pool, anchor, length, block_table, seed, temperature, top_k, top_p)
         device = pool.device
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
-        self._mark(None)
         # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows: one batch
         # of ops for the whole round instead of S of them.
-        if self.spec is None:
-            trees = torch.vmap(lambda a: tree_fields(anchor_tree(a)))(anchor)
-        else:
-            logprobs = self.draft_logprobs(pool, anchor, length, block_table)  # [S, B-1, V]
-            self._mark("draft")
-            trees = torch.vmap(self._row_tree)(anchor, logprobs)  # each [S, bucket, ...]
-            self._mark("tree")
+        top_logprobs, top_tokens = self.draft_candidates(pool, anchor, length, block_table)  # each [S, D, width]
+        self._mark("draft")
+        trees = torch.vmap(self._row_tree)(anchor, top_logprobs, top_tokens)  # each [S, bucket, ...]
+        self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
         scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))  # [S, *]
@@ -167,12 +186,15 @@ class StaticRound:
                                  query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)
         hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps)
-        logits = self.target.logits(hidden)  # [S * bucket, V]
-        if self.sampled:
-            choices = sample_rows(logits, positions + 1, *(t.repeat_interleave(bucket)  # each [S * bucket]
-                                                          for t in (temperature, top_k, top_p, seed)))
-        else:
-            choices = logits.argmax(dim=-1)
+        # Logits of the real nodes only: a padding node's choice is never read (no node hangs below it, and it is
+        # never accepted), so it is left 0.
+        nodes = self.nodes
+        real_rows = hidden.view(num_sequences, bucket, -1)[:, :nodes].flatten(0, 1)  # [S * nodes, H]
+        real_positions = positions.view(num_sequences, bucket)[:, :nodes].flatten()
+        choices = self._choose(self.target.logits(real_rows), real_positions, nodes, seed, temperature, top_k,
+                               top_p)  # [S * nodes]
+        if nodes < bucket:
+            choices = torch.nn.functional.pad(choices.view(num_sequences, nodes), (0, bucket - nodes)).flatten()
         self._mark("verify")
 
         paths, counts, outcomes = torch.vmap(self._row_accept)(*trees, choices.view(num_sequences, bucket))
@@ -192,9 +214,37 @@ class StaticRound:
         self._mark("commit")
         return outcomes
 
-    def _row_tree(self, anchor: torch.Tensor, logprobs: torch.Tensor) -> tuple:
+    def _decode_step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
+                     seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                     top_p: torch.Tensor) -> torch.Tensor:
+        """The round with a one-node tree, written out: the anchor is verified alone at its own slot, so there is no
+        tree to build, no path to walk and no K/V to move (its scratch slot is its committed slot). Same outcome
+        layout as `step` (P = 1): `[1, anchor, chosen token]` per sequence."""
+        slots = self._slots(block_table, length[:, None]).flatten()  # [S]
+        meta = AttentionMetadata(positions=length, slot_mapping=slots, block_tables=block_table,
+                                 prefix_lens=length.to(torch.int32), query_starts=self.query_starts[1],
+                                 visibility=self.one_node_visibility)
+        hidden, _ = self.target(anchor, meta, pool)
+        choices = self._choose(self.target.logits(hidden), length, 1, seed, temperature, top_k, top_p)  # [S]
+        self._mark("verify")
+        outcomes = torch.cat([self.one_node_accepted, anchor[:, None], choices[:, None]], dim=1)  # [S, 3]
+        anchor.copy_(choices)
+        length.add_(1)
+        self._mark("commit")
+        return outcomes
+
+    def _choose(self, logits: torch.Tensor, positions: torch.Tensor, rows_per_sequence: int, seed: torch.Tensor,
+                temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """The target's token after each row (at `positions + 1`): argmax in a greedy round (no noise is built),
+        else each row samples with its sequence's parameters."""
+        if not self.sampled:
+            return logits.argmax(dim=-1)
+        return sample_rows(logits, positions + 1, *(t.repeat_interleave(rows_per_sequence)  # each [S * rows]
+                                                   for t in (temperature, top_k, top_p, seed)))
+
+    def _row_tree(self, anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor) -> tuple:
         """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
-        tree = build_tree(anchor, logprobs, self.spec.budget, self.spec.width, self.depth)
+        tree = tree_from_candidates(anchor, top_logprobs, top_tokens, self.spec.budget, self.depth)
         return tree_fields(pad_tree(tree, self.bucket))
 
     def _row_accept(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
@@ -211,10 +261,10 @@ class StaticRound:
         page_size = self.kv.kv_page_size
         return block_table.gather(1, logical // page_size).long() * page_size + logical % page_size
 
-    def draft_logprobs(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
-                       block_table: torch.Tensor) -> torch.Tensor:
-        """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> draft
-        log-probs `[S, B-1, V]` (row d-1: depth d)."""
+    def draft_hidden(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
+                     block_table: torch.Tensor) -> torch.Tensor:
+        """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> final-normed
+        hidden `[S, B, H]` (row d: depth d)."""
         config, device = self.head.config, pool.device
         block_size = config.block_size
         offsets = torch.arange(block_size, device=device)
@@ -225,8 +275,22 @@ class StaticRound:
                                  query_starts=self.query_starts[block_size],
                                  visibility=self.block_visibility)
         hidden = self.head(self.target.embed_tokens(block), meta, pool[self.num_target_layers:])
-        draft_rows = hidden.view(self.num_sequences, block_size, -1)[:, 1:]  # [S, B-1, H]
-        return torch.log_softmax(self.target.logits(draft_rows), dim=-1)
+        return hidden.view(self.num_sequences, block_size, -1)
+
+    def draft_candidates(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
+                         block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each depth's `width` likeliest draft tokens, best first, and their log-probs: `[S, D, width]` each, D the
+        tree's depth limit (row d-1: depth d). All the tree reads of the head's output, so only the rows of depths
+        the tree can reach are scored, and only over the draft vocabulary; log-prob = logit - logsumexp, no
+        `[D, V]` log-softmax is kept."""
+        # The anchor's row is scored too and dropped: with a block of 16, 16 rows instead of 15, and MKL's fp32 GEMM
+        # (the CPU path) runs 3..15 rows far slower than 16 (151,936-token lm_head: 15 rows 118 ms, 16 rows 48 ms).
+        rows = self.draft_hidden(pool, anchor, length, block_table)[:, :1 + self.depth]  # [S, 1 + D, H]
+        logits = linear(rows.flatten(0, 1), self.draft_weight, packed=self.draft_packed).float()
+        logits = logits.view(self.num_sequences, 1 + self.depth, -1)[:, 1:]  # [S, D, V or N]
+        top_logits, top_index = logits.topk(self.spec.width, dim=-1)
+        top_logprobs = top_logits - logits.logsumexp(dim=-1, keepdim=True)
+        return top_logprobs, top_index if self.draft_ids is None else self.draft_ids[top_index]
 
     def _mark(self, part: str | None) -> None:
         """Eager profiling (bench.py --profile): charge the time since the last mark to `part`. Off unless a caller

@@ -49,22 +49,35 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
     nothing. Scores add up in float64, where sums of a few bf16/fp32 log-probs are exact, so rounding does not
     invent or break ties. Ties between tokens of one draft row are left to `torch.topk`.
     """
-    if anchor.dim() != 0:
-        raise ValueError(f"tree: anchor must be a 0-dim token tensor, got shape {tuple(anchor.shape)}")
     if draft_logprobs.dim() != 2:
         raise ValueError(f"tree: draft_logprobs must be [depths, vocab], got shape {tuple(draft_logprobs.shape)}")
-    rows, vocab = draft_logprobs.shape
+    if width > draft_logprobs.shape[1]:
+        raise ValueError(f"tree: width {width} exceeds the draft vocabulary ({draft_logprobs.shape[1]} tokens)")
+    if width < 1:
+        raise ValueError(f"tree: need width >= 1, got {width}")
+    return tree_from_candidates(anchor, *draft_logprobs.topk(width, dim=-1), budget, depth)
+
+
+def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor, budget: int,
+                         depth: int | None = None) -> DraftTree:
+    """`build_tree` from each depth's candidates alone: `top_logprobs`, `top_tokens` `[B-1, width]`, the `width`
+    likeliest tokens of each draft row, best first (all the tree ever reads of a row; the round's drafter
+    produces only these)."""
+    if anchor.dim() != 0:
+        raise ValueError(f"tree: anchor must be a 0-dim token tensor, got shape {tuple(anchor.shape)}")
+    if top_logprobs.dim() != 2 or top_tokens.shape != top_logprobs.shape:
+        raise ValueError(f"tree: candidates must be two [depths, width] tensors, got shapes "
+                         f"{tuple(top_logprobs.shape)} and {tuple(top_tokens.shape)}")
+    rows, width = top_logprobs.shape
     max_depth = rows if depth is None else min(depth, rows)
     num_nodes = tree_size(budget, width, max_depth)  # validates budget, width, depth
-    if width > vocab:
-        raise ValueError(f"tree: width {width} exceeds the draft vocabulary ({vocab} tokens)")
-    device = draft_logprobs.device
+    device = top_logprobs.device
     root_token = anchor.reshape(1).to(device=device, dtype=torch.int64)
     keep = budget - 1
     if num_nodes == 1:
         return anchor_tree(root_token)
 
-    top_logprobs, top_tokens = draft_logprobs[:max_depth].topk(width, dim=-1)  # [D, width], sorted best first
+    top_logprobs, top_tokens = top_logprobs[:max_depth], top_tokens[:max_depth]  # [D, width], best first
     # Log-probs are <= 0, so a child never outscores its parent and the chosen set is closed under parents;
     # the clamp keeps that true (and the tree valid) even if a caller passes unnormalised logits.
     top_logprobs = top_logprobs.double().clamp(max=0.0)

@@ -129,14 +129,14 @@ def random_head(target_config, causal: bool = True, seed: int = 0, layers: int =
 
 
 def oracle_drafter(reference: list[int], vocab_size: int, shift: int = 0, wrong_from_depth: int | None = None):
-    """A stand-in for `StaticRound.draft_logprobs` that drafts the known continuation `reference` (prompt + plain
+    """A stand-in for `StaticRound.draft_candidates` that drafts the known continuation `reference` (prompt + plain
     output): row d-1 of sequence s puts all its mass on `reference[n-1+d]`, where n-1 = length[s] is the anchor's
-    position. `shift` drafts positions that far off; from `wrong_from_depth` on, rows draft a token the reference
+    position (and returns each row's top `width` candidates, as the head's drafter does). `shift` drafts positions that far off; from `wrong_from_depth` on, rows draft a token the reference
     does not have there (so exactly the shallower depths can be accepted). Tensor ops only: it runs inside the
     static round eagerly, compiled or graphed."""
     padded = torch.tensor(reference + [0] * 64)
 
-    def draft_logprobs(round_, pool, anchor, length, block_table):
+    def draft_candidates(round_, pool, anchor, length, block_table):
         rows = round_.head.config.block_size - 1
         depth = torch.arange(1, rows + 1, device=length.device)
         index = (length[:, None] + depth + shift).clamp(max=padded.numel() - 1)  # [S, B-1]
@@ -144,9 +144,9 @@ def oracle_drafter(reference: list[int], vocab_size: int, shift: int = 0, wrong_
         if wrong_from_depth is not None:
             tokens = torch.where(depth >= wrong_from_depth, (tokens + 1) % vocab_size, tokens)
         logprobs = torch.full((*index.shape, vocab_size), -30.0, device=length.device)
-        return logprobs.scatter(-1, tokens[..., None], 0.0)
+        return tuple(logprobs.scatter(-1, tokens[..., None], 0.0).topk(round_.spec.width, dim=-1))
 
-    return draft_logprobs
+    return draft_candidates
 
 
 def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
@@ -167,10 +167,12 @@ def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
 
 
 def draft_after(engine, sequence, anchor: int) -> torch.Tensor:
-    """The round's draft log-probs `[B-1, V]` for a sequence whose KV holds `sequence.length` slots."""
+    """The head's draft log-probs `[B-1, V]` (full vocabulary) for a sequence whose KV holds `sequence.length`
+    slots: the distribution the round's top-width candidates are taken from."""
     from nanojet.engine import SpeculativeParams
     from nanojet.static_round import StaticRound
     round_ = StaticRound(engine.target, engine.head, engine.kv, SpeculativeParams(budget=2, width=1), False)
     round_.begin(0, sequence, anchor)
     table = round_.table([sequence])
-    return round_.draft_logprobs(engine.kv.pool, round_.anchor, round_.length, table)[0]
+    hidden = round_.draft_hidden(engine.kv.pool, round_.anchor, round_.length, table)[0, 1:]  # [B-1, H]
+    return torch.log_softmax(engine.target.logits(hidden), dim=-1)

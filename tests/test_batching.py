@@ -57,13 +57,14 @@ def install_row_oracles(monkeypatch, references: dict[int, list[int]], wrong_fro
         served[id(self)] = [references.get(id(s), [0]) for s in sequences]
         return table(self, sequences)
 
-    def draft_logprobs(round_, pool, anchor, length, block_table):
-        return torch.cat([oracle_drafter(reference, VOCAB, wrong_from_depth=wrong_from_depth)(
+    def draft_candidates(round_, pool, anchor, length, block_table):
+        rows = [oracle_drafter(reference, VOCAB, wrong_from_depth=wrong_from_depth)(
             round_, pool, anchor[row:row + 1], length[row:row + 1], block_table)
-            for row, reference in enumerate(served[id(round_)])])
+            for row, reference in enumerate(served[id(round_)])]
+        return tuple(torch.cat(parts) for parts in zip(*rows))  # (log-probs, tokens), each [S, D, width]
 
     monkeypatch.setattr(StaticRound, "table", recording_table)
-    monkeypatch.setattr(StaticRound, "draft_logprobs", draft_logprobs)
+    monkeypatch.setattr(StaticRound, "draft_candidates", draft_candidates)
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,8 @@ def test_sweep_reports_sane_figures(bench_inputs, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "speedup" in table and "prefill excluded" in table and "acceptance by depth" in table
     assert "per-component latency" in table and "HF transformers" in table
+    assert "in AR steps" in table and "roofline" in table
+    assert result["matvec_bytes_per_s"] > 0 and result["roofline_step_ms"] > 0
 
 
 def test_compiled_sweep_reports_compile_time_apart(bench_inputs, tmp_path, capsys):
@@ -89,10 +91,12 @@ def test_corrupted_speculative_output_fails_loudly(bench_inputs, monkeypatch, ca
 def test_synthetic_shape_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "synthetic.json"
     argv = ["--synthetic", "qwen3-0.6b", "--synthetic-layers", "1", "--synthetic-vocab", "2048", "--samples", "1",
-            "--max-new-tokens", "4", "--budgets", "1,4", "--device", "cpu", "--dtype", "float32", "--json", str(out)]
+            "--max-new-tokens", "4", "--budgets", "1,4", "--device", "cpu", "--dtype", "float32", "--json", str(out),
+            "--draft-vocab", "512"]
     assert bench.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["config"]["synthetic"] == "qwen3-0.6b" and result["config"]["layers"] == 1
+    assert result["config"]["draft_vocab"] == 512
     # 0.6B shapes: tied 2048 x 1024 embedding read in full by lm_head, plus one layer, in fp32
     layer = 1024 * (16 + 2 * 8) * 128 + 16 * 128 * 1024 + 3 * 1024 * 3072 + 2 * 1024 + 2 * 128
     assert result["weight_bytes_per_step"] == 4 * (2048 * 1024 + layer + 1024)
@@ -107,6 +111,7 @@ def test_synthetic_shape_runs_on_cpu(tmp_path, capsys):
     (["--budgets", "1,600"], "budgets must lie in 1..512"),
     (["--budget", "0"], "got [0]"),
     (["--samples", "0"], "--samples must be >= 1"),
+    (["--draft-vocab", "64"], "--synthetic head"),
     (["--max-new-tokens", "abc"], "invalid int value"),
     (["--peer", "hf", "--temperature", "0.7"], "greedy"),
     (["--no-such-flag"], "unrecognized arguments"),
@@ -194,10 +199,10 @@ def test_figures_of_a_perfect_drafter(bench_inputs, tmp_path, monkeypatch):
         logprobs = torch.full((1, rows, self.target.config.vocab_size), -30.0)
         for depth, token in enumerate(reference[tuple(current["prompt"])][emitted:emitted + rows]):
             logprobs[0, depth, token] = 0.0
-        return logprobs
+        return tuple(logprobs.topk(self.spec.width, dim=-1))
 
     monkeypatch.setattr(Engine, "generate", recording_generate)
-    monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_draft)
+    monkeypatch.setattr(StaticRound, "draft_candidates", oracle_draft)
     out = tmp_path / "bench.json"
     argv = bench_inputs + ["--budgets", "1,8", "--max-new-tokens", "24", "--ignore-eos", "--json", str(out)]
     assert bench.main(argv) == 0

@@ -170,7 +170,7 @@ def test_speculation_on_a_moe_target_is_lossless(moe_engine, params, budget, wid
     # Drafts that are right: every round verifies (and commits) a full path through the MoE layers.
     from conftest import oracle_drafter
     from nanojet.static_round import StaticRound
-    monkeypatch.setattr(StaticRound, "draft_logprobs",
+    monkeypatch.setattr(StaticRound, "draft_candidates",
                         oracle_drafter(PROMPT + plain, moe_engine.target.config.vocab_size))
     accepted = moe_engine.generate(PROMPT, params, SpeculativeParams(budget, width))
     assert accepted.token_ids == plain and max(accepted.stats.accept_hist) == min(budget, 8)

@@ -38,7 +38,7 @@ def test_round_equals_dense_reference(setup, params, shape, drafter, monkeypatch
         if spec is None:
             pytest.skip("plain decoding drafts nothing")
         wrong = None if drafter == "oracle" else 3
-        monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(PROMPT + expected, 320,
+        monkeypatch.setattr(StaticRound, "draft_candidates", oracle_drafter(PROMPT + expected, 320,
                                                                           wrong_from_depth=wrong))
     out = engine.generate(PROMPT, params, spec)
     assert out.token_ids == expected
@@ -128,7 +128,7 @@ def test_page_table_holds_every_budget_at_the_context_limit(hf_model_dir, head_d
               kv_page_size=4, compile=compile)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     expected = dense_reference(llm.model, prompt, params, new_tokens)
-    monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(prompt + expected, 320))
+    monkeypatch.setattr(StaticRound, "draft_candidates", oracle_drafter(prompt + expected, 320))
     out = llm.generate(prompt, params, SpeculativeParams(budget=budget, width=4))
     assert out.token_ids == expected and out.stats.finish_reason in ("length", "context")
     assert max(out.stats.accept_hist) >= 3
@@ -153,7 +153,7 @@ def check_graph_keys(engine, monkeypatch, runs=GRAPH_KEY_RUNS) -> None:
     for (a runner key missing a field) would sample with the old parameters or shape."""
     for params, shape in runs:
         expected = dense_reference(engine.target, PROMPT, params, params.max_new_tokens)
-        monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(PROMPT + expected, 320))
+        monkeypatch.setattr(StaticRound, "draft_candidates", oracle_drafter(PROMPT + expected, 320))
         out = engine.generate(PROMPT, params, SpeculativeParams(*shape))
         assert out.token_ids == expected, (params, shape)
         assert max(out.stats.accept_hist) == min(8, (shape[2] or 7) + 1), out.stats.accept_hist

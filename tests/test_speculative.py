@@ -53,7 +53,7 @@ def test_drafts_right_to_a_depth_are_accepted_to_that_depth(hf_model_dir, monkey
 
 def install_oracle(monkeypatch, engine, reference: list[int], **kwargs):
     """Draft from the plain-decoding continuation instead of the head (see conftest.oracle_drafter)."""
-    monkeypatch.setattr(StaticRound, "draft_logprobs",
+    monkeypatch.setattr(StaticRound, "draft_candidates",
                         oracle_drafter(reference, engine.target.config.vocab_size, **kwargs))
 
 

@@ -57,6 +57,6 @@ def test_triton_round_accepts_full_paths_and_equals_the_dense_reference(hf_model
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_new_tokens=17, ignore_eos=True)
     expected = dense_reference(engine.target, prompt, params, params.max_new_tokens)
-    monkeypatch.setattr(StaticRound, "draft_logprobs", oracle_drafter(prompt + expected, 320))
+    monkeypatch.setattr(StaticRound, "draft_candidates", oracle_drafter(prompt + expected, 320))
     out = engine.generate(prompt, params, SpeculativeParams(budget=8, width=2))
     assert out.token_ids == expected and out.stats.accept_hist[8] == 2  # 1 + 8 + 8 tokens
