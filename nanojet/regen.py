@@ -46,7 +46,7 @@ def regenerate(llm, prompts: list[list[int]], max_new_tokens: int, log=print) ->
     for first in range(0, len(prompts), chunk):
         part = prompts[first:first + chunk]
         params = [sampling_for(first + i, max_new_tokens) for i in range(len(part))]
-        for index, (prompt, p, out) in enumerate(zip(part, params, llm.generate_batch(part, params))):
+        for prompt, p, out in zip(part, params, llm.generate_batch(part, params)):
             rows.append({"prompt_ids": prompt, "response_ids": out.token_ids, "temperature": p.temperature})
         written = sum(len(r["response_ids"]) for r in rows)
         log(f"regenerated {len(rows)}/{len(prompts)} responses, {written} tokens, "
