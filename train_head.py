@@ -35,6 +35,7 @@ from nanojet.distill import head_loss, training_mask  # noqa: F401 (training_mas
 from nanojet.draft_vocab import select_draft_vocab
 from nanojet.head import DraftHead, HeadConfig, load_head
 from nanojet.llm import DEFAULT_MODEL, DTYPES, load_target, resolve_device, resolve_dtype
+from nanojet.packed_gemm import available_memory_bytes as host_available_bytes
 from nanojet.synthetic import SHAPES, synthetic_target
 from nanojet.tokenizer import Tokenizer
 from nanojet.train_data import load_corpus
@@ -233,13 +234,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
     """Free memory where the step runs: CUDA's free bytes, else /proc/meminfo's MemAvailable (None if unknown)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return host_available_bytes()
 
 
 def check_step_fits(args, target: ModelConfig, available: int | None) -> None:

@@ -152,8 +152,10 @@ class Qwen3(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, sparse=config.is_sparse_layer(index))
                                     for index in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size,
-                                                                          bias=False)
+        # A plain nn.Linear: `logits` multiplies by its weight through `packed_lm_head`, never calls the module,
+        # so `pack_module` must not give it a packed copy of its own.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                             bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
         self.packed_lm_head: dict[int, tuple] = {}  # the lm_head (tied or not) packed (nanojet/packed_gemm.py)
 
