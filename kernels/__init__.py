@@ -44,18 +44,34 @@ def rms_norm(x, weight, eps, residual=None):
     return _impl(x, weight, residual).rms_norm(x, weight, eps, residual)
 
 
-def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps):
-    return _impl(q, k, q_weight, k_weight).qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
+def plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, query_starts, visibility, page_size,
+                 num_q_heads):
+    """What every layer of a paged forward shares, computed once (`reference.ForwardPlan`), when its kernels will
+    run the reference eagerly; else None (Triton, a compiled graph, meta tensors), and each kernel works alone."""
+    if torch.compiler.is_compiling() or positions.device.type == "meta" or _impl(positions) is not reference:
+        return None
+    return reference.plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, query_starts,
+                                  visibility, page_size, num_q_heads)
+
+
+def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps, plan=None):
+    module = _impl(q, k, q_weight, k_weight)
+    if module is reference and plan is not None:
+        return reference.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps, rope=plan.rope)
+    return module.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
 
 
 def silu_and_mul(gate_up):
     return _impl(gate_up).silu_and_mul(gate_up)
 
 
-def store_kv(k_cache, v_cache, k, v, slot_mapping):
+def store_kv(k_cache, v_cache, k, v, slot_mapping, plan=None):
     if torch.compiler.is_compiling():
         return torch.ops.nanojet.store_kv(k_cache, v_cache, k, v, slot_mapping)
-    return _impl(k).store_kv(k_cache, v_cache, k, v, slot_mapping)
+    module = _impl(k)
+    if module is reference:
+        return reference.store_kv(k_cache, v_cache, k, v, slot_mapping, plan=plan)
+    return module.store_kv(k_cache, v_cache, k, v, slot_mapping)
 
 
 def move_kv(pool, src_slots, dst_slots):
@@ -64,12 +80,15 @@ def move_kv(pool, src_slots, dst_slots):
     return _impl(pool).move_kv(pool, src_slots, dst_slots)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale):
+def paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale, plan=None):
     if torch.compiler.is_compiling():
         return torch.ops.nanojet.paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts,
                                                  visibility, scale)
-    return _impl(q).paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts,
-                                    visibility, scale)
+    module = _impl(q)
+    if module is reference:
+        return reference.paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility,
+                                         scale, plan=plan)
+    return module.paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale)
 
 
 def fused_moe(hidden, gate_up, down, topk_weights, topk_ids):

@@ -3,6 +3,8 @@
 Shapes: T new tokens in a step, Hq query heads, Hkv key/value heads, D head dim, P page size (slots per KV page).
 A K/V cache of one layer is `[num_pages, P, Hkv, D]`; a flat slot is `page * P + offset`.
 """
+from dataclasses import dataclass
+
 import torch
 
 
@@ -20,21 +22,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * normed.to(x.dtype), x
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables `[T, D]` (rotate-half layout) for integer positions, computed in fp32."""
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and *signed* sin `[T, 1, D]` (rotate-half layout, fp32) at integer positions, broadcast over heads.
+
+    The sin table's first half is negated, so rotation is `x * cos + x.roll(D / 2) * sin`: rotate_half(x) * sin
+    with the negation moved into the table (a sign flip is exact, so the products are bit for bit the same)."""
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    sin = freqs.sin()
+    return torch.cat([freqs, freqs], dim=-1).cos()[:, None], torch.cat([-sin, sin], dim=-1)[:, None]
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                 positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head RMSNorm of q `[T, Hq, D]` and k `[T, Hkv, D]`, then rotary embedding at `positions`.
+                 positions: torch.Tensor, inv_freq: torch.Tensor, eps: float, *,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head RMSNorm of q `[T, Hq, D]` and k `[T, Hkv, D]`, then rotary embedding at `positions`
+    (`rope`: their `rope_tables`, when a caller built them once for several layers).
 
     q and k go through one norm and one rotation side by side (each head's values are what separate calls give):
     half the ops, which is most of the cost of a decode step on a small model."""
@@ -42,9 +44,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     both = torch.cat([q, k], dim=1)  # [T, Hq + Hkv, D]
     weight = torch.cat([q_weight.expand(num_q_heads, -1), k_weight.expand(num_k_heads, -1)])  # [Hq + Hkv, D]
     both, _ = rms_norm(both, weight, eps)
-    cos, sin = rope_cos_sin(positions, inv_freq)
-    cos, sin = cos[:, None, :].to(q.dtype), sin[:, None, :].to(q.dtype)  # broadcast over heads
-    return (both * cos + _rotate_half(both) * sin).split([num_q_heads, num_k_heads], dim=1)
+    cos, sin = rope or rope_tables(positions, inv_freq)
+    if cos.dtype != q.dtype:
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+    return (both * cos + both.roll(both.shape[-1] // 2, dims=-1) * sin).split([num_q_heads, num_k_heads], dim=1)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -54,13 +57,22 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write k, v `[T, Hkv, D]` into the caches at flat slots `[T]`; slot -1 marks padding and is skipped."""
-    if bool((slot_mapping < 0).any()):  # a host read, fine on this path; most steps have no padding to drop
-        keep = slot_mapping >= 0
-        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+             slot_mapping: torch.Tensor, *, plan: "ForwardPlan | None" = None) -> None:
+    """Write k, v `[T, Hkv, D]` into the caches at flat slots `[T]`; slot -1 marks padding and is skipped
+    (`plan`: the forward's, which found the padding once for every layer)."""
+    slots, keep = plan.store if plan is not None else store_rows(slot_mapping)
+    if keep is not None:
+        k, v = k[keep], v[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def store_rows(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the slots to write, the rows they come from: None for all) of a slot mapping whose -1 entries are padding."""
+    if not bool((slot_mapping < 0).any()):  # a host read, fine on this path; most steps have no padding to drop
+        return slot_mapping, None
+    keep = slot_mapping >= 0
+    return slot_mapping[keep], keep
 
 
 def move_kv(pool: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -89,10 +101,61 @@ def unpack_visibility(words: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :n].bool()
 
 
+@dataclass
+class ForwardPlan:
+    """What every layer of one forward derives alike from its metadata, built once by `plan_forward` rather than
+    in each layer: on a small model a decode step is mostly per-op overhead, and this was a third of its ops.
+    Only this module reads a plan: the Triton kernels derive what they need inside the kernel, and a compiled
+    graph has no per-op overhead to save."""
+    rope: tuple[torch.Tensor, torch.Tensor]  # `rope_tables` at the forward's positions
+    store: tuple[torch.Tensor, torch.Tensor | None]  # `store_rows` of its slot mapping
+    attention: "AttentionPlan | None"  # None: the general path (sequences with different new-token counts)
+
+
+@dataclass
+class AttentionPlan:
+    """S sequences of n new tokens each, attended in one batch of matmuls: each sequence's keys, padded to the
+    longest, and the mask of what each query may not see (padding, and new tokens outside its visibility)."""
+    new_tokens: int  # n
+    key_slots: torch.Tensor  # [S, keys] int64 flat pool slots
+    hidden: torch.Tensor  # [S, 1, 1, n, keys] bool: True where a query may not look
+
+
+def plan_forward(positions: torch.Tensor, inv_freq: torch.Tensor, slot_mapping: torch.Tensor,
+                 block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_starts: torch.Tensor,
+                 visibility: torch.Tensor, page_size: int, num_q_heads: int) -> ForwardPlan:
+    return ForwardPlan(rope=rope_tables(positions, inv_freq), store=store_rows(slot_mapping),
+                       attention=plan_attention(block_tables, prefix_lens, query_starts, visibility, page_size,
+                                                num_q_heads))
+
+
+def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_starts: torch.Tensor,
+                   visibility: torch.Tensor, page_size: int, num_q_heads: int) -> AttentionPlan | None:
+    """The batched path's plan when every sequence has the same n >= 1 new tokens (a decode step, a round) and
+    the scores stay under `SCORE_ELEMENTS`; else None. Reads query_starts and prefix_lens on the host."""
+    starts = query_starts.tolist()
+    counts = {hi - lo for lo, hi in zip(starts, starts[1:])}
+    if len(counts) != 1 or 0 in counts:
+        return None
+    n, num_sequences = counts.pop(), prefix_lens.shape[0]
+    prefix = prefix_lens.long()[:, None]  # [S, 1]
+    n_keys = int(prefix_lens.max()) + n  # a host read
+    if num_sequences * num_q_heads * n * n_keys > SCORE_ELEMENTS:
+        return None
+    device = block_tables.device
+    logical = torch.arange(n_keys, device=device)
+    pages = block_tables[:, :-(-n_keys // page_size)].long()
+    key_slots = pages.gather(1, (logical // page_size).expand(num_sequences, -1)) * page_size + logical % page_size
+    visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix
+    new_keys = (prefix + torch.arange(n, device=device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
+    visible.scatter_(2, new_keys, unpack_visibility(visibility, n).view(num_sequences, n, n))
+    return AttentionPlan(new_tokens=n, key_slots=key_slots, hidden=~visible[:, None, None])
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_starts: torch.Tensor,
-                    visibility: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention of the step's queries over paged keys.
+                    visibility: torch.Tensor, scale: float, *, plan: ForwardPlan | None = None) -> torch.Tensor:
+    """Attention of the step's queries over paged keys (`plan`: the forward's, built once for every layer).
 
     q `[T, Hq, D]`; sequence s owns queries `query_starts[s]:query_starts[s+1]`. Its keys are logical slots
     `0 .. prefix_lens[s] + n_new - 1` read through `block_tables[s]`: the prefix is visible to every query,
@@ -100,15 +163,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     `visibility[i]` is set. A query that sees nothing returns zeros instead of NaN. fp32 accumulation."""
     page_size, num_kv_heads, head_dim = k_cache.shape[1:]
     k_rows, v_rows = k_cache.view(-1, num_kv_heads, head_dim), v_cache.view(-1, num_kv_heads, head_dim)
+    batched = plan.attention if plan is not None else plan_attention(block_tables, prefix_lens, query_starts,
+                                                                      visibility, page_size, q.shape[1])
+    if batched is not None:
+        return _attend_batched(q, k_rows, v_rows, batched, scale)
     starts, prefixes = query_starts.tolist(), prefix_lens.tolist()
-    counts = {hi - lo for lo, hi in zip(starts, starts[1:])}
-    if counts == {1}:  # one decode step per sequence
-        return _attend_decode(q, k_rows, v_rows, block_tables, prefix_lens, visibility, max(prefixes) + 1,
-                              page_size, scale)
-    if len(counts) == 1 and 0 not in counts:  # every sequence has n new tokens: a round
-        n = counts.pop()
-        if len(prefixes) * q.shape[1] * n * (max(prefixes) + n) <= SCORE_ELEMENTS:
-            return _attend_batched(q, k_rows, v_rows, block_tables, prefix_lens, visibility, n, page_size, scale)
     out = torch.zeros_like(q)
     offsets = torch.arange(page_size, device=q.device)
     for s, prefix in enumerate(prefixes):
@@ -149,46 +208,20 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: i
     return mixed.permute(2, 0, 1, 3).reshape(m, -1, head_dim).to(q.dtype)
 
 
-def _attend_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, block_tables: torch.Tensor,
-                   prefix_lens: torch.Tensor, visibility: torch.Tensor, n_keys: int, page_size: int,
-                   scale: float) -> torch.Tensor:
-    """`paged_attention` for one new token per sequence (plain decoding): the fewest ops that give the same
-    attention, since on a small model a decode step's time is mostly per-op overhead. The new token (logical slot
-    `prefix`) is visible to itself when its bit 0 is set."""
-    num_sequences, num_kv_heads, head_dim = prefix_lens.shape[0], k_rows.shape[1], k_rows.shape[2]
-    logical = torch.arange(n_keys, device=q.device)
-    slots = block_tables[:, logical // page_size].long() * page_size + logical % page_size  # [S, keys]
-    keys = k_rows[slots].float().permute(0, 2, 3, 1)  # [S, Hkv, D, keys]
-    values = v_rows[slots].float().transpose(1, 2)  # [S, Hkv, keys, D]
-    prefix = prefix_lens.long()[:, None]
-    visible = (logical < prefix) | ((logical == prefix) & (visibility[:, :1] & 1).bool())  # [S, keys]
-    queries = q.float().view(num_sequences, num_kv_heads, -1, head_dim)  # [S, Hkv, G, D]: GQA without a repeat
-    scores = (queries @ keys) * scale  # [S, Hkv, G, keys]
-    probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num_(0.0)
-    return (probs @ values).view(q.shape).to(q.dtype)
-
-
-def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, block_tables: torch.Tensor,
-                    prefix_lens: torch.Tensor, visibility: torch.Tensor, n: int, page_size: int,
+def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, plan: AttentionPlan,
                     scale: float) -> torch.Tensor:
-    """`paged_attention` for S sequences of n new tokens each, in one batch of matmuls instead of a loop over
-    sequences (a batched round's shape): keys padded to the longest sequence, padding masked out."""
-    num_sequences, num_kv_heads, head_dim = prefix_lens.shape[0], k_rows.shape[1], k_rows.shape[2]
-    prefix = prefix_lens.long()[:, None]  # [S, 1]
-    n_keys = int(prefix.max()) + n
-    logical = torch.arange(n_keys, device=q.device)
-    pages = block_tables[:, :-(-n_keys // page_size)].long()
-    slots = pages.gather(1, (logical // page_size).expand(num_sequences, -1)) * page_size + logical % page_size
-    keys = k_rows[slots].float().permute(0, 2, 1, 3)  # [S, Hkv, keys, D]; rows past a sequence's keys are masked
-    values = v_rows[slots].float().permute(0, 2, 1, 3)
-    visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix
-    new_keys = (prefix + torch.arange(n, device=q.device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
-    visible.scatter_(2, new_keys, unpack_visibility(visibility, n).view(num_sequences, n, n))
+    """`paged_attention` for S sequences of n new tokens each (a decode step, a round), in one batch of matmuls
+    instead of a loop over sequences; the fewest ops per layer, since on a small model that is the cost."""
+    num_sequences, n = plan.key_slots.shape[0], plan.new_tokens
+    num_kv_heads, head_dim = k_rows.shape[1:]
     group = q.shape[1] // num_kv_heads
-    queries = q.float().view(num_sequences, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    scores = (queries.flatten(2, 3) @ keys.transpose(2, 3)).view(num_sequences, num_kv_heads, group, n, n_keys)
-    scores = scores * scale
-    probs = torch.softmax(scores.masked_fill(~visible[:, None, None], float("-inf")), dim=-1).nan_to_num_(0.0)
+    keys = k_rows[plan.key_slots].permute(0, 2, 3, 1)  # [S, Hkv, D, keys]; rows past a sequence's keys are masked
+    values = v_rows[plan.key_slots].transpose(1, 2)  # [S, Hkv, keys, D]
+    queries = q.view(num_sequences, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [S, Hkv, G, n, D]
+    if q.dtype != torch.float32:  # fp32 accumulation (the casts are no-ops in fp32, each still a dispatch)
+        keys, values, queries = keys.float(), values.float(), queries.float()
+    scores = (queries.flatten(2, 3) @ keys).view(num_sequences, num_kv_heads, group, n, -1) * scale
+    probs = torch.softmax(scores.masked_fill(plan.hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
     mixed = (probs.flatten(2, 3) @ values).view(num_sequences, num_kv_heads, group, n, head_dim)
     return mixed.permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
 

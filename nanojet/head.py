@@ -152,6 +152,8 @@ class DraftHead(nn.Module):
         """block_embeds `[B, H]` (embedded anchor + masks) -> final-normed hidden `[B, H]`.
 
         `meta` describes the block as new tokens after the context (prefix = committed context length)."""
+        meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.layers.num_attention_heads)
+
         def attend_for_layer(index):
             return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
         x, residual = block_embeds, None

@@ -5,9 +5,11 @@ lives at page `page_table[i // kv_page_size]`, offset `i % kv_page_size`. Slots 
 K/V; a step's new tokens (a prefill chunk, a decode token, the nodes of a draft tree) take the next slots as
 scratch, and the round's commit (`StaticRound.step`) moves what was accepted down to the next committed slots.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+import kernels
 
 from kernels.reference import pack_visibility
 
@@ -25,6 +27,14 @@ class AttentionMetadata:
     prefix_lens: torch.Tensor   # [S] int32 keys before the step's new tokens, visible to all of them
     query_starts: torch.Tensor  # [S + 1] int32 cumulative new-token counts
     visibility: torch.Tensor    # [T, ceil(max_new / 32)] int32 bit mask over the same sequence's new tokens
+    plan: object = None         # what every layer derives alike from the above, built once per forward on the
+                                # reference path (`planned`; kernels/reference.py ForwardPlan); None elsewhere
+
+    def planned(self, inv_freq: torch.Tensor, page_size: int, num_q_heads: int) -> "AttentionMetadata":
+        """These metadata with the forward's plan, when its kernels run the reference eagerly (`kernels.plan_forward`)."""
+        plan = kernels.plan_forward(self.positions, inv_freq, self.slot_mapping, self.block_tables, self.prefix_lens,
+                                    self.query_starts, self.visibility, page_size, num_q_heads)
+        return self if plan is None else replace(self, plan=plan)
 
 
 class Sequence:

@@ -39,10 +39,10 @@ class Attention(nn.Module):
         return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
-    def project(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+    def project(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, plan=None):
         """h `[T, H]` -> q `[T, Hq, D]`, k, v `[T, Hkv, D]` with q/k-norm and RoPE applied."""
         q, k, v = self._split(self.qkv_proj(h))
-        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, positions, inv_freq, self.eps)
+        q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, positions, inv_freq, self.eps, plan)
         return q, k, v
 
     def project_kv(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
@@ -57,11 +57,11 @@ class Attention(nn.Module):
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor,
                 inv_freq: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(h, meta.positions, inv_freq)
+        q, k, v = self.project(h, meta.positions, inv_freq, meta.plan)
         k_cache, v_cache = cache[0], cache[1]
-        kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.plan)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
-                                      meta.query_starts, meta.visibility, self.scale)
+                                      meta.query_starts, meta.visibility, self.scale, meta.plan)
         return self.o_proj(out.flatten(1))
 
     def forward_dense(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -188,6 +188,8 @@ class Qwen3(nn.Module):
 
         Layer i uses `kv_pool[i]` (`[2, pages, page_size, Hkv, D]`); K/V of the new tokens are stored at
         `meta.slot_mapping` before attention reads them."""
+        meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.num_attention_heads)
+
         def attend_for_layer(index):
             return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
         return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)

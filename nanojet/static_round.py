@@ -176,7 +176,7 @@ class StaticRound:
         # of ops for the whole round instead of S of them.
         top_logprobs, top_tokens = self.draft_candidates(pool, anchor, length, block_table)  # each [S, D, width]
         self._mark("draft")
-        trees = torch.vmap(self._row_tree)(anchor, top_logprobs, top_tokens)  # each [S, bucket, ...]
+        trees = self._per_row(self._row_tree, anchor, top_logprobs, top_tokens)  # each [S, bucket, ...]
         self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
@@ -197,7 +197,7 @@ class StaticRound:
             choices = torch.nn.functional.pad(choices.view(num_sequences, nodes), (0, bucket - nodes)).flatten()
         self._mark("verify")
 
-        paths, counts, outcomes = torch.vmap(self._row_accept)(*trees, choices.view(num_sequences, bucket))
+        paths, counts, outcomes = self._per_row(self._row_accept, *trees, choices.view(num_sequences, bucket))
         self._mark("accept")  # paths [S, P], counts [S], outcomes [S, 1 + 2P]
 
         rows = torch.arange(path_len, device=device)
@@ -241,6 +241,13 @@ class StaticRound:
             return logits.argmax(dim=-1)
         return sample_rows(logits, positions + 1, *(t.repeat_interleave(rows_per_sequence)  # each [S * rows]
                                                    for t in (temperature, top_k, top_p, seed)))
+
+    def _per_row(self, fn, *args: torch.Tensor) -> tuple:
+        """`fn`, written for one sequence, over the S rows of `args`: vmapped, or called directly on the one row
+        of a batch-1 round (vmap's per-op batching costs about as much as the op itself on a small tree)."""
+        if self.num_sequences == 1:
+            return tuple(out[None] for out in fn(*(arg[0] for arg in args)))
+        return torch.vmap(fn)(*args)
 
     def _row_tree(self, anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor) -> tuple:
         """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
