@@ -10,12 +10,14 @@ import torch
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of `x + residual` (or of `x`). Returns (normed, the sum that was normed) so a caller
-    can carry the residual stream from layer to layer without a separate add."""
+    """RMSNorm of `x + residual` (or of `x`) over the last dim. Returns (normed, the sum that was normed) so a
+    caller can carry the residual stream from layer to layer without a separate add."""
     if residual is not None:
         x = x + residual
-    if x.dtype == torch.float32:  # the casts below would be no-ops, each still a dispatch on a decode step's path
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)), x
+    if x.dtype == torch.float32:
+        # One call instead of six ops (a decode step on a small model is mostly per-op overhead); the same
+        # products in the same order, so bit for bit what the formula below gives in fp32.
+        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps), x
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     # HF Qwen3RMSNorm casts back to the input dtype before scaling; matching it keeps bf16 parity.
@@ -38,12 +40,10 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     """Qwen3's per-head RMSNorm of q `[T, Hq, D]` and k `[T, Hkv, D]`, then rotary embedding at `positions`
     (`rope`: their `rope_tables`, when a caller built them once for several layers).
 
-    q and k go through one norm and one rotation side by side (each head's values are what separate calls give):
-    half the ops, which is most of the cost of a decode step on a small model."""
+    q and k are normed apart and rotated side by side (each head's values are what separate calls give): fewer
+    ops, which are most of the cost of a decode step on a small model."""
     num_q_heads, num_k_heads = q.shape[1], k.shape[1]
-    both = torch.cat([q, k], dim=1)  # [T, Hq + Hkv, D]
-    weight = torch.cat([q_weight.expand(num_q_heads, -1), k_weight.expand(num_k_heads, -1)])  # [Hq + Hkv, D]
-    both, _ = rms_norm(both, weight, eps)
+    both = torch.cat([rms_norm(q, q_weight, eps)[0], rms_norm(k, k_weight, eps)[0]], dim=1)  # [T, Hq + Hkv, D]
     cos, sin = rope or rope_tables(positions, inv_freq)
     if cos.dtype != q.dtype:
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
@@ -114,11 +114,11 @@ class ForwardPlan:
 
 @dataclass
 class AttentionPlan:
-    """S sequences of n new tokens each, attended in one batch of matmuls: each sequence's keys, padded to the
-    longest, and the mask of what each query may not see (padding, and new tokens outside its visibility)."""
+    """S sequences of n new tokens each, attended in one batch: each sequence's keys, padded to the longest, and
+    what each query may see (its prefix, and the new tokens its visibility bits name; never the padding)."""
     new_tokens: int  # n
     key_slots: torch.Tensor  # [S, keys] int64 flat pool slots
-    hidden: torch.Tensor  # [S, 1, 1, n, keys] bool: True where a query may not look
+    visible: torch.Tensor  # [S, 1, n, keys] bool
 
 
 def plan_forward(positions: torch.Tensor, inv_freq: torch.Tensor, slot_mapping: torch.Tensor,
@@ -149,7 +149,7 @@ def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_
     visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix
     new_keys = (prefix + torch.arange(n, device=device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
     visible.scatter_(2, new_keys, unpack_visibility(visibility, n).view(num_sequences, n, n))
-    return AttentionPlan(new_tokens=n, key_slots=key_slots, hidden=~visible[:, None, None])
+    return AttentionPlan(new_tokens=n, key_slots=key_slots, visible=visible[:, None])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -210,20 +210,18 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, prefix: i
 
 def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, plan: AttentionPlan,
                     scale: float) -> torch.Tensor:
-    """`paged_attention` for S sequences of n new tokens each (a decode step, a round), in one batch of matmuls
-    instead of a loop over sequences; the fewest ops per layer, since on a small model that is the cost."""
+    """`paged_attention` for S sequences of n new tokens each (a decode step, a round): one fused attention call
+    over keys gathered per sequence, instead of a loop over sequences and a dozen ops per layer (on a small model
+    the ops are the cost). A query that sees nothing gets zeros (torch's attention since 2.5)."""
     num_sequences, n = plan.key_slots.shape[0], plan.new_tokens
-    num_kv_heads, head_dim = k_rows.shape[1:]
-    group = q.shape[1] // num_kv_heads
-    keys = k_rows[plan.key_slots].permute(0, 2, 3, 1)  # [S, Hkv, D, keys]; rows past a sequence's keys are masked
-    values = v_rows[plan.key_slots].transpose(1, 2)  # [S, Hkv, keys, D]
-    queries = q.view(num_sequences, n, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)  # [S, Hkv, G, n, D]
-    if q.dtype != torch.float32:  # fp32 accumulation (the casts are no-ops in fp32, each still a dispatch)
+    keys = k_rows[plan.key_slots].transpose(1, 2)  # [S, Hkv, keys, D]; rows past a sequence's keys are masked
+    values = v_rows[plan.key_slots].transpose(1, 2)
+    queries = q.view(num_sequences, n, *q.shape[1:]).transpose(1, 2)  # [S, Hq, n, D]
+    if q.dtype != torch.float32:  # fp32 accumulation
         keys, values, queries = keys.float(), values.float(), queries.float()
-    scores = (queries.flatten(2, 3) @ keys).view(num_sequences, num_kv_heads, group, n, -1) * scale
-    probs = torch.softmax(scores.masked_fill(plan.hidden, float("-inf")), dim=-1).nan_to_num_(0.0)
-    mixed = (probs.flatten(2, 3) @ values).view(num_sequences, num_kv_heads, group, n, head_dim)
-    return mixed.permute(0, 3, 1, 2, 4).reshape(q.shape).to(q.dtype)
+    mixed = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.visible,
+                                                             scale=scale, enable_gqa=True)  # [S, Hq, n, D]
+    return mixed.transpose(1, 2).reshape(q.shape).to(q.dtype)
 
 
 def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
