@@ -63,8 +63,10 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     slots, keep = plan.store if plan is not None else store_rows(slot_mapping)
     if keep is not None:
         k, v = k[keep], v[keep]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.to(v_cache.dtype))
+    if k.dtype != k_cache.dtype:  # a same-dtype .to() is a no-op that still costs a dispatch
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
 def store_rows(slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -217,11 +219,12 @@ def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
     keys = k_rows[plan.key_slots].transpose(1, 2)  # [S, Hkv, keys, D]; rows past a sequence's keys are masked
     values = v_rows[plan.key_slots].transpose(1, 2)
     queries = q.view(num_sequences, n, *q.shape[1:]).transpose(1, 2)  # [S, Hq, n, D]
-    if q.dtype != torch.float32:  # fp32 accumulation
+    if q.dtype != torch.float32:  # fp32 accumulation (in fp32 the casts are no-ops, each still a dispatch)
         keys, values, queries = keys.float(), values.float(), queries.float()
     mixed = torch.nn.functional.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.visible,
                                                              scale=scale, enable_gqa=True)  # [S, Hq, n, D]
-    return mixed.transpose(1, 2).reshape(q.shape).to(q.dtype)
+    out = mixed.transpose(1, 2).reshape(q.shape)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,

@@ -58,7 +58,7 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor,
                 inv_freq: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(h, meta.positions, inv_freq, meta.plan)
-        k_cache, v_cache = cache[0], cache[1]
+        k_cache, v_cache = cache.unbind(0)
         kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.plan)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
                                       meta.query_starts, meta.visibility, self.scale, meta.plan)
@@ -189,9 +189,10 @@ class Qwen3(nn.Module):
         Layer i uses `kv_pool[i]` (`[2, pages, page_size, Hkv, D]`); K/V of the new tokens are stored at
         `meta.slot_mapping` before attention reads them."""
         meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.num_attention_heads)
+        layer_pools = kv_pool.unbind(0)  # one op, not one per layer
 
         def attend_for_layer(index):
-            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
+            return lambda attn, h: attn(h, meta, layer_pools[index], self.inv_freq)
         return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)
 
     def forward_dense(self, tokens: torch.Tensor, tap_layers: tuple[int, ...] = ()):

@@ -29,7 +29,7 @@ from kernels.reference import pack_visibility
 from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
 from .packed_gemm import linear, pack_module, pack_rows
 from .sampling import SamplingParams, sample_rows
-from .tree import DraftTree, accept, tree_from_candidates, pad_tree, round_outcome, tree_bucket, tree_size
+from .tree import DraftTree, accept, tree_from_candidates, round_outcome, tree_bucket, tree_size
 
 
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
@@ -251,8 +251,8 @@ class StaticRound:
 
     def _row_tree(self, anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor) -> tuple:
         """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
-        tree = tree_from_candidates(anchor, top_logprobs, top_tokens, self.spec.budget, self.depth)
-        return tree_fields(pad_tree(tree, self.bucket))
+        return tree_fields(tree_from_candidates(anchor, top_logprobs, top_tokens, self.spec.budget, self.depth,
+                                                pad_to=self.bucket))
 
     def _row_accept(self, tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor,
                     visibility: torch.Tensor, choices: torch.Tensor) -> tuple:

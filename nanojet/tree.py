@@ -59,10 +59,10 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
 
 
 def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor, budget: int,
-                         depth: int | None = None) -> DraftTree:
+                         depth: int | None = None, pad_to: int | None = None) -> DraftTree:
     """`build_tree` from each depth's candidates alone: `top_logprobs`, `top_tokens` `[B-1, width]`, the `width`
     likeliest tokens of each draft row, best first (all the tree ever reads of a row; the round's drafter
-    produces only these)."""
+    produces only these). `pad_to`: the tree `pad_tree(tree, pad_to)` returns, built without packing twice."""
     if anchor.dim() != 0:
         raise ValueError(f"tree: anchor must be a 0-dim token tensor, got shape {tuple(anchor.shape)}")
     if top_logprobs.dim() != 2 or top_tokens.shape != top_logprobs.shape:
@@ -75,7 +75,7 @@ def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_t
     root_token = anchor.reshape(1).to(device=device, dtype=torch.int64)
     keep = budget - 1
     if num_nodes == 1:
-        return anchor_tree(root_token)
+        return anchor_tree(root_token) if pad_to is None else pad_tree(anchor_tree(root_token), pad_to)
 
     top_logprobs, top_tokens = top_logprobs[:max_depth], top_tokens[:max_depth]  # [D, width], best first
     # Log-probs are <= 0, so a child never outscores its parent and the chosen set is closed under parents;
@@ -83,20 +83,21 @@ def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_t
     top_logprobs = top_logprobs.double().clamp(max=0.0)
 
     # Beam per depth, kept in (score desc, parent's place, rank) order; stable sorts carry the tie order along.
+    # Each op here runs once per depth on a few dozen numbers, so on the CPU their count is the cost: tokens are
+    # looked up once at the end, from (depth, rank).
     level_scores = torch.zeros(1, dtype=torch.float64, device=device)  # the root
-    scores, tokens, parents, depths = [], [], [], []
+    scores, ranks, parents, depths = [], [], [], []
     level_offset, previous_offset = 0, -1  # where this / the previous depth's beam starts in the concatenation
-    for d in range(1, max_depth + 1):
-        candidates = (level_scores[:, None] + top_logprobs[d - 1][None, :]).flatten()  # [M_{d-1} * width]
+    for d, row in enumerate(top_logprobs.unbind(0), start=1):
+        candidates = (level_scores[:, None] + row).flatten()  # [M_{d-1} * width]
         order = candidates.sort(descending=True, stable=True).indices[:keep]  # [M_d]
         level_scores = candidates[order]
-        parent_in_level, rank = order // width, order % width
         scores.append(level_scores)
-        tokens.append(top_tokens[d - 1][rank])
-        parents.append(parent_in_level + previous_offset if d > 1 else torch.full_like(order, -1))
+        ranks.append(order % width)
+        parents.append(order // width + previous_offset)  # depth 1: parent place 0 + offset -1 = -1, the root
         depths.append(torch.full_like(order, d))
         previous_offset, level_offset = level_offset, level_offset + order.numel()
-    scores, tokens, parents, depths = (torch.cat(x) for x in (scores, tokens, parents, depths))  # [T]
+    scores, ranks, parents, depths = (torch.cat(x) for x in (scores, ranks, parents, depths))  # [T]
 
     # The concatenation is in (depth, score) order, so a stable sort breaks score ties towards shallow nodes,
     # and sorting the chosen positions back restores (depth, score) order: parents come first.
@@ -105,9 +106,10 @@ def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_t
         0, chosen, torch.arange(1, num_nodes, device=device))  # concatenation position -> node index
     chosen_parents = parents[chosen]
     node_parents = torch.where(chosen_parents >= 0, new_index[chosen_parents.clamp(min=0)], 0)
-    return _finish(torch.cat([root_token, tokens[chosen]]),
+    chosen_depths = depths[chosen]
+    return _finish(torch.cat([root_token, top_tokens[chosen_depths - 1, ranks[chosen]]]),
                    torch.cat([torch.full((1,), -1, dtype=torch.int64, device=device), node_parents]),
-                   torch.cat([torch.zeros(1, dtype=torch.int64, device=device), depths[chosen]]), max_depth)
+                   torch.cat([torch.zeros(1, dtype=torch.int64, device=device), chosen_depths]), max_depth, pad_to)
 
 
 def anchor_tree(anchor: torch.Tensor) -> DraftTree:
@@ -119,15 +121,28 @@ def anchor_tree(anchor: torch.Tensor) -> DraftTree:
                      visibility=torch.ones(1, 1, dtype=torch.int32, device=device))
 
 
-def _finish(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, max_depth: int) -> DraftTree:
-    """Adds the ancestor-or-self masks, one depth level at a time: a node's set is its parent's plus itself."""
-    num_nodes = tokens.numel()
-    own_bit = pack_visibility(torch.eye(num_nodes, dtype=torch.bool, device=tokens.device))  # [N, W]
-    visibility = own_bit
-    for d in range(1, min(max_depth, num_nodes - 1) + 1):
-        at_depth = (depths == d)[:, None]
-        visibility = torch.where(at_depth, visibility[parents.clamp(min=0)] | own_bit, visibility)
-    return DraftTree(tokens, parents, depths, visibility)
+def _finish(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, max_depth: int,
+            pad_to: int | None = None) -> DraftTree:
+    """Adds the ancestor-or-self masks (`ancestors`), padded as `pad_tree` pads when `pad_to` is given."""
+    visible = ancestors(parents, max_depth)
+    if pad_to is not None:
+        tokens, parents, depths, visible = _padded(tokens, parents, depths, visible, pad_to)
+    return DraftTree(tokens, parents, depths, pack_visibility(visible))
+
+
+def ancestors(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """bool `[N, N]`: row i holds node i and its ancestors, for a tree no deeper than `max_depth`.
+
+    `reach` = I + (one-hot of each node's parent) marks what a node reaches in at most one step up (the root's
+    parent -1 is clamped to itself). Squaring it reaches twice as far, so after ceil(log2(depth)) squarings every
+    ancestor is reached: three small matrix products for a depth of 8 instead of one pass per depth (the op count
+    is the cost on the CPU). Clamping to 1 keeps every entry a small exact integer in fp32."""
+    num_nodes = parents.numel()
+    eye = torch.eye(num_nodes, device=parents.device)
+    reach = eye + eye[parents.clamp(min=0)]
+    for _ in range(max(0, max_depth - 1).bit_length()):
+        reach = (reach @ reach).clamp(max=1.0)
+    return reach > 0
 
 
 TREE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # verify shapes a compiled engine is built for
@@ -151,18 +166,22 @@ def pad_tree(tree: DraftTree, size: int) -> DraftTree:
         raise ValueError(f"tree: cannot pad {num_nodes} nodes to {size}")
     if size == num_nodes:
         return tree
-    extra = size - num_nodes
-    device = tree.tokens.device
-    # Built out of place (no writes into a fresh tensor), so the round can vmap it over sequences.
-    visible = torch.cat([
-        torch.cat([unpack_visibility(tree.visibility, num_nodes),
-                   torch.zeros(num_nodes, extra, dtype=torch.bool, device=device)], dim=1),
-        torch.cat([torch.zeros(extra, num_nodes, dtype=torch.bool, device=device),
-                   torch.eye(extra, dtype=torch.bool, device=device)], dim=1)])  # the self edge
-    return DraftTree(tokens=torch.cat([tree.tokens, torch.full((extra,), -1, dtype=torch.int64, device=device)]),
-                     parents=torch.cat([tree.parents, torch.zeros(extra, dtype=torch.int64, device=device)]),
-                     depths=torch.cat([tree.depths, torch.ones(extra, dtype=torch.int64, device=device)]),
-                     visibility=pack_visibility(visible))
+    tokens, parents, depths, visible = _padded(tree.tokens, tree.parents, tree.depths,
+                                               unpack_visibility(tree.visibility, num_nodes), size)
+    return DraftTree(tokens, parents, depths, pack_visibility(visible))
+
+
+def _padded(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, visible: torch.Tensor,
+            size: int) -> tuple:
+    """`pad_tree` on a tree's fields and its bool `[N, N]` mask: real rows unchanged, each padding row sees only
+    itself. Built out of place, so the round can vmap it."""
+    extra = size - tokens.numel()
+    if extra == 0:
+        return tokens, parents, depths, visible
+    pad = torch.nn.functional.pad
+    eye = torch.eye(size, dtype=torch.bool, device=visible.device)
+    return (pad(tokens, (0, extra), value=-1), pad(parents, (0, extra)), pad(depths, (0, extra), value=1),
+            pad(visible, (0, extra, 0, extra)) | eye)
 
 
 def chain_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, depth: int) -> DraftTree:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels.reference import unpack_visibility
-from nanojet.tree import TREE_BUCKETS, DraftTree, accept, build_tree, chain_tree, pad_tree, tree_bucket, tree_size
+from nanojet.tree import (TREE_BUCKETS, DraftTree, accept, build_tree, chain_tree, pad_tree, tree_bucket, tree_from_candidates,
+                          tree_size)
 
 VOCAB = 50
 ROWS = 12  # draft rows: depths 1..12
@@ -251,3 +252,26 @@ def test_padding_nodes_are_never_accepted(seed: int) -> None:
             assert padded_path.max() < num_nodes
     with pytest.raises(ValueError, match="cannot pad"):
         pad_tree(tree, num_nodes - 1)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 40])
+def test_ancestor_masks_reach_the_root_at_every_depth(depth: int) -> None:
+    """The masks come from repeated squaring (ceil(log2 depth) products): a chain as deep as the depth limit, and a
+    bushy tree, see every ancestor and nothing else right at and around the powers of two."""
+    draft_logprobs = random_logprobs(depth, rows=depth)
+    check_tree(chain_tree(torch.tensor(3), draft_logprobs, depth=depth), 3, 1, depth, depth + 1)
+    bushy = build_tree(torch.tensor(3), draft_logprobs, budget=3 * depth + 1, width=3)
+    check_tree(bushy, 3, 3, depth, bushy.tokens.numel())
+
+
+@pytest.mark.parametrize("budget", [1, 3, 8, 50])
+def test_a_tree_built_padded_equals_the_tree_padded(budget: int) -> None:
+    """The round builds its tree padded to the bucket in one go (`pad_to`); it is `pad_tree` of the plain tree."""
+    draft_logprobs = random_logprobs(budget, rows=7)
+    top = draft_logprobs.topk(4, dim=-1)
+    tree = tree_from_candidates(torch.tensor(5), top.values, top.indices, budget)
+    size = tree_bucket(tree.tokens.numel()) * 2
+    built = tree_from_candidates(torch.tensor(5), top.values, top.indices, budget, pad_to=size)
+    padded = pad_tree(tree, size)
+    for name in ("tokens", "parents", "depths", "visibility"):
+        assert torch.equal(getattr(built, name), getattr(padded, name)), name
