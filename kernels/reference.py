@@ -47,7 +47,8 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     cos, sin = rope or rope_tables(positions, inv_freq)
     if cos.dtype != q.dtype:
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return (both * cos + both.roll(both.shape[-1] // 2, dims=-1) * sin).split([num_q_heads, num_k_heads], dim=1)
+    rotated = both * cos + both.roll(both.shape[-1] // 2, dims=-1) * sin
+    return torch.split_with_sizes(rotated, [num_q_heads, num_k_heads], dim=1)  # (Tensor.split is a Python wrapper)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -118,9 +119,10 @@ class ForwardPlan:
 class AttentionPlan:
     """S sequences of n new tokens each, attended in one batch: each sequence's keys, padded to the longest, and
     what each query may see (its prefix, and the new tokens its visibility bits name; never the padding)."""
+    num_sequences: int  # S
     new_tokens: int  # n
-    key_slots: torch.Tensor  # [S, keys] int64 flat pool slots
-    visible: torch.Tensor  # [S, 1, n, keys] bool
+    key_slots: torch.Tensor  # [S * keys] int64 flat pool slots, sequence by sequence
+    visible: torch.Tensor | None  # [S, 1, n, keys] bool; None: every query sees every key (no mask to apply)
 
 
 def plan_forward(positions: torch.Tensor, inv_freq: torch.Tensor, slot_mapping: torch.Tensor,
@@ -151,7 +153,10 @@ def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_
     visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix
     new_keys = (prefix + torch.arange(n, device=device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
     visible.scatter_(2, new_keys, unpack_visibility(visibility, n).view(num_sequences, n, n))
-    return AttentionPlan(new_tokens=n, key_slots=key_slots, visible=visible[:, None])
+    # One sequence decoding (or a draft block that sees itself whole) has no padding and nothing hidden: attention
+    # without a mask is cheaper.
+    return AttentionPlan(num_sequences=num_sequences, new_tokens=n, key_slots=key_slots.flatten(),
+                         visible=None if bool(visible.all()) else visible[:, None])
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -215,9 +220,10 @@ def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
     """`paged_attention` for S sequences of n new tokens each (a decode step, a round): one fused attention call
     over keys gathered per sequence, instead of a loop over sequences and a dozen ops per layer (on a small model
     the ops are the cost). A query that sees nothing gets zeros (torch's attention since 2.5)."""
-    num_sequences, n = plan.key_slots.shape[0], plan.new_tokens
-    keys = k_rows[plan.key_slots].transpose(1, 2)  # [S, Hkv, keys, D]; rows past a sequence's keys are masked
-    values = v_rows[plan.key_slots].transpose(1, 2)
+    num_sequences, n, rows = plan.num_sequences, plan.new_tokens, (plan.num_sequences, -1, *k_rows.shape[1:])
+    # index_select, not advanced indexing: 2x faster at 300 keys, 3x at 1,000 on the CPU
+    keys = k_rows.index_select(0, plan.key_slots).view(rows).transpose(1, 2)  # [S, Hkv, keys, D]
+    values = v_rows.index_select(0, plan.key_slots).view(rows).transpose(1, 2)
     queries = q.view(num_sequences, n, *q.shape[1:]).transpose(1, 2)  # [S, Hq, n, D]
     if q.dtype != torch.float32:  # fp32 accumulation (in fp32 the casts are no-ops, each still a dispatch)
         keys, values, queries = keys.float(), values.float(), queries.float()

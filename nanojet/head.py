@@ -153,10 +153,9 @@ class DraftHead(nn.Module):
 
         `meta` describes the block as new tokens after the context (prefix = committed context length)."""
         meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.layers.num_attention_heads)
-        layer_pools = kv_pool.unbind(0)
 
         def attend_for_layer(index):
-            return lambda attn, h: attn(h, meta, layer_pools[index], self.inv_freq)
+            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
         x, residual = block_embeds, None
         for index, layer in enumerate(self.layers):
             x, residual = layer(x, residual, attend_for_layer(index))

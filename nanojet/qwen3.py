@@ -35,7 +35,8 @@ class Attention(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(self.head_dim))
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # torch.split_with_sizes, not Tensor.split: the latter is a Python wrapper, a cost on every decode step
+        q, k, v = torch.split_with_sizes(qkv, [self.q_size, self.kv_size, self.kv_size], dim=-1)
         return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         """K/V only (the draft head's context rows): skips the query rows of the fused projection."""
         weight = self.qkv_proj.weight[self.q_size:]
         bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[self.q_size:]
-        k, v = F.linear(h, weight, bias).split([self.kv_size, self.kv_size], dim=-1)
+        k, v = torch.split_with_sizes(F.linear(h, weight, bias), [self.kv_size, self.kv_size], dim=-1)
         k, v = k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim)
         # One fused kernel serves both: the "query" output here is a discarded copy of k (context rows are few).
         _, k = kernels.qk_norm_rope(k, k, self.k_norm, self.k_norm, positions, inv_freq, self.eps)
@@ -58,7 +59,7 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor,
                 inv_freq: torch.Tensor) -> torch.Tensor:
         q, k, v = self.project(h, meta.positions, inv_freq, meta.plan)
-        k_cache, v_cache = cache.unbind(0)
+        k_cache, v_cache = cache[0], cache[1]  # (not unbind: a multi-output view cannot be written in place)
         kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.plan)
         out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
                                       meta.query_starts, meta.visibility, self.scale, meta.plan)
@@ -189,10 +190,9 @@ class Qwen3(nn.Module):
         Layer i uses `kv_pool[i]` (`[2, pages, page_size, Hkv, D]`); K/V of the new tokens are stored at
         `meta.slot_mapping` before attention reads them."""
         meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.num_attention_heads)
-        layer_pools = kv_pool.unbind(0)  # one op, not one per layer
 
         def attend_for_layer(index):
-            return lambda attn, h: attn(h, meta, layer_pools[index], self.inv_freq)
+            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
         return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)
 
     def forward_dense(self, tokens: torch.Tensor, tap_layers: tuple[int, ...] = ()):
