@@ -54,6 +54,15 @@ def plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, q
                                   visibility, page_size, num_q_heads)
 
 
+def plan_context(positions, inv_freq, slot_mapping):
+    """`plan_forward` for rows that are only projected and stored, never attended (the draft head's context): the
+    rope tables and store rows its layers share."""
+    if torch.compiler.is_compiling() or positions.device.type == "meta" or _impl(positions) is not reference:
+        return None
+    return reference.ForwardPlan(rope=reference.rope_tables(positions, inv_freq),
+                                 store=reference.store_rows(slot_mapping), attention=None)
+
+
 def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps, plan=None):
     module = _impl(q, k, q_weight, k_weight)
     if module is reference and plan is not None:

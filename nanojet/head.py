@@ -144,9 +144,10 @@ class DraftHead(nn.Module):
         """Write the context K/V of new committed positions into the head's layers of the pool
         (`kv_pool[i]` is head layer i)."""
         context = self.project_context(taps)
+        plan = kernels.plan_context(positions, self.inv_freq, slot_mapping)  # shared by the layers, as in forward
         for index, layer in enumerate(self.layers):
-            k, v = layer.self_attn.project_kv(context, positions, self.inv_freq)
-            kernels.store_kv(kv_pool[index][0], kv_pool[index][1], k, v, slot_mapping)
+            k, v = layer.self_attn.project_kv(context, positions, self.inv_freq, plan)
+            kernels.store_kv(kv_pool[index][0], kv_pool[index][1], k, v, slot_mapping, plan)
 
     def forward(self, block_embeds: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor) -> torch.Tensor:
         """block_embeds `[B, H]` (embedded anchor + masks) -> final-normed hidden `[B, H]`.

@@ -8,12 +8,16 @@ GEMM (`cblas_sgemm_pack`, exposed as `torch.ops.mkl`) reorders a weight once for
 reads it once per product: 8 rows 32 ms, 15 rows 37 ms, 16 rows 37 ms.
 
 A round's shapes are static, so its row counts are known when it is built, and `pack_rows` reorders a weight for
-the first round that multiplies it by a row count where the packed GEMM was measured to win (3..31). A packed copy
-is about 1.14x the weight's size, so each weight keeps one (later round shapes use the plain GEMM), and none is
-made while the machine has less than `MEMORY_HEADROOM` times its size available. `linear` uses the packed copy
+each round shape that multiplies it by a row count where the packed GEMM was measured to win (3..31). A packed copy
+is about 1.14x the weight's size. A weight's first copy is made while the machine has `MEMORY_HEADROOM` times its
+size available; copies for further row counts (a budget sweep, several batch sizes) only while all the copies this
+process holds stay under `EXTRA_COPIES_SHARE` of the memory that was available when the first was made, so a large
+model keeps one copy and a small one gets a copy per shape (else a later shape in a sweep runs the slow GEMM and
+looks worse than it is). `linear` uses the packed copy
 when the input has exactly its rows and the weight has not been written since it was packed (its version counter),
 and is plain `F.linear` otherwise (other devices and dtypes, prefill, autograd, torch.compile).
 """
+import weakref
 from pathlib import Path
 
 import torch
@@ -22,6 +26,8 @@ from torch import nn
 
 PACKED_ROWS = range(3, 32)  # row counts where the packed GEMM beat F.linear on the CPU
 MEMORY_HEADROOM = 4  # pack only while MemAvailable >= this many packed copies
+EXTRA_COPIES_SHARE = 0.25  # copies beyond a weight's first: all copies together under this share of MemAvailable
+_held = {"bytes": 0, "limit": None}  # bytes of the packed copies alive in this process; the limit, set at the first
 
 
 def can_pack(weight: torch.Tensor, rows: int) -> bool:
@@ -41,14 +47,26 @@ def available_memory_bytes() -> int | None:
 
 
 def pack_rows(packed: dict[int, tuple[int, torch.Tensor]], weight: torch.Tensor, rows: int) -> None:
-    """Give `weight` a copy reordered for products with `rows` rows, kept in `packed`, unless it has one already or
-    packing does not apply (device, dtype, row count, memory)."""
-    if packed or not can_pack(weight, rows):
+    """Give `weight` a copy reordered for products with `rows` rows, kept in `packed`, unless it has one for that
+    count already or packing does not apply (device, dtype, row count, memory; see the module's docstring)."""
+    if rows in packed or not can_pack(weight, rows):
         return
+    size = 1.2 * weight.numel() * weight.element_size()
     available = available_memory_bytes()
-    if available is not None and available < MEMORY_HEADROOM * 1.2 * weight.numel() * weight.element_size():
+    if available is not None and available < MEMORY_HEADROOM * size:
         return
-    packed[rows] = _version(weight), torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+    if _held["limit"] is None:
+        _held["limit"] = EXTRA_COPIES_SHARE * available if available is not None else 0
+    if packed and _held["bytes"] + size > _held["limit"]:
+        return  # a further row count for this weight: only within the share
+    copy = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+    _held["bytes"] += size
+    weakref.finalize(copy, _release, size)  # the copy dies with its dict (its model or round)
+    packed[rows] = _version(weight), copy
+
+
+def _release(size: float) -> None:
+    _held["bytes"] -= size
 
 
 def _version(weight: torch.Tensor) -> int:

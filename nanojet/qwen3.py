@@ -46,14 +46,14 @@ class Attention(nn.Module):
         q, k = kernels.qk_norm_rope(q, k, self.q_norm, self.k_norm, positions, inv_freq, self.eps, plan)
         return q, k, v
 
-    def project_kv(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+    def project_kv(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, plan=None):
         """K/V only (the draft head's context rows): skips the query rows of the fused projection."""
         weight = self.qkv_proj.weight[self.q_size:]
         bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[self.q_size:]
         k, v = torch.split_with_sizes(F.linear(h, weight, bias), [self.kv_size, self.kv_size], dim=-1)
         k, v = k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim)
         # One fused kernel serves both: the "query" output here is a discarded copy of k (context rows are few).
-        _, k = kernels.qk_norm_rope(k, k, self.k_norm, self.k_norm, positions, inv_freq, self.eps)
+        _, k = kernels.qk_norm_rope(k, k, self.k_norm, self.k_norm, positions, inv_freq, self.eps, plan)
         return k, v
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor,
