@@ -29,15 +29,14 @@ def set_backend(name: str | None) -> None:
 
 def _impl(tensor: torch.Tensor, *operands: torch.Tensor | None):
     """The module that runs a kernel on `tensor` (and the other differentiable `operands`)."""
+    if not (_forced_backend == "triton" or (_forced_backend is None and tensor.is_cuda)):
+        return reference  # decided first: on the CPU this runs for every kernel call of a decode step
     if torch.compiler.is_compiling():
         return reference  # traced: the compiler generates its own fused kernels from the torch code
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *operands)):
         return reference  # training: the Triton kernels define no backward, the torch ops do
-    use_triton = _forced_backend == "triton" or (_forced_backend is None and tensor.is_cuda)
-    if use_triton:
-        from . import triton_ops  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
-        return triton_ops
-    return reference
+    from . import triton_ops  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
+    return triton_ops
 
 
 def rms_norm(x, weight, eps, residual=None):

@@ -17,7 +17,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if x.dtype == torch.float32:
         # One call instead of six ops (a decode step on a small model is mostly per-op overhead); the same
         # products in the same order, so bit for bit what the formula below gives in fp32.
-        return torch.nn.functional.rms_norm(x, weight.shape, weight, eps), x
+        return torch.rms_norm(x, weight.shape, weight, eps), x  # (not F.rms_norm: a Python wrapper around it)
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     # HF Qwen3RMSNorm casts back to the input dtype before scaling; matching it keeps bf16 parity.
@@ -142,21 +142,24 @@ def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_
     if len(counts) != 1 or 0 in counts:
         return None
     n, num_sequences = counts.pop(), prefix_lens.shape[0]
-    prefix = prefix_lens.long()[:, None]  # [S, 1]
     n_keys = int(prefix_lens.max()) + n  # a host read
     if num_sequences * num_q_heads * n * n_keys > SCORE_ELEMENTS:
         return None
     device = block_tables.device
-    logical = torch.arange(n_keys, device=device)
     pages = block_tables[:, :-(-n_keys // page_size)].long()
-    key_slots = pages.gather(1, (logical // page_size).expand(num_sequences, -1)) * page_size + logical % page_size
-    visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix
-    new_keys = (prefix + torch.arange(n, device=device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
-    visible.scatter_(2, new_keys, unpack_visibility(visibility, n).view(num_sequences, n, n))
-    # One sequence decoding (or a draft block that sees itself whole) has no padding and nothing hidden: attention
-    # without a mask is cheaper.
-    return AttentionPlan(num_sequences=num_sequences, new_tokens=n, key_slots=key_slots.flatten(),
-                         visible=None if bool(visible.all()) else visible[:, None])
+    key_slots = (pages[:, :, None] * page_size + torch.arange(page_size, device=device)).flatten(1)[:, :n_keys]
+    among_new = unpack_visibility(visibility, n).view(num_sequences, n, n)
+    if num_sequences == 1:  # no padding: the prefix, then the new tokens (the fewest ops for batch-1 decoding)
+        # A decode step, or a draft block that sees itself whole, hides nothing: attention without a mask is cheaper.
+        visible = None if bool(among_new.all()) else torch.cat(
+            [torch.ones(1, n, n_keys - n, dtype=torch.bool, device=device), among_new], dim=2)[:, None]
+    else:
+        prefix = prefix_lens.long()[:, None]  # [S, 1]
+        logical = torch.arange(n_keys, device=device)
+        visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix; keys past it hidden
+        new_keys = (prefix + torch.arange(n, device=device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
+        visible = visible.scatter_(2, new_keys, among_new)[:, None]
+    return AttentionPlan(num_sequences=num_sequences, new_tokens=n, key_slots=key_slots.flatten(), visible=visible)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

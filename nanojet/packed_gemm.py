@@ -79,7 +79,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            packed: dict[int, tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through the packed copy of `weight` for x's row count when there is a current
     one (`packed` as `pack_rows` fills it: row count -> (the weight's version when packed, packed copy))."""
-    if packed and not torch.compiler.is_compiling() and x.dim() == 2 and x.shape[0] in packed \
+    if packed and x.dim() == 2 and x.shape[0] in packed and not torch.compiler.is_compiling() \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         version, copy = packed[x.shape[0]]
         if version == _version(weight):  # else the weight was written since (training): the copy is stale
