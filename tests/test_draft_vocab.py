@@ -132,3 +132,35 @@ def test_train_head_writes_the_most_frequent_tokens_of_its_data(tmp_path, hf_mod
     expected = select_draft_vocab(stream, VOCAB, 6, always=tokenizer.eos_token_ids)
     assert load_draft_vocab(out, VOCAB).tolist() == expected.tolist()
     assert set(tokenizer.eos_token_ids) <= set(expected.tolist()) and len(expected) == 6
+
+
+def test_set_draft_vocab_script_writes_and_removes_a_vocabulary(tmp_path):
+    """scripts/set_draft_vocab.py gives an existing head the corpus's most frequent tokens (EOS included), the head
+    loads with them, --none removes them, and bad input is one line and exit 2."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from nanojet.llm import DEFAULT_MODEL
+    root = Path(__file__).resolve().parent.parent
+    head_dir = tmp_path / "head"
+    shutil.copytree(DEFAULT_MODEL / "head-causal", head_dir)
+    (head_dir / FILE_NAME).unlink(missing_ok=True)
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(root / "scripts/set_draft_vocab.py"), *map(str, args)],
+                              capture_output=True, text=True, cwd=tmp_path)
+    done = run(head_dir, "--size", 64)
+    assert done.returncode == 0, done.stderr
+    target = ModelConfig.from_dir(DEFAULT_MODEL)
+    vocab = load_draft_vocab(head_dir, target.vocab_size)
+    assert vocab.numel() == 64 and target.eos_token_ids[0] in vocab.tolist()
+    head = load_head(head_dir, target, torch.float32, torch.device("cpu"))
+    assert torch.equal(head.draft_vocab, vocab)
+    assert run(head_dir, "--none").returncode == 0 and load_draft_vocab(head_dir, target.vocab_size) is None
+    for bad in ([tmp_path / "missing", "--size", 8], [head_dir, "--size", 0], [head_dir, "--size", 10**6],
+                [head_dir, "--size", 8, "--data", tmp_path / "missing.jsonl"]):
+        failed = run(*bad)
+        assert failed.returncode == 2 and "error" in failed.stderr.strip().splitlines()[-1], failed.stderr
+        assert "Traceback" not in failed.stderr
