@@ -58,8 +58,7 @@ def plan_context(positions, inv_freq, slot_mapping):
     rope tables and store rows its layers share."""
     if torch.compiler.is_compiling() or positions.device.type == "meta" or _impl(positions) is not reference:
         return None
-    return reference.ForwardPlan(rope=reference.rope_tables(positions, inv_freq),
-                                 store=reference.store_rows(slot_mapping), attention=None)
+    return reference.plan_context(positions, inv_freq, slot_mapping)
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps, plan=None):

@@ -133,6 +133,11 @@ def plan_forward(positions: torch.Tensor, inv_freq: torch.Tensor, slot_mapping: 
                                                 num_q_heads))
 
 
+def plan_context(positions: torch.Tensor, inv_freq: torch.Tensor, slot_mapping: torch.Tensor) -> ForwardPlan:
+    """The plan of rows that are only projected and stored, never attended (the draft head's context rows)."""
+    return ForwardPlan(rope=rope_tables(positions, inv_freq), store=store_rows(slot_mapping), attention=None)
+
+
 def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_starts: torch.Tensor,
                    visibility: torch.Tensor, page_size: int, num_q_heads: int) -> AttentionPlan | None:
     """The batched path's plan when every sequence has the same n >= 1 new tokens (a decode step, a round) and

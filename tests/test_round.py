@@ -64,7 +64,7 @@ class HostTraffic(torch.overrides.TorchFunctionMode):
     """Counts what the round's Python makes the host do: tensors built from host data (a pageable copy to the
     device on a GPU) and reads of device values (a sync on a GPU). The pool kernels' torch references read
     lengths on the host by design (the Triton kernels do not), and so does the plan they share within a forward
-    (`reference.plan_forward`, built on that path only), so their insides are not counted."""
+    (`reference.plan_forward`, `plan_context`, built on that path only), so their insides are not counted."""
     READS = {"tolist", "item", "__bool__", "__int__", "__index__", "__float__"}
 
     def __init__(self):
@@ -86,7 +86,7 @@ def test_a_round_builds_nothing_from_host_data_and_reads_once(setup, shape, monk
     from nanojet.engine import Engine
     engine, _ = setup
     traffic = HostTraffic()
-    for name in ("paged_attention", "store_kv", "move_kv", "plan_forward"):
+    for name in ("paged_attention", "store_kv", "move_kv", "plan_forward", "plan_context"):
         def wrapped(*args, _kernel=getattr(reference, name), **kwargs):
             traffic.in_kernel += 1
             try:
