@@ -53,8 +53,8 @@ MUTANTS = [
            "self.path_len = max(1, min(depth, nodes))", ("tests/test_round.py",)),
     # tree scoring: a node's score is the sum of its ranks' log-probs
     Mutant("tree/score-ignores-parent", "nanojet/tree.py",
-           "candidates = (level_scores[:, None] + top_logprobs[d - 1][None, :]).flatten()",
-           "candidates = (0 * level_scores[:, None] + top_logprobs[d - 1][None, :]).flatten()",
+           "candidates = (level_scores[:, None] + row).flatten()",
+           "candidates = (0 * level_scores[:, None] + row).flatten()",
            ("tests/test_tree.py", "tests/test_speculative.py")),
     Mutant("tree/worst-first", "nanojet/tree.py",
            "chosen = scores.sort(descending=True, stable=True)", "chosen = scores.sort(descending=False, stable=True)",
@@ -71,8 +71,23 @@ MUTANTS = [
            "bonus_rows = paths[:, 0] +", ("tests/test_round.py",)),
     # masks: tree ancestors, the causal chain of a prefill chunk, the causal head block
     Mutant("mask/tree-no-ancestors", "nanojet/tree.py",
-           "visibility = torch.where(at_depth, visibility[parents.clamp(min=0)] | own_bit, visibility)",
-           "visibility = torch.where(at_depth, own_bit, visibility)", ("tests/test_tree.py", "tests/test_round.py")),
+           "        reach = (reach @ reach).clamp(max=1.0)", "        reach = reach.clamp(max=1.0)",
+           ("tests/test_tree.py", "tests/test_round.py")),
+    Mutant("mask/tree-one-squaring-short", "nanojet/tree.py",
+           "for _ in range(max(0, max_depth - 1).bit_length()):",
+           "for _ in range(max(0, max_depth - 1).bit_length() - 1):", ("tests/test_tree.py",)),
+    # the reference attention's plan: what each query may see, shared by every layer of a forward
+    Mutant("mask/plan-drops-tree-mask", "kernels/reference.py",
+           "visible = None if bool(among_new.all()) else torch.cat(",
+           "visible = None if True else torch.cat(", ("tests/test_kernels.py", "tests/test_speculative.py")),
+    Mutant("mask/plan-batched-prefix-one-short", "kernels/reference.py",
+           "visible = (logical < prefix)[:, None, :].repeat(1, n, 1)",
+           "visible = (logical < prefix - 1)[:, None, :].repeat(1, n, 1)",
+           ("tests/test_kernels.py", "tests/test_batching.py")),
+    Mutant("plan/rope-at-wrong-position", "kernels/reference.py",
+           "    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]",
+           "    freqs = (positions + 1).float()[:, None] * inv_freq[None, :]  # [T, D/2]",
+           ("tests/test_kernels.py", "tests/test_qwen3.py")),
     Mutant("mask/prefill-chunk-no-self", "nanojet/engine.py", "visible_bits = (row + 1 - word_start).clamp(0, 32)",
            "visible_bits = (row - word_start).clamp(0, 32)", ("tests/test_prefill.py",)),
     Mutant("mask/prefill-chunk-no-prefix", "nanojet/engine.py", "prefix_lens=torch.full((1,), start,",
@@ -84,8 +99,8 @@ MUTANTS = [
            "accepted = (matches[None, :] | ~ancestors).all(dim=-1)", "accepted = matches.clone()",
            ("tests/test_tree.py", "tests/test_speculative.py")),
     # padding nodes must never be accepted (token -1 matches no choice)
-    Mutant("tree/padding-token-zero", "nanojet/tree.py", "torch.full((extra,), -1, dtype=torch.int64, device=device)",
-           "torch.full((extra,), 0, dtype=torch.int64, device=device)", ("tests/test_tree.py", "tests/test_round.py")),
+    Mutant("tree/padding-token-zero", "nanojet/tree.py", "pad(tokens, (0, extra), value=-1)",
+           "pad(tokens, (0, extra), value=0)", ("tests/test_tree.py", "tests/test_round.py")),
     # the draft block sees the committed context: prefix = committed length
     Mutant("draft/context-one-short", "nanojet/static_round.py",
            "block_tables=block_table, prefix_lens=length.to(torch.int32),\n"
