@@ -121,7 +121,8 @@ class AttentionPlan:
     what each query may see (its prefix, and the new tokens its visibility bits name; never the padding)."""
     num_sequences: int  # S
     new_tokens: int  # n
-    key_slots: torch.Tensor  # [S * keys] int64 flat pool slots, sequence by sequence
+    key_slots: torch.Tensor | slice  # [S * keys] int64 flat pool slots, sequence by sequence; a slice when one
+                                     # sequence's pages are consecutive: its keys are one run of rows, read in place
     visible: torch.Tensor | None  # [S, 1, n, keys] bool; None: every query sees every key (no mask to apply)
 
 
@@ -151,8 +152,11 @@ def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_
     if num_sequences * num_q_heads * n * n_keys > SCORE_ELEMENTS:
         return None
     device = block_tables.device
-    pages = block_tables[:, :-(-n_keys // page_size)].long()
-    key_slots = (pages[:, :, None] * page_size + torch.arange(page_size, device=device)).flatten(1)[:, :n_keys]
+    pages = block_tables[:, :-(-n_keys // page_size)]
+    key_slots = _consecutive_run(pages, page_size, n_keys) if num_sequences == 1 else None
+    if key_slots is None:
+        key_slots = (pages.long()[:, :, None] * page_size + torch.arange(page_size, device=device)).flatten(1)
+        key_slots = key_slots[:, :n_keys].flatten()
     among_new = unpack_visibility(visibility, n).view(num_sequences, n, n)
     if num_sequences == 1:  # no padding: the prefix, then the new tokens (the fewest ops for batch-1 decoding)
         # A decode step, or a draft block that sees itself whole, hides nothing: attention without a mask is cheaper.
@@ -164,7 +168,17 @@ def plan_attention(block_tables: torch.Tensor, prefix_lens: torch.Tensor, query_
         visible = (logical < prefix)[:, None, :].repeat(1, n, 1)  # [S, n, keys]: the prefix; keys past it hidden
         new_keys = (prefix + torch.arange(n, device=device)).unsqueeze(1).expand(-1, n, -1)  # [S, n, n]
         visible = visible.scatter_(2, new_keys, among_new)[:, None]
-    return AttentionPlan(num_sequences=num_sequences, new_tokens=n, key_slots=key_slots.flatten(), visible=visible)
+    return AttentionPlan(num_sequences=num_sequences, new_tokens=n, key_slots=key_slots, visible=visible)
+
+
+def _consecutive_run(pages: torch.Tensor, page_size: int, n_keys: int) -> slice | None:
+    """The flat slots of one sequence's keys as a slice when its pages `[1, P]` are consecutive ids (the usual case
+    for a lone sequence: the pool hands out and takes back pages in order), else None. One host read."""
+    ids = pages[0].tolist()
+    first = ids[0]
+    if ids != list(range(first, first + len(ids))):
+        return None
+    return slice(first * page_size, first * page_size + n_keys)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -229,9 +243,12 @@ def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
     over keys gathered per sequence, instead of a loop over sequences and a dozen ops per layer (on a small model
     the ops are the cost). A query that sees nothing gets zeros (torch's attention since 2.5)."""
     num_sequences, n, rows = plan.num_sequences, plan.new_tokens, (plan.num_sequences, -1, *k_rows.shape[1:])
-    # index_select, not advanced indexing: 2x faster at 300 keys, 3x at 1,000 on the CPU
-    keys = k_rows.index_select(0, plan.key_slots).view(rows).transpose(1, 2)  # [S, Hkv, keys, D]
-    values = v_rows.index_select(0, plan.key_slots).view(rows).transpose(1, 2)
+    if isinstance(plan.key_slots, slice):  # one run of rows: read in place, no copy
+        keys, values = k_rows[plan.key_slots].view(rows), v_rows[plan.key_slots].view(rows)
+    else:  # index_select, not advanced indexing: 2x faster at 300 keys, 3x at 1,000 on the CPU
+        keys = k_rows.index_select(0, plan.key_slots).view(rows)
+        values = v_rows.index_select(0, plan.key_slots).view(rows)
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [S, Hkv, keys, D]; padding rows are masked
     queries = q.view(num_sequences, n, *q.shape[1:]).transpose(1, 2)  # [S, Hq, n, D]
     if q.dtype != torch.float32:  # fp32 accumulation (in fp32 the casts are no-ops, each still a dispatch)
         keys, values, queries = keys.float(), values.float(), queries.float()

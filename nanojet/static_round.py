@@ -86,6 +86,10 @@ class StaticRound:
         self.query_starts = {count: torch.arange(num_sequences + 1, dtype=torch.int32, device=device) * count
                              for count in (self.bucket, block_size)}
         self.one_node_visibility = torch.ones(num_sequences, 1, dtype=torch.int32, device=device)  # sees itself
+        self.block_offsets = torch.arange(block_size, device=device)  # a draft block's rows
+        self.scratch_offsets = torch.arange(self.scratch_slots, device=device)  # past the committed slots
+        self.path_offsets = torch.arange(self.path_len, device=device)  # an accepted path's rows
+        self.tree_starts = torch.arange(num_sequences, device=device)[:, None] * self.bucket  # each tree's first row
         self.one_node_accepted = torch.ones(num_sequences, 1, dtype=torch.int64, device=device)  # count 1
         self.anchor = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.length = torch.zeros(num_sequences, dtype=torch.int64, device=device)
@@ -170,7 +174,6 @@ class StaticRound:
         self._mark(None)
         if self.spec is None:
             return self._decode_step(pool, anchor, length, block_table, seed, temperature, top_k, top_p)
-        device = pool.device
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
         # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows: one batch
         # of ops for the whole round instead of S of them.
@@ -180,7 +183,7 @@ class StaticRound:
         self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
-        scratch = self._slots(block_table, length[:, None] + torch.arange(self.scratch_slots, device=device))  # [S, *]
+        scratch = self._slots(block_table, length[:, None] + self.scratch_offsets)  # [S, scratch slots]
         meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),
                                  block_tables=block_table, prefix_lens=length.to(torch.int32),
                                  query_starts=self.query_starts[bucket],
@@ -189,8 +192,10 @@ class StaticRound:
         # Logits of the real nodes only: a padding node's choice is never read (no node hangs below it, and it is
         # never accepted), so it is left 0.
         nodes = self.nodes
-        real_rows = hidden.view(num_sequences, bucket, -1)[:, :nodes].flatten(0, 1)  # [S * nodes, H]
-        real_positions = positions.view(num_sequences, bucket)[:, :nodes].flatten()
+        real_rows, real_positions = hidden, positions
+        if nodes < bucket:
+            real_rows = hidden.view(num_sequences, bucket, -1)[:, :nodes].flatten(0, 1)  # [S * nodes, H]
+            real_positions = positions.view(num_sequences, bucket)[:, :nodes].flatten()
         choices = self._choose(self.target.logits(real_rows), real_positions, nodes, seed, temperature, top_k,
                                top_p)  # [S * nodes]
         if nodes < bucket:
@@ -200,16 +205,15 @@ class StaticRound:
         paths, counts, outcomes = self._per_row(self._row_accept, *trees, choices.view(num_sequences, bucket))
         self._mark("accept")  # paths [S, P], counts [S], outcomes [S, 1 + 2P]
 
-        rows = torch.arange(path_len, device=device)
+        rows = self.path_offsets
         kept = torch.where(rows < counts[:, None], paths, rows)  # identity moves past the count: nothing changes
-        committed = scratch[:, :path_len]  # [S, P]
-        kernels.move_kv(pool[:self.num_target_layers], scratch.gather(1, kept).flatten(), committed.flatten())
-        if self.spec is not None:  # rows past the count write head context into slots the next round rewrites
-            path_rows = (paths + bucket * torch.arange(num_sequences, device=device)[:, None]).flatten()
-            self.head.extend_context(taps[path_rows], (length[:, None] + rows).flatten(), committed.flatten(),
-                                     pool[self.num_target_layers:])
-        bonus_rows = paths[:, -1] + bucket * torch.arange(num_sequences, device=device)
-        anchor.copy_(choices[bonus_rows])
+        committed = scratch[:, :path_len].flatten()  # [S * P]
+        kernels.move_kv(pool[:self.num_target_layers], scratch.gather(1, kept).flatten(), committed)
+        # Rows past the count write head context into slots the next round rewrites.
+        path_rows = paths + self.tree_starts  # [S, P] rows of the verify forward
+        self.head.extend_context(taps[path_rows.flatten()], (length[:, None] + rows).flatten(), committed,
+                                 pool[self.num_target_layers:])
+        anchor.copy_(choices[path_rows[:, -1]])  # the bonus: the target's token after the last accepted node
         length.add_(counts)
         self._mark("commit")
         return outcomes
@@ -238,7 +242,8 @@ class StaticRound:
         """The target's token after each row (at `positions + 1`): argmax in a greedy round (no noise is built),
         else each row samples with its sequence's parameters."""
         if not self.sampled:
-            return logits.argmax(dim=-1)
+            # max's indices, not argmax: the same first maximum, about 1.7x faster on the CPU (8 us a row of 8,200)
+            return logits.max(dim=-1).indices
         return sample_rows(logits, positions + 1, *(t.repeat_interleave(rows_per_sequence)  # each [S * rows]
                                                    for t in (temperature, top_k, top_p, seed)))
 
@@ -272,9 +277,8 @@ class StaticRound:
                      block_table: torch.Tensor) -> torch.Tensor:
         """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> final-normed
         hidden `[S, B, H]` (row d: depth d)."""
-        config, device = self.head.config, pool.device
-        block_size = config.block_size
-        offsets = torch.arange(block_size, device=device)
+        block_size = self.head.config.block_size
+        offsets = self.block_offsets
         block = torch.where(offsets == 0, anchor[:, None], self.mask_block).flatten()  # [S * B]
         logical = length[:, None] + offsets  # [S, B]
         meta = AttentionMetadata(positions=logical.flatten(), slot_mapping=self._slots(block_table, logical).flatten(),
