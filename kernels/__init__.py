@@ -43,11 +43,17 @@ def rms_norm(x, weight, eps, residual=None):
     return _impl(x, weight, residual).rms_norm(x, weight, eps, residual)
 
 
+def _plans(positions) -> bool:
+    """Whether a forward over `positions` runs the reference eagerly, the one path that takes a plan (Triton
+    kernels, compiled graphs and meta tensors work without)."""
+    return not torch.compiler.is_compiling() and positions.device.type != "meta" and _impl(positions) is reference
+
+
 def plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, query_starts, visibility, page_size,
                  num_q_heads):
-    """What every layer of a paged forward shares, computed once (`reference.ForwardPlan`), when its kernels will
-    run the reference eagerly; else None (Triton, a compiled graph, meta tensors), and each kernel works alone."""
-    if torch.compiler.is_compiling() or positions.device.type == "meta" or _impl(positions) is not reference:
+    """What every layer of a paged forward shares, computed once (`reference.ForwardPlan`), or None where no kernel
+    would read it."""
+    if not _plans(positions):
         return None
     return reference.plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, query_starts,
                                   visibility, page_size, num_q_heads)
@@ -56,9 +62,7 @@ def plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, q
 def plan_context(positions, inv_freq, slot_mapping):
     """`plan_forward` for rows that are only projected and stored, never attended (the draft head's context): the
     rope tables and store rows its layers share."""
-    if torch.compiler.is_compiling() or positions.device.type == "meta" or _impl(positions) is not reference:
-        return None
-    return reference.plan_context(positions, inv_freq, slot_mapping)
+    return reference.plan_context(positions, inv_freq, slot_mapping) if _plans(positions) else None
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps, plan=None):

@@ -175,8 +175,8 @@ class StaticRound:
         if self.spec is None:
             return self._decode_step(pool, anchor, length, block_table, seed, temperature, top_k, top_p)
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
-        # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows: one batch
-        # of ops for the whole round instead of S of them.
+        # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows (one batch of
+        # ops for the whole round instead of S of them), or called directly in a batch-1 round (`_per_row`).
         top_logprobs, top_tokens = self.draft_candidates(pool, anchor, length, block_table)  # each [S, D, width]
         self._mark("draft")
         trees = self._per_row(self._row_tree, anchor, top_logprobs, top_tokens)  # each [S, bucket, ...]

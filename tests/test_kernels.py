@@ -150,27 +150,6 @@ def check_attention(case: dict, **options) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("new_tokens", [1, 9])
-def test_reference_attention_reads_consecutive_pages_in_place(new_tokens):
-    """A lone sequence whose pages are consecutive (how the pool usually lays one out) is read as one run of rows,
-    no gather: the same attention as the same keys on scattered pages."""
-    generator = torch.Generator().manual_seed(new_tokens)
-    mask = tree_mask(tree_parents("random", new_tokens, generator))
-    scattered = attention_case([(37, mask)], 8, 2, 64, 16, torch.float32, "cpu", seed=new_tokens)
-    count = -(-(37 + new_tokens) // 16)
-    pages = scattered["block_tables"][0, :count].long()
-    consecutive = dict(scattered, block_tables=torch.zeros_like(scattered["block_tables"]))
-    consecutive["block_tables"][0, :count] = torch.arange(2, 2 + count)
-    for name in ("k_cache", "v_cache"):
-        consecutive[name] = torch.zeros_like(scattered[name])
-        consecutive[name][2:2 + count] = scattered[name][pages]
-    plans = [reference.plan_attention(case["block_tables"], case["prefix_lens"], case["query_starts"],
-                                      case["visibility"], 16, 8) for case in (scattered, consecutive)]
-    assert isinstance(plans[0].key_slots, torch.Tensor) and plans[1].key_slots == slice(32, 32 + 37 + new_tokens)
-    torch.testing.assert_close(reference.paged_attention(**consecutive), reference.paged_attention(**scattered),
-                               atol=1e-6, rtol=1e-6)
-
-
 def test_reference_attention_matches_sdpa():
     generator = torch.Generator().manual_seed(0)
     prefix, q_heads, kv_heads, head_dim, page_size = 23, 8, 2, 32, 8
