@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 import torch
 
 import kernels
-
 from kernels.reference import pack_visibility
 
 
