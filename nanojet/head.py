@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .draft_vocab import load_draft_vocab, save_draft_vocab
 from .kv_cache import AttentionMetadata
 from .loader import hf_state_dict, load_weights
-from .packed_gemm import Linear
+from .packed_gemm import Linear, linear, weight_version
 from .qwen3 import DecoderLayer, rope_inv_freq
 
 
@@ -118,6 +118,7 @@ class DraftHead(nn.Module):
         # Target ids the head may draft (nanojet/draft_vocab.py), None: all. Not in model.safetensors.
         self.register_buffer("draft_vocab", None, persistent=False)
         self._draft_rows: tuple | None = None  # (lm_head weight, vocabulary, its rows, their packed copies)
+        self._context_kv: tuple | None = None  # (weight versions, `context_kv_weights`)
 
     def draft_lm_head(self, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The rows of the target's lm_head `[V, H]` that drafting scores (all of them, or the draft vocabulary's),
@@ -145,9 +146,49 @@ class DraftHead(nn.Module):
         (`kv_pool[i]` is head layer i)."""
         context = self.project_context(taps)
         plan = kernels.plan_context(positions, self.inv_freq, slot_mapping)  # shared by the layers, as in forward
+        if plan is not None and context.dtype == torch.float32:
+            self._extend_context_at_once(context, plan, kv_pool)
+            return
         for index, layer in enumerate(self.layers):
             k, v = layer.self_attn.project_kv(context, positions, self.inv_freq, plan)
             kernels.store_kv(kv_pool[index][0], kv_pool[index][1], k, v, slot_mapping, plan)
+
+    def _extend_context_at_once(self, context: torch.Tensor, plan, kv_pool: torch.Tensor) -> None:
+        """`extend_context` on the reference path in fp32 (the eager CPU round), all layers at once. Every layer
+        projects the same context rows, so their K/V come from one product with the layers' K/V weights stacked,
+        are normed and rotated in one pass and stored with one copy: a dozen ops instead of two dozen per layer.
+        Bit for bit what the per-layer path writes (`torch.rms_norm` without a weight, then the weight, is the same
+        products in the same order)."""
+        weight, bias, k_norms, packed = self.context_kv_weights()
+        attn = self.layers[0].self_attn
+        rows, layers, heads, head_dim = context.shape[0], len(self.layers), attn.num_kv_heads, attn.head_dim
+        kv = linear(context, weight, bias, packed).view(rows, layers, 2, heads, head_dim)
+        k = torch.rms_norm(kv[:, :, 0], (head_dim,), None, attn.eps) * k_norms  # [rows, layers, heads, D]
+        cos, sin = plan.rope  # [rows, 1, D]
+        k = k.view(rows, layers * heads, head_dim)
+        k = (k * cos + k.roll(head_dim // 2, dims=-1) * sin).view(rows, layers, heads, head_dim)
+        both = torch.stack([k, kv[:, :, 1]], dim=2)  # [rows, layers, 2, heads, D]
+        slots, keep = plan.store
+        if keep is not None:
+            both = both[keep]
+        kv_pool.view(layers, 2, -1, heads, head_dim).index_copy_(2, slots, both.permute(1, 2, 0, 3, 4))
+
+    def context_kv_weights(self) -> tuple:
+        """(every layer's K and V rows of its fused projection stacked `[L * 2 * kv, H]`, their bias or None, the
+        layers' k-norm weights `[L, 1, D]`, a dict for the stack's packed copies), rebuilt whenever a layer's
+        weights were written since (training)."""
+        params = [p for layer in self.layers for p in (layer.self_attn.qkv_proj.weight, layer.self_attn.qkv_proj.bias,
+                                                       layer.self_attn.k_norm) if p is not None]
+        key = tuple((id(p), weight_version(p)) for p in params)
+        if self._context_kv is None or self._context_kv[0] != key:
+            q_size = self.layers[0].self_attn.q_size
+            projections = [layer.self_attn.qkv_proj for layer in self.layers]
+            with torch.no_grad():
+                weight = torch.cat([p.weight[q_size:] for p in projections])
+                bias = None if projections[0].bias is None else torch.cat([p.bias[q_size:] for p in projections])
+                k_norms = torch.stack([layer.self_attn.k_norm for layer in self.layers])[:, None]
+            self._context_kv = (key, weight, bias, k_norms, {})
+        return self._context_kv[1:]
 
     def forward(self, block_embeds: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor) -> torch.Tensor:
         """block_embeds `[B, H]` (embedded anchor + masks) -> final-normed hidden `[B, H]`.

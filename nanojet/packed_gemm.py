@@ -62,14 +62,14 @@ def pack_rows(packed: dict[int, tuple[int, torch.Tensor]], weight: torch.Tensor,
     copy = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
     _held["bytes"] += size
     weakref.finalize(copy, _release, size)  # the copy dies with its dict (its model or round)
-    packed[rows] = _version(weight), copy
+    packed[rows] = weight_version(weight), copy
 
 
 def _release(size: float) -> None:
     _held["bytes"] -= size
 
 
-def _version(weight: torch.Tensor) -> int:
+def weight_version(weight: torch.Tensor) -> int:
     """The weight's in-place write counter; -1 for a tensor made under inference_mode, which keeps none (such as a
     draft vocabulary's lm_head rows, derived data nothing trains)."""
     return -1 if weight.is_inference() else weight._version
@@ -82,7 +82,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if packed and x.dim() == 2 and x.shape[0] in packed and not torch.compiler.is_compiling() \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         version, copy = packed[x.shape[0]]
-        if version == _version(weight):  # else the weight was written since (training): the copy is stale
+        if version == weight_version(weight):  # else the weight was written since (training): the copy is stale
             return torch.ops.mkl._mkl_linear(x, copy, weight, bias, x.shape[0])
     return F.linear(x, weight, bias)
 

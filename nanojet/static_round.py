@@ -30,6 +30,7 @@ from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
 from .packed_gemm import linear, pack_module, pack_rows
 from .sampling import SamplingParams, sample_rows
 from .tree import DraftTree, accept, tree_from_candidates, round_outcome, tree_bucket, tree_size
+from .tree_table import candidate_table, tree_from_table
 
 
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
@@ -78,6 +79,8 @@ class StaticRound:
             self.mask_block = torch.full((block_size,), head.config.mask_token_id, device=device)
         self.depth = depth
         self.nodes = nodes  # a tree's real nodes; the bucket pads it
+        # Small trees come from a table of every node that could be chosen (one sort), larger ones from a beam search.
+        self.tree_table = None if spec is None else candidate_table(spec.budget, spec.width, depth, device)
         self.bucket = tree_bucket(nodes)
         self.path_len = min(depth + 1, nodes)  # the most nodes an accepted path can hold
         self.scratch_slots = round_scratch_slots(nodes, block_size)  # slots past the committed ones a round writes
@@ -87,6 +90,7 @@ class StaticRound:
                              for count in (self.bucket, block_size)}
         self.one_node_visibility = torch.ones(num_sequences, 1, dtype=torch.int32, device=device)  # sees itself
         self.block_offsets = torch.arange(block_size, device=device)  # a draft block's rows
+        self.anchor_row = self.block_offsets == 0  # the block's row that holds the anchor; MASK in the others
         self.scratch_offsets = torch.arange(self.scratch_slots, device=device)  # past the committed slots
         self.path_offsets = torch.arange(self.path_len, device=device)  # an accepted path's rows
         self.tree_starts = torch.arange(num_sequences, device=device)[:, None] * self.bucket  # each tree's first row
@@ -165,6 +169,8 @@ class StaticRound:
         if self.spec is not None:
             pack_module(self.head, rows * self.head.config.block_size)  # the draft block
             pack_module(self.head, rows * self.path_len)  # commit: context of the accepted paths (fc)
+            weight, _, _, packed = self.head.context_kv_weights()
+            pack_rows(packed, weight, rows * self.path_len)  # commit: their K/V, every head layer in one product
             pack_rows(self.draft_packed, self.draft_weight, rows * (1 + self.depth))  # draft logits
 
     # --- device side: one round, static shapes ----------------------------------------------------------
@@ -177,13 +183,14 @@ class StaticRound:
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
         # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows (one batch of
         # ops for the whole round instead of S of them), or called directly in a batch-1 round (`_per_row`).
-        top_logprobs, top_tokens = self.draft_candidates(pool, anchor, length, block_table)  # each [S, D, width]
+        scratch = self._slots(block_table, length[:, None] + self.scratch_offsets)  # [S, scratch slots]
+        # each [S, D, width]; the draft block's slots are the first of the scratch
+        top_logprobs, top_tokens = self.draft_candidates(pool, anchor, length, block_table, scratch)
         self._mark("draft")
         trees = self._per_row(self._row_tree, anchor, top_logprobs, top_tokens)  # each [S, bucket, ...]
         self._mark("tree")
         tree = DraftTree(*(part.flatten(0, 1) for part in trees))  # varlen: S trees of `bucket`
         positions = (length[:, None] + tree.depths.view(num_sequences, bucket)).flatten()  # anchor at `length`
-        scratch = self._slots(block_table, length[:, None] + self.scratch_offsets)  # [S, scratch slots]
         meta = AttentionMetadata(positions=positions, slot_mapping=scratch[:, :bucket].flatten(),
                                  block_tables=block_table, prefix_lens=length.to(torch.int32),
                                  query_starts=self.query_starts[bucket],
@@ -256,6 +263,8 @@ class StaticRound:
 
     def _row_tree(self, anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor) -> tuple:
         """One sequence's draft tree, padded to the bucket, as a tuple of tensors (vmapped over sequences)."""
+        if self.tree_table is not None:
+            return tree_fields(tree_from_table(anchor, top_logprobs, top_tokens, self.tree_table, pad_to=self.bucket))
         return tree_fields(tree_from_candidates(anchor, top_logprobs, top_tokens, self.spec.budget, self.depth,
                                                 pad_to=self.bucket))
 
@@ -274,14 +283,14 @@ class StaticRound:
         return block_table.gather(1, logical // page_size).long() * page_size + logical % page_size
 
     def draft_hidden(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
-                     block_table: torch.Tensor) -> torch.Tensor:
+                     block_table: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """One head forward over every sequence's `[anchor, MASK x (B-1)]` at positions `length ..` -> final-normed
-        hidden `[S, B, H]` (row d: depth d)."""
+        hidden `[S, B, H]` (row d: depth d). `scratch`: the round's scratch slots `[S, >= B]`, when already found."""
         block_size = self.head.config.block_size
-        offsets = self.block_offsets
-        block = torch.where(offsets == 0, anchor[:, None], self.mask_block).flatten()  # [S * B]
-        logical = length[:, None] + offsets  # [S, B]
-        meta = AttentionMetadata(positions=logical.flatten(), slot_mapping=self._slots(block_table, logical).flatten(),
+        block = torch.where(self.anchor_row, anchor[:, None], self.mask_block).flatten()  # [S * B]
+        logical = length[:, None] + self.block_offsets  # [S, B]
+        slots = self._slots(block_table, logical) if scratch is None else scratch[:, :block_size]
+        meta = AttentionMetadata(positions=logical.flatten(), slot_mapping=slots.flatten(),
                                  block_tables=block_table, prefix_lens=length.to(torch.int32),
                                  query_starts=self.query_starts[block_size],
                                  visibility=self.block_visibility)
@@ -289,14 +298,15 @@ class StaticRound:
         return hidden.view(self.num_sequences, block_size, -1)
 
     def draft_candidates(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor,
-                         block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         block_table: torch.Tensor, scratch: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each depth's `width` likeliest draft tokens, best first, and their log-probs: `[S, D, width]` each, D the
         tree's depth limit (row d-1: depth d). All the tree reads of the head's output, so only the rows of depths
         the tree can reach are scored, and only over the draft vocabulary; log-prob = logit - logsumexp, no
         `[D, V]` log-softmax is kept."""
         # The anchor's row is scored too and dropped: with a block of 16, 16 rows instead of 15, and MKL's fp32 GEMM
         # (the CPU path) runs 3..15 rows far slower than 16 (151,936-token lm_head: 15 rows 118 ms, 16 rows 48 ms).
-        rows = self.draft_hidden(pool, anchor, length, block_table)[:, :1 + self.depth]  # [S, 1 + D, H]
+        rows = self.draft_hidden(pool, anchor, length, block_table, scratch)[:, :1 + self.depth]  # [S, 1 + D, H]
         logits = linear(rows.flatten(0, 1), self.draft_weight, packed=self.draft_packed).float()
         logits = logits.view(self.num_sequences, 1 + self.depth, -1)[:, 1:]  # [S, D, V or N]
         top_logits, top_index = logits.topk(self.spec.width, dim=-1)

@@ -124,7 +124,13 @@ def anchor_tree(anchor: torch.Tensor) -> DraftTree:
 def _finish(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, max_depth: int,
             pad_to: int | None = None) -> DraftTree:
     """Adds the ancestor-or-self masks (`ancestors`), padded as `pad_tree` pads when `pad_to` is given."""
-    visible = ancestors(parents, max_depth)
+    return packed_tree(tokens, parents, depths, ancestors(parents, max_depth), pad_to)
+
+
+def packed_tree(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, visible: torch.Tensor,
+                pad_to: int | None = None) -> DraftTree:
+    """A tree from its fields and its bool `[N, N]` ancestor-or-self mask (packed here), padded as `pad_tree`
+    pads when `pad_to` is given."""
     if pad_to is not None:
         tokens, parents, depths, visible = _padded(tokens, parents, depths, visible, pad_to)
     return DraftTree(tokens, parents, depths, pack_visibility(visible))

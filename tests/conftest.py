@@ -136,7 +136,7 @@ def oracle_drafter(reference: list[int], vocab_size: int, shift: int = 0, wrong_
     static round eagerly, compiled or graphed."""
     padded = torch.tensor(reference + [0] * 64)
 
-    def draft_candidates(round_, pool, anchor, length, block_table):
+    def draft_candidates(round_, pool, anchor, length, block_table, scratch=None):
         rows = round_.head.config.block_size - 1
         depth = torch.arange(1, rows + 1, device=length.device)
         index = (length[:, None] + depth + shift).clamp(max=padded.numel() - 1)  # [S, B-1]

@@ -59,6 +59,23 @@ MUTANTS = [
     Mutant("tree/worst-first", "nanojet/tree.py",
            "chosen = scores.sort(descending=True, stable=True)", "chosen = scores.sort(descending=False, stable=True)",
            ("tests/test_tree.py", "tests/test_speculative.py")),
+    # candidate table (nanojet/tree_table.py): every node that could be chosen is listed, scored and ordered
+    Mutant("tree-table/bound-one-short", "nanojet/tree_table.py", "if dominated + product * (rank + 1) <= keep]",
+           "if dominated + product * (rank + 1) < keep]", ("tests/test_tree_table.py",)),
+    Mutant("tree-table/score-last-depth-only", "nanojet/tree_table.py",
+           "scores = logprobs[table.score_index].sum(-1)", "scores = logprobs[table.score_index].min(-1).values",
+           ("tests/test_tree_table.py",)),
+    Mutant("tree-table/unstable-ties", "nanojet/tree_table.py", "scores.sort(descending=True, stable=True)",
+           "scores.flip(0).sort(descending=True, stable=True)", ("tests/test_tree_table.py",)),
+    Mutant("tree-table/lineage-without-root", "nanojet/tree_table.py",
+           "for j in range(len(path), -1, -1)]", "for j in range(len(path), 0, -1)]", ("tests/test_tree_table.py",)),
+    # the head's context K/V, every layer at once (eager CPU): current weights, each layer's k-norm
+    Mutant("context-at-once/stale-weights", "nanojet/head.py", "key = tuple((id(p), weight_version(p)) for p in params)",
+           "key = tuple(id(p) for p in params)", ("tests/test_head.py",)),
+    Mutant("context-at-once/one-k-norm", "nanojet/head.py",
+           "k_norms = torch.stack([layer.self_attn.k_norm for layer in self.layers])[:, None]",
+           "k_norms = torch.stack([self.layers[0].self_attn.k_norm for _ in self.layers])[:, None]",
+           ("tests/test_head.py", "tests/test_speculative.py")),
     # commit rows: the accepted path's K/V move down to the committed slots
     Mutant("commit/no-move", "nanojet/static_round.py",
            "kept = torch.where(rows < counts[:, None], paths, rows)", "kept = rows.expand_as(paths)",

@@ -57,7 +57,7 @@ def install_row_oracles(monkeypatch, references: dict[int, list[int]], wrong_fro
         served[id(self)] = [references.get(id(s), [0]) for s in sequences]
         return table(self, sequences)
 
-    def draft_candidates(round_, pool, anchor, length, block_table):
+    def draft_candidates(round_, pool, anchor, length, block_table, scratch=None):
         rows = [oracle_drafter(reference, VOCAB, wrong_from_depth=wrong_from_depth)(
             round_, pool, anchor[row:row + 1], length[row:row + 1], block_table)
             for row, reference in enumerate(served[id(round_)])]

@@ -193,7 +193,7 @@ def test_figures_of_a_perfect_drafter(bench_inputs, tmp_path, monkeypatch):
             reference[tuple(prompt_ids)] = out.token_ids
         return out
 
-    def oracle_draft(self, pool, anchor, length, block_table):
+    def oracle_draft(self, pool, anchor, length, block_table, scratch=None):
         emitted = int(length[0]) + 1 - len(current["prompt"])  # the anchor is the last emitted token
         rows = self.head.config.block_size - 1
         logprobs = torch.full((1, rows, self.target.config.vocab_size), -30.0)

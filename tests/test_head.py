@@ -179,3 +179,44 @@ def test_causal_or_causal_head_is_read(tmp_path, hf_model_dir, flags, causal):
 def test_missing_head_directory(tmp_path, hf_model_dir):
     with pytest.raises(FileNotFoundError, match="no draft head"):
         load_head(tmp_path / "nothing", ModelConfig.from_dir(hf_model_dir[0]), torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+def test_context_kv_at_once_equals_layer_by_layer(hf_model_dir, pack):
+    """The eager CPU path writes every head layer's context K/V in one pass (`DraftHead._extend_context_at_once`);
+    it must write what the per-layer projection writes, with packed weights too, skip padding slots (-1), and
+    follow weights written after its stacked copy was made (training)."""
+    import kernels
+    from nanojet.packed_gemm import pack_rows
+    directory, _ = hf_model_dir
+    head = random_head(ModelConfig.from_dir(directory), seed=3)
+    rows, layers, attn = 6, len(head.layers), head.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    taps = torch.randn(rows, head.fc.in_features, generator=generator)
+    positions = torch.arange(40, 40 + rows)
+    slots = torch.tensor([9, 3, -1, 17, 4, 30])  # scattered, one padding row
+    pool_shape = (layers, 2, 8, 4, attn.num_kv_heads, attn.head_dim)  # 8 pages of 4 slots
+
+    def expected_pool():
+        pool = torch.zeros(pool_shape)
+        context = head.project_context(taps)
+        keep = slots >= 0
+        for index, layer in enumerate(head.layers):
+            k, v = layer.self_attn.project_kv(context, positions, head.inv_freq)
+            pool[index, 0].view(-1, *k.shape[1:])[slots[keep]] = k[keep]
+            pool[index, 1].view(-1, *v.shape[1:])[slots[keep]] = v[keep]
+        return pool
+
+    with torch.no_grad():
+        for step in range(2):
+            if pack:
+                weight, _, _, packed = head.context_kv_weights()
+                pack_rows(packed, weight, rows)
+                assert rows in packed
+            pool = torch.zeros(pool_shape)
+            assert kernels.plan_context(positions, head.inv_freq, slots) is not None  # the at-once path runs
+            head.extend_context(taps, positions, slots, pool)
+            assert torch.equal(pool, expected_pool()), step
+            for layer in head.layers:  # a training step: the stacked copy must not go stale
+                layer.self_attn.qkv_proj.weight.mul_(1.5)
+                layer.self_attn.k_norm.add_(0.25)
