@@ -36,10 +36,11 @@ def test_table_sizes_and_the_limit() -> None:
     # The counts the module docstring quotes, and the fallback to the beam search past the limit.
     sizes = {budget: candidate_table(budget, 4, DEPTH).token_index.numel() - 1 for budget in (8, 16, 64)}
     assert sizes == {8: 32, 16: 163, 64: 1854}
-    assert candidate_table(256, 4, DEPTH) is None  # 7,970 candidates
-    assert candidate_table(256, 4, DEPTH, limit=8000) is not None
+    assert candidate_table(256, 4, DEPTH, limit=7969) is None  # 7,970 candidates
+    assert candidate_table(256, 4, DEPTH, limit=7970) is not None
+    assert candidate_table(256, 8, 15) is None  # 883,781: the beam search
     assert candidate_table(1, 4, DEPTH) is None  # the anchor alone needs no table
-    assert candidate_table(64, 4, DEPTH).token_index.numel() - 1 <= CANDIDATE_LIMIT
+    assert candidate_table(256, 4, DEPTH).token_index.numel() - 1 <= CANDIDATE_LIMIT
 
 
 def test_every_chosen_node_is_in_the_table() -> None:
@@ -109,7 +110,7 @@ def test_rounds_use_the_table_only_where_it_is_small(hf_model_dir) -> None:
     from nanojet.static_round import StaticRound
     directory, _ = hf_model_dir
     engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=2))
-    for budget, width, uses_table in ((8, 4, True), (64, 4, True), (256, 4, False), (1, 4, False)):
+    for budget, width, uses_table in ((8, 4, True), (64, 4, True), (256, 8, False), (1, 4, False)):
         spec = SpeculativeParams(budget=budget, width=width)
         round_ = StaticRound(engine.target, engine.head, engine.kv, spec, sampled=False)
         assert (round_.tree_table is not None) == uses_table, budget
