@@ -44,11 +44,16 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     ops, which are most of the cost of a decode step on a small model."""
     num_q_heads, num_k_heads = q.shape[1], k.shape[1]
     both = torch.cat([rms_norm(q, q_weight, eps)[0], rms_norm(k, k_weight, eps)[0]], dim=1)  # [T, Hq + Hkv, D]
-    cos, sin = rope or rope_tables(positions, inv_freq)
-    if cos.dtype != q.dtype:
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    rotated = both * cos + both.roll(both.shape[-1] // 2, dims=-1) * sin
+    rotated = rotate(both, rope or rope_tables(positions, inv_freq))
     return torch.split_with_sizes(rotated, [num_q_heads, num_k_heads], dim=1)  # (Tensor.split is a Python wrapper)
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding of `x` `[T, heads, D]` by its `rope_tables` (cos, signed sin `[T, 1, D]`)."""
+    cos, sin = rope
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

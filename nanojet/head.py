@@ -164,10 +164,8 @@ class DraftHead(nn.Module):
         rows, layers, heads, head_dim = context.shape[0], len(self.layers), attn.num_kv_heads, attn.head_dim
         kv = linear(context, weight, bias, packed).view(rows, layers, 2, heads, head_dim)
         k = torch.rms_norm(kv[:, :, 0], (head_dim,), None, attn.eps) * k_norms  # [rows, layers, heads, D]
-        cos, sin = plan.rope  # [rows, 1, D]
-        k = k.view(rows, layers * heads, head_dim)
-        k = (k * cos + k.roll(head_dim // 2, dims=-1) * sin).view(rows, layers, heads, head_dim)
-        both = torch.stack([k, kv[:, :, 1]], dim=2)  # [rows, layers, 2, heads, D]
+        k = kernels.reference.rotate(k.view(rows, layers * heads, head_dim), plan.rope)
+        both = torch.stack([k.view(rows, layers, heads, head_dim), kv[:, :, 1]], dim=2)  # [rows, layers, 2, heads, D]
         slots, keep = plan.store
         if keep is not None:
             both = both[keep]

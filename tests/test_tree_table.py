@@ -61,7 +61,8 @@ def test_many_ties_still_give_a_valid_tree_of_the_best_scores(seed: int) -> None
     generator = torch.Generator().manual_seed(seed)
     draft_logprobs = -torch.randint(0, 4, (DEPTH, VOCAB), generator=generator).double() / 4
     for budget, width in ((8, 2), (16, 4), (40, 3), (64, 4)):
-        tree = tree_from_table(torch.tensor(2), *candidates(draft_logprobs, width), candidate_table(budget, width, DEPTH))
+        table = candidate_table(budget, width, DEPTH)
+        tree = tree_from_table(torch.tensor(2), *candidates(draft_logprobs, width), table)
         check_tree(tree, 2, width, DEPTH, tree_size(budget, width, DEPTH))
         scores = sorted(path_score(draft_logprobs, path) for path in token_paths(tree))
         assert scores == sorted(heap_best_first(draft_logprobs, budget, width, DEPTH).values())
