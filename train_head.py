@@ -363,7 +363,7 @@ def main(argv=None) -> int:
 
 def held_out_prompts(count: int) -> list[str]:
     """Function headers from the held-out stdlib modules (never trained on by the target or the head)."""
-    from weights.build_tiny import held_out_prompts as prompts
+    from nanojet.weights.build_tiny import held_out_prompts as prompts
     return prompts(count)
 
 

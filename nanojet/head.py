@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import kernels
+from . import kernels
 from .config import ModelConfig
 from .draft_vocab import load_draft_vocab, save_draft_vocab
 from .kv_cache import AttentionMetadata

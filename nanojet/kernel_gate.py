@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import kernels
+from . import kernels
 from .distill import head_loss
 from .engine import DEFAULT_PREFILL_CHUNK
 from .kv_cache import AttentionMetadata
@@ -138,7 +138,7 @@ def fused_moe(models: Models, count: int) -> None:
     """The fused-MoE MLP of one Qwen3-30B-A3B layer over `count` tokens (its own shape; the dtype is the models'):
     hidden 2048, 128 experts of 768, top-8. Token counts 1, 256, the prefill chunk (512) and 1024 (a batched
     step) reach every tile choice (16-, 32- and 64-row expert tiles)."""
-    from kernels.triton_moe import example_args
+    from .kernels.triton_moe import example_args
     if models.shape == SHAPES[0]:  # the MoE shape does not depend on the dense shapes: compile it once per dtype
         kernels.fused_moe(*example_args(count, 2048, 768, 128, 8, NAMED_DTYPES[models.dtype], "meta"))
 
@@ -255,13 +255,11 @@ def _define_spill_probe():
 
 
 def _all_triton_kernels() -> list[str]:
-    """Names of every @triton.jit kernel (`_..._kernel`) defined in kernels/."""
+    """Names of every @triton.jit kernel (`_..._kernel`) defined in nanojet/kernels/."""
     import triton
-    import kernels.triton_attention
-    import kernels.triton_moe
-    import kernels.triton_ops
+    from .kernels import triton_attention, triton_moe, triton_ops
     names = []
-    for module in (kernels.triton_ops, kernels.triton_attention, kernels.triton_moe):
+    for module in (triton_ops, triton_attention, triton_moe):
         names += [name for name, value in vars(module).items()
                   if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel")]
     return names

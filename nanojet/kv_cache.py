@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import kernels
-from kernels.reference import pack_visibility
+from . import kernels
+from .kernels.reference import pack_visibility
 
 
 class KVCacheExhausted(RuntimeError):

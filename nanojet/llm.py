@@ -21,7 +21,7 @@ from .scheduler import DEFAULT_STEP_TOKENS, Request, Scheduler
 from .static_round import pages_per_sequence, round_scratch_slots, round_tree
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "qwen3-stdlib-tiny"
 DEFAULT_HEAD_NAME = "head-causal"  # the draft head shipped beside a model: <model>/head-causal
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

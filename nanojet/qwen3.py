@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from . import kernels
 from .config import ModelConfig
 from .kv_cache import AttentionMetadata
 from .packed_gemm import Linear, linear, pack_module, pack_rows

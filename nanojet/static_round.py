@@ -24,8 +24,8 @@ from collections import Counter
 
 import torch
 
-import kernels
-from kernels.reference import pack_visibility
+from . import kernels
+from .kernels.reference import pack_visibility
 from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
 from .packed_gemm import linear, pack_module, pack_rows
 from .sampling import SamplingParams, sample_rows

@@ -1,6 +1,6 @@
 """Evaluate draft heads of one target: tau at chain / budgets on prompt sets, acceptance by depth, draft fit.
 
-    python scripts/eval_heads.py weights/qwen3-stdlib-tiny/head-causal weights/qwen3-stdlib-tiny/head-bidirectional
+    python scripts/eval_heads.py nanojet/weights/qwen3-stdlib-tiny/head-causal nanojet/weights/qwen3-stdlib-tiny/head-bidirectional
     python scripts/eval_heads.py runs/grid/* --humaneval ../shared/data/humaneval.jsonl --json runs/grid.jsonl
 
 For each head and prompt set (16 held-out stdlib prompts; HumanEval if given): tau of a chain (width 1, the

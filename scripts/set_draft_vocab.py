@@ -1,6 +1,6 @@
 """Give a trained draft head a draft vocabulary: the N most frequent tokens of training text (nanojet/draft_vocab.py).
 
-    python scripts/set_draft_vocab.py weights/qwen3-stdlib-tiny/head-causal --size 1024
+    python scripts/set_draft_vocab.py nanojet/weights/qwen3-stdlib-tiny/head-causal --size 1024
     python scripts/set_draft_vocab.py HEAD_DIR --size 32768 --model DIR --data text.jsonl
     python scripts/set_draft_vocab.py HEAD_DIR --none          # remove it: draft over the whole vocabulary
 

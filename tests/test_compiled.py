@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+from nanojet import kernels
 from conftest import ROOT, make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.device_stats import host_syncs_per_round

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import kernels
+from nanojet import kernels
 from conftest import make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.distill import head_loss, training_mask
@@ -64,7 +64,7 @@ def test_training_mask_is_block_sparse():
 def test_training_with_the_triton_backend(hf_model_dir, monkeypatch):
     """With Triton selected (as on CUDA), the frozen teacher runs the Triton kernels and the head falls back to
     the autograd-capable reference: the loss and every gradient equal the torch backend's."""
-    from kernels import triton_ops
+    from nanojet.kernels import triton_ops
     calls = []
     for name in ("rms_norm", "qk_norm_rope", "silu_and_mul"):
         original = getattr(triton_ops, name)

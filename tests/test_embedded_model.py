@@ -1,4 +1,4 @@
-"""The embedded default model in weights/: HF transformers loads it with the same logits, run.py's default
+"""The embedded default model in nanojet/weights/: HF transformers loads it with the same logits, run.py's default
 command completes Python, and its shipped heads decode losslessly."""
 import json
 import re
@@ -14,7 +14,7 @@ from nanojet.engine import SpeculativeParams
 from nanojet.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(),
-                                reason="the embedded model is not built (python weights/build_tiny.py)")
+                                reason="the embedded model is not built (python -m nanojet.weights.build_tiny)")
 HEADS = [DEFAULT_MODEL / name for name in ("head-causal", "head-bidirectional")]
 SNIPPET = 'def read_config(path):\n    """Return the parsed configuration file."""\n    with open(path) as f:\n'
 

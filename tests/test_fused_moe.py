@@ -6,13 +6,13 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports kernels.triton_ops
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports nanojet.kernels.triton_ops
 
 import pytest  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import reference, triton_ops  # noqa: E402
-from kernels.triton_moe import moe_block_sizes, sort_pairs_by_expert  # noqa: E402
+from nanojet import kernels  # noqa: E402
+from nanojet.kernels import reference, triton_ops  # noqa: E402
+from nanojet.kernels.triton_moe import moe_block_sizes, sort_pairs_by_expert  # noqa: E402
 from test_kernels import DEVICES, TOLERANCE, assert_rounds_like_reference, device  # noqa: E402,F401
 
 
@@ -107,7 +107,7 @@ def test_moe_layer_on_the_triton_kernel(tmp_path):
 
 def test_example_args_fit_the_kernel():
     """What the ahead-of-time kernel gate launches: valid routing (distinct experts per token, all in range)."""
-    from kernels.triton_moe import example_args
+    from nanojet.kernels.triton_moe import example_args
     hidden, gate_up, down, weights, ids = example_args(5, 32, 16, 16, 4, torch.float32)
     assert gate_up.shape == (16, 32, 32) and down.shape == (16, 32, 16) and ids.dtype == torch.int64
     assert all(len(set(row)) == 4 for row in ids.tolist()) and int(ids.max()) < 16

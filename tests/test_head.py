@@ -28,7 +28,7 @@ def rope(x, positions, theta, head_dim):
 
 
 def naive_draft_logprobs(target, head, committed: list[int]) -> torch.Tensor:
-    """Dense [context ; block] attention written from the definition, independent of kernels/ and the pool."""
+    """Dense [context ; block] attention written from the definition, independent of nanojet/kernels/ and the pool."""
     c = head.config.layers
     n = len(committed)
     _, taps = target.forward_dense(torch.tensor([committed[:-1]]), tap_layers=tuple(head.config.target_layer_ids))
@@ -186,7 +186,7 @@ def test_context_kv_at_once_equals_layer_by_layer(hf_model_dir, pack):
     """The eager CPU path writes every head layer's context K/V in one pass (`DraftHead._extend_context_at_once`);
     it must write what the per-layer projection writes, with packed weights too, skip padding slots (-1), and
     follow weights written after its stacked copy was made (training)."""
-    import kernels
+    from nanojet import kernels
     from nanojet.packed_gemm import pack_rows
     directory, _ = hf_model_dir
     head = random_head(ModelConfig.from_dir(directory), seed=3)

@@ -1,7 +1,7 @@
 """Triton kernels against the torch reference, and the reference attention against SDPA.
 
 Without CUDA the kernels run on CPU tensors under the Triton interpreter, which must be switched on before
-`kernels.triton_ops` defines them. With CUDA (and TRITON_INTERPRET unset or 0) the same cases run natively as
+`nanojet.kernels.triton_ops` defines them. With CUDA (and TRITON_INTERPRET unset or 0) the same cases run natively as
 `gpu`-marked tests, plus a timing printout (`pytest -m gpu -s`).
 """
 import os
@@ -9,7 +9,7 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports kernels.triton_ops
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports nanojet.kernels.triton_ops
 
 import inspect  # noqa: E402
 import time  # noqa: E402
@@ -17,12 +17,12 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import reference, triton_ops  # noqa: E402
+from nanojet.kernels import reference, triton_ops  # noqa: E402
 
 INTERPRETED = type(triton_ops._rms_norm_kernel).__name__ == "InterpretedFunction"
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 before kernels.triton_ops loads")),
+        not INTERPRETED, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 before nanojet.kernels.triton_ops loads")),
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         INTERPRETED or not torch.cuda.is_available(), reason="native Triton needs CUDA and TRITON_INTERPRET unset")]),
 ]
@@ -52,7 +52,7 @@ def randn(*shape, generator: torch.Generator, dtype=torch.float32, device="cpu")
 @pytest.mark.parametrize("name", ["paged_attention", "rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv",
                                   "move_kv", "fused_moe"])
 def test_triton_ops_take_the_reference_arguments(name):
-    """kernels/__init__.py calls both modules with the reference's positional arguments (the reference's keyword-only
+    """nanojet/kernels/__init__.py calls both modules with the reference's positional arguments (the reference's keyword-only
     ones, a forward's plan, are its own)."""
     expected = [parameter.name for parameter in inspect.signature(getattr(reference, name)).parameters.values()
                 if parameter.kind != inspect.Parameter.KEYWORD_ONLY]

@@ -1,5 +1,7 @@
-"""pyproject.toml builds a wheel with nanojet, kernels and the embedded model, and README's Python snippet runs
-from that install in another directory (not only from the repository root)."""
+"""pyproject.toml builds a wheel whose one top-level import name is `nanojet` (kernels and the embedded model
+inside it), and README's Python snippet runs from that install in another directory (not only from the
+repository root)."""
+import importlib.util
 import os
 import re
 import shutil
@@ -28,18 +30,20 @@ def test_wheel_installs_and_the_readme_snippet_runs_elsewhere(tmp_path):
         pytest.skip("building needs setuptools >= 64")
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     ignore = shutil.ignore_patterns("__pycache__", "train_state", "*.pt", "*.png")
-    for name in ("nanojet", "kernels", "weights"):
-        shutil.copytree(ROOT / name, source / name, ignore=ignore)
+    shutil.copytree(ROOT / "nanojet", source / "nanojet", ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "wheel").glob("nanojet-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("nanojet/llm.py", "kernels/triton_attention.py", "weights/build_tiny.py",
-                     "weights/qwen3-stdlib-tiny/model.safetensors", "weights/qwen3-stdlib-tiny/tokenizer.json",
-                     "weights/qwen3-stdlib-tiny/generation_config.json",
-                     "weights/qwen3-stdlib-tiny/head-causal/model.safetensors"):
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"nanojet"}  # no second import name to shadow a package of the user's (`kernels`)
+    for expected in ("nanojet/llm.py", "nanojet/kernels/triton_attention.py", "nanojet/weights/build_tiny.py",
+                     "nanojet/weights/qwen3-stdlib-tiny/model.safetensors",
+                     "nanojet/weights/qwen3-stdlib-tiny/tokenizer.json",
+                     "nanojet/weights/qwen3-stdlib-tiny/generation_config.json",
+                     "nanojet/weights/qwen3-stdlib-tiny/head-causal/model.safetensors"):
         assert expected in names, expected
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
@@ -50,3 +54,29 @@ def test_wheel_installs_and_the_readme_snippet_runs_elsewhere(tmp_path):
                             timeout=300, env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(site / "nanojet" / "__init__.py")
+    if importlib.util.find_spec("transformers") is not None:  # installed, transformers still loads its models
+        result = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS,
+                                 str(site / "nanojet" / "weights" / "qwen3-stdlib-tiny")], cwd=elsewhere,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr
+
+
+LOAD_WITH_TRANSFORMERS = """
+import sys
+import nanojet, nanojet.kernels, nanojet.llm  # the runtime and its kernels loaded first, as in a user's process
+from transformers import AutoModelForCausalLM  # imports Hugging Face's `kernels` when it is installed
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print(type(model).__name__)
+"""
+
+
+def test_transformers_loads_models_beside_nanojet(tmp_path):
+    """transformers imports Hugging Face's `kernels` while loading any model; a top-level `kernels` of ours on
+    sys.path (as the checkout is for tests, bench.py --peer hf and scripts) would shadow it."""
+    pytest.importorskip("transformers")
+    result = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS, str(DEFAULT_MODEL)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "Qwen3ForCausalLM"

@@ -57,7 +57,7 @@ def test_prefill_chunk_must_be_positive(hf_model_dir):
 def test_prompt_lengths_do_not_specialise_the_attention_kernel():
     """Prefill chunks and trees of every length must reuse a few compiled attention variants: the lengths and the
     split count are runtime arguments of the Triton kernel, never specialisation keys (only "split or not" is)."""
-    from kernels import triton_attention
+    from nanojet.kernels import triton_attention
     for kernel in (triton_attention._paged_attention_kernel, triton_attention._combine_splits_kernel):
         # (a JITFunction keeps the list; under TRITON_INTERPRET the interpreted function keeps its jit kwargs)
         names = kernel.do_not_specialize if hasattr(kernel, "do_not_specialize") else kernel.kwargs["do_not_specialize"]

@@ -1,9 +1,9 @@
-"""The CPU reference's per-forward attention plan (kernels/reference.py `plan_attention`): the shortcuts a decode
+"""The CPU reference's per-forward attention plan (nanojet/kernels/reference.py `plan_attention`): the shortcuts a decode
 step and a lone sequence's round take give the same attention as the general path."""
 import pytest
 import torch
 
-from kernels import reference
+from nanojet.kernels import reference
 from test_kernels import attention_case, causal_mask, tree_mask, tree_parents
 
 

@@ -50,7 +50,7 @@ def test_the_fingerprint_follows_the_weights(tmp_path):
 def test_builtin_regeneration_answers_training_split_prompts(tmp_path):
     """--regen --data builtin: function headers of the training split (never a held-out module), each followed by
     the embedded target's response, written to the cache with the weights' fingerprint."""
-    from weights.build_tiny import function_prompts, held_out_prompts
+    from nanojet.weights.build_tiny import function_prompts, held_out_prompts
     tokenizer = Tokenizer.from_dir(DEFAULT_MODEL)
     cache = tmp_path / "regen.jsonl"
     stream = load_corpus("builtin", tokenizer, DEFAULT_MODEL, True, "cpu", regen_prompts=2, regen_tokens=5,

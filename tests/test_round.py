@@ -9,7 +9,7 @@ from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams, causal_visibility
 from nanojet.sampling import SamplingParams
 from nanojet.static_round import StaticRound
-from kernels.reference import pack_visibility
+from nanojet.kernels.reference import pack_visibility
 
 PROMPT = [7, 3, 250, 19, 19, 4, 88, 1, 64, 2, 33]  # 11 tokens: crosses KV pages of 4
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -82,7 +82,7 @@ class HostTraffic(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("shape", [None, (8, 4, None)], ids=["plain", "speculative"])
 def test_a_round_builds_nothing_from_host_data_and_reads_once(setup, shape, monkeypatch):
-    import kernels.reference as reference
+    from nanojet.kernels import reference
     from nanojet.engine import Engine
     engine, _ = setup
     traffic = HostTraffic()

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from kernels.reference import unpack_visibility
+from nanojet.kernels.reference import unpack_visibility
 from nanojet.tree import (TREE_BUCKETS, DraftTree, accept, build_tree, chain_tree, pad_tree, tree_bucket, tree_from_candidates,
                           tree_size)
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-import kernels
+from nanojet import kernels
 from conftest import make_engine, random_head
 from nanojet.config import ModelConfig
 from nanojet.engine import SpeculativeParams
@@ -36,7 +36,7 @@ def test_engine_on_triton_kernels_matches_reference(hf_model_dir, triton_backend
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]  # crosses pages of 4
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_new_tokens=10, ignore_eos=True)
     spec = SpeculativeParams(budget=8, width=2)
-    from kernels import triton_ops
+    from nanojet.kernels import triton_ops
     assert kernels._impl(torch.zeros(1)) is triton_ops  # the forced backend really is the Triton one
     on_triton = make_engine(directory, page_size=4, head=head.to(DEVICE), device=DEVICE)
     triton_plain = on_triton.generate(prompt, params).token_ids

@@ -1,7 +1,7 @@
 """Train the embedded default model from scratch: a tiny Qwen3 on CPython's own standard library.
 
-    python weights/build_tiny.py --out weights/qwen3-stdlib-tiny            # the shipped recipe
-    python weights/build_tiny.py --out /tmp/t --steps 20 --eval-every 10     # a smoke run
+    python -m nanojet.weights.build_tiny --out nanojet/weights/qwen3-stdlib-tiny     # the shipped recipe
+    python -m nanojet.weights.build_tiny --out /tmp/t --steps 20 --eval-every 10    # a smoke run
 
 Data: every `.py` file under `sysconfig.get_paths()["stdlib"]`, except `site-packages` and test suites
 (directories named `test`, `tests`, `idle_test`: repetitive assertion code that would crowd out library code).
@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -23,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanojet.config import ModelConfig  # noqa: E402
-from nanojet.qwen3 import Qwen3  # noqa: E402
+from nanojet.config import ModelConfig
+from nanojet.qwen3 import Qwen3
 
 VOCAB_RANKS = 8192
 SPECIAL_TOKENS = {"<|endoftext|>": VOCAB_RANKS, "<|im_start|>": VOCAB_RANKS + 1, "<|im_end|>": VOCAB_RANKS + 2,
