@@ -25,24 +25,30 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from nanojet.cli import add_runtime_flags, finite_float, install_exit_handlers
+from nanojet.tools.cli import add_runtime_flags, finite_float, install_exit_handlers
 
 if __name__ == "__main__":
     install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
 
 import torch
 
-from nanojet.config import ModelConfig
-from nanojet.device_stats import (copy_bandwidth, host_syncs_per_round, matvec_bandwidth, prefill_memory,
-                                  synced_clock, weight_bytes_per_step)
-from nanojet import serving_bench
-from nanojet.bench_report import COMPONENTS, print_report
-from nanojet.engine import Engine, SpeculativeParams, default_execution
+from nanojet.bench import serving as serving_bench
+from nanojet.bench.device_stats import (
+    copy_bandwidth,
+    host_syncs_per_round,
+    matvec_bandwidth,
+    prefill_memory,
+    weight_bytes_per_step,
+)
+from nanojet.bench.moe_stats import expert_touch_curve, print_expert_curve
+from nanojet.bench.prompt_sets import builtin_prompts, read_prompts
+from nanojet.bench.report import COMPONENTS, print_report
+from nanojet.bench.synthetic import SHAPES, build_engine, synthetic_models
+from nanojet.engine.engine import Engine, SpeculativeParams, default_execution
+from nanojet.engine.round import synced_clock
+from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
-from nanojet.moe_stats import expert_touch_curve, print_expert_curve
-from nanojet.prompt_sets import builtin_prompts, read_prompts
-from nanojet.sampling import SamplingParams
-from nanojet.synthetic import SHAPES, build_engine, synthetic_models
+from nanojet.model.config import ModelConfig
 
 MAX_BUDGET = 512  # LLM's max_tree_nodes
 SYNTHETIC_PROMPT_TOKENS = 128

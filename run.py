@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 # Light: torch is imported in main, after parsing.
-from nanojet.cli import ArgumentParser, add_runtime_flags, finite_float, install_exit_handlers
+from nanojet.tools.cli import ArgumentParser, add_runtime_flags, finite_float, install_exit_handlers
 
 SPECULATIVE_FLAGS = ("budget", "width", "depth")
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_new_tokens")

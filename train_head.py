@@ -23,23 +23,23 @@ import sys
 import time
 from pathlib import Path
 
-from nanojet.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
+from nanojet.tools.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
 
 if __name__ == "__main__":
     install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
 
 import torch
 
-from nanojet.config import ModelConfig
-from nanojet.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
-from nanojet.draft_vocab import select_draft_vocab
-from nanojet.head import DraftHead, HeadConfig, load_head
+from nanojet.bench.synthetic import SHAPES, synthetic_target
 from nanojet.llm import DEFAULT_MODEL, DTYPES, load_target, resolve_device, resolve_dtype
-from nanojet.packed_gemm import available_memory_bytes as host_available_bytes
-from nanojet.synthetic import SHAPES, synthetic_target
+from nanojet.model.config import ModelConfig
+from nanojet.model.draft_vocab import select_draft_vocab
+from nanojet.model.head import DraftHead, HeadConfig, load_head
+from nanojet.model.packed_gemm import available_memory_bytes as host_available_bytes
 from nanojet.tokenizer import Tokenizer
-from nanojet.train_data import load_corpus
-from nanojet.train_state import LEGACY_NAME, load_train_state, save_train_state, state_exists
+from nanojet.train.data import load_corpus
+from nanojet.train.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
+from nanojet.train.state import LEGACY_NAME, load_train_state, save_train_state, state_exists
 
 
 def default_layer_ids(num_target_layers: int, count: int = 3) -> list[int]:
@@ -56,9 +56,9 @@ def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
     """Accepted tokens per round on held-out prompts (64 new tokens each, EOS ignored) and acceptance by depth (the
     share of rounds that accepted the draft at depth d): a chain of B-1 drafts and a budget-64 tree. Reuses the
     training target; only the head is loaded, from its checkpoint."""
-    from nanojet.engine import SpeculativeParams
-    from nanojet.head_eval import acceptance
-    from nanojet.synthetic import build_engine
+    from nanojet.bench.synthetic import build_engine
+    from nanojet.engine.engine import SpeculativeParams
+    from nanojet.train.head_eval import acceptance
     head = load_head(head_dir, target.config, target.norm.dtype, target.norm.device).eval()
     new_tokens = 64
     engine = build_engine(target, head, max(map(len, prompts)) + new_tokens + 1, max_tree_nodes=64)
@@ -167,7 +167,7 @@ def build_parser() -> ArgumentParser:
                         help="held-out stdlib prompts for the tau eval at each checkpoint (0: off)")
     parser.add_argument("--draft-vocab", type=int, default=None, metavar="N",
                         help="draft only the N most frequent tokens of the training data (draft_vocab.json; "
-                             "nanojet/draft_vocab.py); default: the whole vocabulary")
+                             "nanojet/model/draft_vocab.py); default: the whole vocabulary")
     return parser
 
 

@@ -9,17 +9,17 @@ from typing import Callable
 
 import torch
 
-from .config import ModelConfig
-from .engine import DEFAULT_PREFILL_CHUNK, Engine, GenerationStats, SpeculativeParams, default_execution
-from .generation_config import GenerationDefaults
-from .head import DraftHead, load_head
-from .kv_cache import KVCache
-from .loader import load_weights
-from .qwen3 import Qwen3, rope_inv_freq
-from .sampling import SamplingParams
-from .scheduler import DEFAULT_STEP_TOKENS, Request, Scheduler
-from .static_round import pages_per_sequence, round_scratch_slots, round_tree
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from nanojet.engine.engine import DEFAULT_PREFILL_CHUNK, Engine, GenerationStats, SpeculativeParams, default_execution
+from nanojet.engine.kv_cache import KVCache
+from nanojet.engine.round import pages_per_sequence, round_scratch_slots, round_tree
+from nanojet.engine.sampling import SamplingParams
+from nanojet.engine.scheduler import DEFAULT_STEP_TOKENS, Request, Scheduler
+from nanojet.model.config import ModelConfig
+from nanojet.model.generation_config import GenerationDefaults
+from nanojet.model.head import DraftHead, load_head
+from nanojet.model.loader import load_weights
+from nanojet.model.qwen3 import Qwen3, rope_inv_freq
+from nanojet.tokenizer import IncrementalDetokenizer, Tokenizer
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = WEIGHTS_DIR / "qwen3-stdlib-tiny"

@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanojet.engine import SpeculativeParams  # noqa: E402
-from nanojet.head import load_head  # noqa: E402
-from nanojet.head_eval import acceptance, draft_fit  # noqa: E402
+from nanojet.bench.prompt_sets import builtin_prompts, read_prompts  # noqa: E402
+from nanojet.bench.synthetic import build_engine  # noqa: E402
+from nanojet.engine.engine import SpeculativeParams  # noqa: E402
+from nanojet.engine.sampling import SamplingParams  # noqa: E402
 from nanojet.llm import DEFAULT_MODEL, load_target  # noqa: E402
-from nanojet.prompt_sets import builtin_prompts, read_prompts  # noqa: E402
-from nanojet.sampling import SamplingParams  # noqa: E402
-from nanojet.synthetic import build_engine  # noqa: E402
+from nanojet.model.head import load_head  # noqa: E402
 from nanojet.tokenizer import Tokenizer  # noqa: E402
+from nanojet.train.head_eval import acceptance, draft_fit  # noqa: E402
 
 BUDGETS = (8, 16, 64, 256)
 

@@ -3,7 +3,7 @@
     python scripts/gemm_throughput.py --shape qwen3-0.6b --rows 1,8,64 --threads 2
 
 For each product of one decoder layer (fused qkv, o, fused gate_up, down) and the lm_head, with N rows, through
-torch's `F.linear` (plain) and MKL's packed GEMM where nanojet's CPU rounds use it (`nanojet/packed_gemm.py`):
+torch's `F.linear` (plain) and MKL's packed GEMM where nanojet's CPU rounds use it (`nanojet/model/packed_gemm.py`):
 milliseconds and GFLOP/s. The last lines add up a whole forward (layers x the four products + the lm_head) at the
 best of the two: a floor a verify of N nodes cannot beat on this machine. Each weight is timed alone and stays warm
 in the caches, so one row here is faster than a real decode step, which streams every weight from memory.
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanojet.packed_gemm import can_pack  # noqa: E402
-from nanojet.synthetic import synthetic_config  # noqa: E402
+from nanojet.bench.synthetic import synthetic_config  # noqa: E402
+from nanojet.model.packed_gemm import can_pack  # noqa: E402
 
 
 def timed(run, seconds: float = 0.3) -> float:
@@ -45,7 +45,7 @@ def best_time(weight: torch.Tensor, rows: int) -> tuple[float, float, float | No
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="qwen3-0.6b", help="a published Qwen3 shape (nanojet/synthetic.py)")
+    parser.add_argument("--shape", default="qwen3-0.6b", help="a published Qwen3 shape (nanojet/bench/synthetic.py)")
     parser.add_argument("--rows", default="1,8,64", help="comma-separated row counts (tree nodes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     args = parser.parse_args()

@@ -1,4 +1,4 @@
-"""Peak memory of one Gumbel-noise draw (nanojet/sampling.py) at a verify step's shape: the chunked hash against
+"""Peak memory of one Gumbel-noise draw (nanojet/engine/sampling.py) at a verify step's shape: the chunked hash against
 the whole vocabulary in one chunk (how it was computed before). Memory only, not time.
 
     python scripts/sampling_memory.py                  # CPU: peak resident memory of a fresh process per variant
@@ -20,7 +20,7 @@ def measure(device: str, rows: int, vocab: int, chunk_elements: int) -> int:
     """Bytes the draw adds to the peak (this process: call it once per process on the CPU)."""
     import torch
     sys.path.insert(0, str(ROOT))
-    from nanojet.sampling import gumbel_noise
+    from nanojet.engine.sampling import gumbel_noise
     positions = torch.arange(rows, device=device) + 1000
     if device == "cuda":
         torch.cuda.synchronize()
@@ -45,7 +45,7 @@ def main() -> int:
         print(measure(args.device, args.rows, args.vocab, args.measure))
         return 0
     sys.path.insert(0, str(ROOT))
-    from nanojet.sampling import NOISE_CHUNK_ELEMENTS
+    from nanojet.engine.sampling import NOISE_CHUNK_ELEMENTS
     output_bytes = args.rows * args.vocab * 4
     for name, chunk_elements in (("chunked", NOISE_CHUNK_ELEMENTS), ("one chunk (before)", args.rows * args.vocab)):
         child = [sys.executable, __file__, "--device", args.device, "--rows", str(args.rows), "--vocab",

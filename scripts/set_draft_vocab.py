@@ -1,4 +1,4 @@
-"""Give a trained draft head a draft vocabulary: the N most frequent tokens of training text (nanojet/draft_vocab.py).
+"""Give a trained draft head a draft vocabulary: the N most frequent tokens of training text (nanojet/model/draft_vocab.py).
 
     python scripts/set_draft_vocab.py nanojet/weights/qwen3-stdlib-tiny/head-causal --size 1024
     python scripts/set_draft_vocab.py HEAD_DIR --size 32768 --model DIR --data text.jsonl
@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanojet.cli import install_exit_handlers, positive_int  # noqa: E402
-from nanojet.config import ModelConfig  # noqa: E402
-from nanojet.draft_vocab import FILE_NAME, save_draft_vocab, select_draft_vocab  # noqa: E402
 from nanojet.llm import DEFAULT_MODEL  # noqa: E402
+from nanojet.model.config import ModelConfig  # noqa: E402
+from nanojet.model.draft_vocab import FILE_NAME, save_draft_vocab, select_draft_vocab  # noqa: E402
 from nanojet.tokenizer import Tokenizer  # noqa: E402
-from nanojet.train_data import load_corpus  # noqa: E402
+from nanojet.tools.cli import install_exit_handlers, positive_int  # noqa: E402
+from nanojet.train.data import load_corpus  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -87,10 +87,10 @@ def make_engine(model_dir: Path, page_size: int = 8, max_model_len: int = 256, h
     """An Engine over a checkpoint directory, without a tokenizer; its pool holds exactly one sequence of
     `max_model_len` tokens with the scratch of trees up to `max_tree_nodes` (sized as LLM sizes it), or
     `num_pages` pages."""
-    from nanojet.engine import Engine
-    from nanojet.kv_cache import KVCache
+    from nanojet.engine.engine import Engine
+    from nanojet.engine.kv_cache import KVCache
+    from nanojet.engine.round import pages_per_sequence
     from nanojet.llm import load_target
-    from nanojet.static_round import pages_per_sequence
     model = load_target(model_dir, dtype, torch.device(device))
     config = model.config
     layers = config.num_hidden_layers + (head.config.layers.num_hidden_layers if head else 0)
@@ -115,7 +115,7 @@ def random_head(target_config, causal: bool = True, seed: int = 0, layers: int =
     """A randomly initialised draft head that fits `target_config` (drafts are poor; losslessness is not)."""
     from dataclasses import replace
 
-    from nanojet.head import DraftHead, HeadConfig
+    from nanojet.model.head import DraftHead, HeadConfig
     config = HeadConfig(layers=replace(target_config, num_hidden_layers=layers), block_size=block_size,
                         num_target_layers=target_config.num_hidden_layers, target_layer_ids=list(target_layer_ids),
                         mask_token_id=mask_token_id, causal=causal)
@@ -153,7 +153,7 @@ def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
     """Plain decoding from scratch, the definition the engine must reproduce: every token recomputes a dense
     causal forward over the whole sequence (no KV cache, no tree, no round), and token i is
     `argmax(filter(logits / T) + gumbel_noise(seed, position))` at its absolute position (argmax when greedy)."""
-    from nanojet.sampling import filter_logits, gumbel_noise
+    from nanojet.engine.sampling import filter_logits, gumbel_noise
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(count):
@@ -169,8 +169,8 @@ def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
 def draft_after(engine, sequence, anchor: int) -> torch.Tensor:
     """The head's draft log-probs `[B-1, V]` (full vocabulary) for a sequence whose KV holds `sequence.length`
     slots: the distribution the round's top-width candidates are taken from."""
-    from nanojet.engine import SpeculativeParams
-    from nanojet.static_round import StaticRound
+    from nanojet.engine.engine import SpeculativeParams
+    from nanojet.engine.round import StaticRound
     round_ = StaticRound(engine.target, engine.head, engine.kv, SpeculativeParams(budget=2, width=1), False)
     round_.begin(0, sequence, anchor)
     table = round_.table([sequence])

@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_head
+
 from nanojet import LLM, SamplingParams, SpeculativeParams
-from nanojet.config import ModelConfig
-from nanojet.generation_config import GenerationDefaults
-from nanojet.static_round import StaticRound
+from nanojet.engine.round import StaticRound
+from nanojet.model.config import ModelConfig
+from nanojet.model.generation_config import GenerationDefaults
 
 
 @pytest.mark.parametrize("fields, message", [

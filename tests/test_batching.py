@@ -7,14 +7,14 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import make_engine, oracle_drafter, random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
-from nanojet.scheduler import Request, Scheduler, sequence_buckets
-from nanojet.static_round import StaticRound
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.round import StaticRound
+from nanojet.engine.sampling import SamplingParams
+from nanojet.engine.scheduler import Request, Scheduler, sequence_buckets
+from nanojet.model.config import ModelConfig
 
 VOCAB = 320
 
@@ -190,8 +190,8 @@ def test_requests_that_cannot_fit_are_refused(engine):
 
 
 def make_engine_like(engine, num_pages: int):
-    from nanojet.engine import Engine
-    from nanojet.kv_cache import KVCache
+    from nanojet.engine.engine import Engine
+    from nanojet.engine.kv_cache import KVCache
     pool = engine.kv.pool
     cache = KVCache(pool.shape[0], pool.shape[4], pool.shape[5], num_pages, engine.kv.kv_page_size,
                     engine.kv.max_pages_per_sequence, pool.dtype, pool.device)

@@ -6,12 +6,12 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import random_head
 
 import bench
-from conftest import random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import Engine, GenerationStats
-from nanojet.static_round import StaticRound
+from nanojet.engine.engine import Engine, GenerationStats
+from nanojet.engine.round import StaticRound
+from nanojet.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

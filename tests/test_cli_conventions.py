@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, random_head
 
 import run
-from conftest import ROOT, random_head
-from nanojet.config import ModelConfig
 from nanojet.llm import DEFAULT_MODEL
+from nanojet.model.config import ModelConfig
 
 EMBEDDED = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="embedded model not built")
 

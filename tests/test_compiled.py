@@ -11,17 +11,17 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, make_engine, random_head
 
 from nanojet import kernels
-from conftest import ROOT, make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.device_stats import host_syncs_per_round
-from nanojet.engine import Engine, SpeculativeParams
-from nanojet.kv_cache import KVCache, KVCacheExhausted
+from nanojet.bench.device_stats import host_syncs_per_round
+from nanojet.engine.engine import Engine, SpeculativeParams
+from nanojet.engine.kv_cache import KVCache, KVCacheExhausted
+from nanojet.engine.round import StaticRound
+from nanojet.engine.runners import EagerRunner, GraphedRunner
+from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import DEFAULT_MODEL
-from nanojet.round_runners import EagerRunner, GraphedRunner
-from nanojet.sampling import SamplingParams
-from nanojet.static_round import StaticRound
+from nanojet.model.config import ModelConfig
 
 GREEDY = SamplingParams(max_new_tokens=30, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=30, ignore_eos=True)
@@ -133,7 +133,7 @@ def test_compiling_on_cpu_without_a_cpp_compiler_is_a_clear_error(eager, monkeyp
 
 def test_cuda_without_a_c_compiler_is_a_clear_error(monkeypatch, tmp_path):
     """Triton builds a C launcher per kernel signature on every CUDA host, whatever the execution mode."""
-    from nanojet.toolchain import check_toolchain
+    from nanojet.engine.toolchain import check_toolchain
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     for execution in ("eager", "graphed"):
         with pytest.raises(RuntimeError, match="need a C compiler .*install one"):
@@ -240,7 +240,7 @@ def test_one_host_sync_per_graphed_round(hf_model_dir, execution):
 
 
 def test_cuda_graphs_are_the_default_on_cuda_only():
-    from nanojet.engine import default_execution
+    from nanojet.engine.engine import default_execution
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert default_execution(cuda) == "graphed" and default_execution(cuda, enforce_eager=True) == "eager"
     assert default_execution(cuda, compile=True) == "compiled"  # torch.compile inside the graphs
@@ -261,7 +261,7 @@ def test_llm_captures_graphs_by_default_on_cuda(hf_model_dir, tmp_path):
 
 def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
     """Batched rounds compile once per batch-size bucket (inert rows included) and give the eager ids."""
-    from nanojet.scheduler import Request, Scheduler
+    from nanojet.engine.scheduler import Request, Scheduler
     compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled", num_pages=200)
     # The greedy request never runs alone, so only sampled rounds are built (a greedy row inside them).
     params = [SamplingParams(max_new_tokens=12, ignore_eos=True), SAMPLED,
@@ -278,7 +278,7 @@ def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
 def test_graphed_batched_rounds_on_cpu_stand_ins(hf_model_dir, head, eager, monkeypatch):
     """Batched rounds as (stand-in) CUDA graphs: captured once per batch bucket with live and inert rows, warmed
     up and restored, replayed while sequences join and leave; every sequence gets its eager ids alone."""
-    from nanojet.scheduler import Request, Scheduler
+    from nanojet.engine.scheduler import Request, Scheduler
     engine = make_engine(hf_model_dir[0], page_size=4, head=head, num_pages=200)
     build = Engine.runner
 

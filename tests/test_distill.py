@@ -1,18 +1,18 @@
-"""nanojet/distill.py: the head's training loss runs on any device (no host tensors, no host reads) and with the
+"""nanojet/train/distill.py: the head's training loss runs on any device (no host tensors, no host reads) and with the
 Triton backend selected (the CUDA configuration: Triton teacher, autograd-capable head)."""
 import os
 import random
 
 import pytest
 import torch
+from conftest import make_engine, random_head
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from nanojet import kernels
-from conftest import make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.distill import head_loss, training_mask
-from nanojet.synthetic import synthetic_models
+from nanojet.bench.synthetic import synthetic_models
+from nanojet.model.config import ModelConfig
+from nanojet.train.distill import head_loss, training_mask
 
 
 class HostTensorRecorder(TorchDispatchMode):
@@ -97,7 +97,7 @@ def test_train_head_on_a_synthetic_target_evaluates_with_that_target(tmp_path, m
     import json
 
     import train_head
-    from nanojet import synthetic
+    from nanojet.bench import synthetic
     monkeypatch.setitem(synthetic.SHAPES, "tiny-test", dict(
         hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         intermediate_size=96, vocab_size=8300, tie_word_embeddings=True))
@@ -105,7 +105,7 @@ def test_train_head_on_a_synthetic_target_evaluates_with_that_target(tmp_path, m
     def no_second_model(*args, **kwargs):
         raise AssertionError("a second model was loaded")
     monkeypatch.setattr(train_head, "load_target", no_second_model)
-    from nanojet import train_data
+    from nanojet.train import data as train_data
     monkeypatch.setattr(train_data, "LLM", no_second_model)
     data = tmp_path / "data.jsonl"
     rng = random.Random(0)

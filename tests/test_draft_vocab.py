@@ -3,15 +3,15 @@ log-softmax (restricted to the draft vocabulary when the head has one, with ids 
 the vocabulary is chosen by frequency and round-trips through the head folder, and decoding stays lossless."""
 import pytest
 import torch
-
 from conftest import draft_after, make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.draft_vocab import FILE_NAME, load_draft_vocab, save_draft_vocab, select_draft_vocab
-from nanojet.engine import SpeculativeParams
-from nanojet.head import load_head
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
-from nanojet.static_round import StaticRound
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.round import StaticRound
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
+from nanojet.model.draft_vocab import FILE_NAME, load_draft_vocab, save_draft_vocab, select_draft_vocab
+from nanojet.model.head import load_head
 
 PROMPT = [4, 8, 15, 16, 23, 42, 100, 7, 9, 200, 3, 5, 1]
 VOCAB = 320
@@ -120,10 +120,11 @@ def test_the_vocabulary_file_round_trips_and_old_loaders_ignore_it(tmp_path, hf_
 
 
 def test_train_head_writes_the_most_frequent_tokens_of_its_data(tmp_path, hf_model_dir):
+    from test_train_head import train_args, write_data
+
     import train_head
     from nanojet.tokenizer import Tokenizer
-    from nanojet.train_data import load_corpus
-    from test_train_head import train_args, write_data
+    from nanojet.train.data import load_corpus
     directory = hf_model_dir[0]
     data = write_data(tmp_path / "data.jsonl")
     out = train_head.train(train_args(directory, tmp_path / "head", data, draft_vocab=6))

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import DEFAULT_MODEL, LLM
-from nanojet.engine import SpeculativeParams
-from nanojet.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(),
                                 reason="the embedded model is not built (python -m nanojet.weights.build_tiny)")

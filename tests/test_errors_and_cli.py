@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, make_engine
-from nanojet.config import ModelConfig
+
+from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import load_target
-from nanojet.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
 
 
 def copy_model(src, dst):

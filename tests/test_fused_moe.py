@@ -9,11 +9,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports nanojet.kernels.triton_ops
 
 import pytest  # noqa: E402
+from test_kernels import DEVICES, TOLERANCE, assert_rounds_like_reference, device  # noqa: E402,F401
 
 from nanojet import kernels  # noqa: E402
 from nanojet.kernels import reference, triton_ops  # noqa: E402
 from nanojet.kernels.triton_moe import moe_block_sizes, sort_pairs_by_expert  # noqa: E402
-from test_kernels import DEVICES, TOLERANCE, assert_rounds_like_reference, device  # noqa: E402,F401
 
 
 def moe_case(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,

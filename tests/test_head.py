@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import draft_after, make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.head import load_head, published_layer_ids
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
+from nanojet.model.head import load_head, published_layer_ids
 
 
 def rms(x, weight, eps=1e-6):
@@ -187,7 +187,7 @@ def test_context_kv_at_once_equals_layer_by_layer(hf_model_dir, pack):
     it must write what the per-layer projection writes, with packed weights too, skip padding slots (-1), and
     follow weights written after its stacked copy was made (training)."""
     from nanojet import kernels
-    from nanojet.packed_gemm import pack_rows
+    from nanojet.model.packed_gemm import pack_rows
     directory, _ = hf_model_dir
     head = random_head(ModelConfig.from_dir(directory), seed=3)
     rows, layers, attn = 6, len(head.layers), head.layers[0].self_attn

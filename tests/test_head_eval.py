@@ -1,11 +1,11 @@
 """head_eval.draft_fit: the teacher-forced per-depth fit equals what the inference path drafts, anchor by anchor."""
 import torch
-
 from conftest import draft_after, make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.head_eval import draft_fit
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
+
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
+from nanojet.train.head_eval import draft_fit
 
 
 def test_draft_fit_matches_the_inference_draft_at_every_anchor(hf_model_dir):

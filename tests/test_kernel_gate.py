@@ -1,4 +1,4 @@
-"""The kernel gate (nanojet/kernel_gate.py): every Triton kernel specialisation the engine, the head and training
+"""The kernel gate (nanojet/tools/kernel_gate.py): every Triton kernel specialisation the engine, the head and training
 launch compiles for sm_80 and sm_90 with Triton's own compiler and ptxas, without a GPU, spills no register and
 fits each architecture's shared memory.
 
@@ -19,7 +19,7 @@ ALL_KERNELS = {"_paged_attention_kernel", "_combine_splits_kernel", "_rms_norm_k
 
 def run_gates() -> dict[int, tuple[int, dict | None, str]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    runs = {c: subprocess.Popen([sys.executable, "-m", "nanojet.kernel_gate", "--capability", str(c), "--json"],
+    runs = {c: subprocess.Popen([sys.executable, "-m", "nanojet.tools.kernel_gate", "--capability", str(c), "--json"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for c in CAPABILITIES}
     results = {}

@@ -1,10 +1,10 @@
 """Paged KV cache: varlen steps, page accounting, commit of a kept path, exhaustion."""
 import pytest
 import torch
-
 from conftest import make_engine
-from nanojet.kv_cache import KVCache, KVCacheExhausted, Sequence
-from nanojet.sampling import SamplingParams
+
+from nanojet.engine.kv_cache import KVCache, KVCacheExhausted, Sequence
+from nanojet.engine.sampling import SamplingParams
 
 
 def causal(n: int) -> torch.Tensor:

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import make_engine, random_head, write_hf_moe_model
 
 import bench
-from conftest import make_engine, random_head, write_hf_moe_model
-from nanojet.config import ModelConfig
-from nanojet.device_stats import weight_bytes_per_step
-from nanojet.moe_stats import ExpertRecorder, expert_touch_curve, uniform_routing_experts
-from nanojet.synthetic import SHAPES, synthetic_models
+from nanojet.bench.device_stats import weight_bytes_per_step
+from nanojet.bench.moe_stats import ExpertRecorder, expert_touch_curve, uniform_routing_experts
+from nanojet.bench.synthetic import SHAPES, synthetic_models
+from nanojet.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import ROOT
+
 from nanojet.llm import DEFAULT_MODEL
 
 setuptools = pytest.importorskip("setuptools")

@@ -1,10 +1,10 @@
-"""MKL-packed weights (nanojet/packed_gemm.py): the same products as F.linear, only for the row counts and dtypes
+"""MKL-packed weights (nanojet/model/packed_gemm.py): the same products as F.linear, only for the row counts and dtypes
 they are made for, further copies only within a memory share, never under autograd."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanojet.packed_gemm import Linear, can_pack, linear, pack_module, pack_rows
+from nanojet.model.packed_gemm import Linear, can_pack, linear, pack_module, pack_rows
 
 needs_mkl = pytest.mark.skipif(not can_pack(torch.zeros(1, 1), 8), reason="torch built without MKL")
 
@@ -44,7 +44,7 @@ def test_a_packed_linear_still_trains():
 def test_further_row_counts_stay_within_the_memory_share(monkeypatch):
     """A weight's first copy is made whenever memory allows; copies for further row counts only while every copy
     alive stays under the share, and a copy freed gives its bytes back."""
-    import nanojet.packed_gemm as packed_gemm
+    import nanojet.model.packed_gemm as packed_gemm
     weight = torch.randn(300, 64)
     size = 1.2 * weight.numel() * weight.element_size()
     monkeypatch.setattr(packed_gemm, "_held", {"bytes": 0, "limit": 2.5 * size})

@@ -2,12 +2,12 @@
 changes nothing but memory; it matches HF transformers on a prompt of thousands of tokens."""
 import pytest
 import torch
-
 from conftest import make_engine, random_head, write_hf_model
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
 
 
 def prefill_state(engine, prompt: list[int], taps: tuple[int, ...]):

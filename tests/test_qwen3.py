@@ -1,10 +1,10 @@
 """The target matches HF transformers' Qwen3ForCausalLM: logits at prefill and every decode step, and greedy text."""
 import pytest
 import torch
-
 from conftest import make_engine, write_hf_model
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
+
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.sampling import SamplingParams
 
 CONFIGS = {
     "gqa1-untied": dict(num_attention_heads=4, num_key_value_heads=4, head_dim=16, tie_word_embeddings=False),

@@ -3,13 +3,13 @@ formats, config validation, and lossless speculation (eager and compiled) on a M
 
 import pytest
 import torch
-
 from conftest import make_engine, random_head, write_hf_moe_model
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.qwen3 import SparseMoE
-from nanojet.sampling import SamplingParams
 from test_qwen3 import nanojet_logits_stepwise
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
+from nanojet.model.qwen3 import SparseMoE
 
 CONFIGS = {
     "top2-of-8": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=True),
@@ -102,7 +102,7 @@ def test_saving_writes_the_published_per_expert_names(moe_dir):
     """The loader's inverse map (used for saving) gives back exactly the tensors transformers saved."""
     from safetensors.torch import load_file
 
-    from nanojet.loader import hf_state_dict
+    from nanojet.model.loader import hf_state_dict
     saved = load_file(moe_dir[0] / "model.safetensors")
     ours = hf_state_dict(make_engine(moe_dir[0]).target, prefix="model.")
     assert sorted(ours) == sorted(saved)
@@ -169,7 +169,8 @@ def test_speculation_on_a_moe_target_is_lossless(moe_engine, params, budget, wid
     assert moe_engine.generate(PROMPT, params, SpeculativeParams(budget, width)).token_ids == plain
     # Drafts that are right: every round verifies (and commits) a full path through the MoE layers.
     from conftest import oracle_drafter
-    from nanojet.static_round import StaticRound
+
+    from nanojet.engine.round import StaticRound
     monkeypatch.setattr(StaticRound, "draft_candidates",
                         oracle_drafter(PROMPT + plain, moe_engine.target.config.vocab_size))
     accepted = moe_engine.generate(PROMPT, params, SpeculativeParams(budget, width))

@@ -2,9 +2,9 @@
 step and a lone sequence's round take give the same attention as the general path."""
 import pytest
 import torch
+from test_kernels import attention_case, causal_mask, tree_mask, tree_parents
 
 from nanojet.kernels import reference
-from test_kernels import attention_case, causal_mask, tree_mask, tree_parents
 
 
 @pytest.mark.parametrize("new_tokens", [1, 9])

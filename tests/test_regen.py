@@ -4,9 +4,9 @@ import json
 import pytest
 
 from nanojet.llm import DEFAULT_MODEL, LLM
-from nanojet.regen import cached_regeneration, regenerate, sampling_for, stream_of, weights_fingerprint
 from nanojet.tokenizer import Tokenizer
-from nanojet.train_data import load_corpus
+from nanojet.train.data import load_corpus
+from nanojet.train.regen import cached_regeneration, regenerate, sampling_for, stream_of, weights_fingerprint
 
 
 def test_responses_are_the_targets_own_greedy_and_seeded_sampled_output(hf_model_dir):

@@ -3,13 +3,13 @@ recomputed densely token by token (conftest.dense_reference). Drafters of known 
 what it should, so commit, head context and bonus tokens are exercised on long paths, not only on rejections."""
 import pytest
 import torch
-
 from conftest import dense_reference, make_engine, oracle_drafter, random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams, causal_visibility
-from nanojet.sampling import SamplingParams
-from nanojet.static_round import StaticRound
+
+from nanojet.engine.engine import SpeculativeParams, causal_visibility
+from nanojet.engine.round import StaticRound
+from nanojet.engine.sampling import SamplingParams
 from nanojet.kernels.reference import pack_visibility
+from nanojet.model.config import ModelConfig
 
 PROMPT = [7, 3, 250, 19, 19, 4, 88, 1, 64, 2, 33]  # 11 tokens: crosses KV pages of 4
 GREEDY = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -82,8 +82,8 @@ class HostTraffic(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("shape", [None, (8, 4, None)], ids=["plain", "speculative"])
 def test_a_round_builds_nothing_from_host_data_and_reads_once(setup, shape, monkeypatch):
+    from nanojet.engine.engine import Engine
     from nanojet.kernels import reference
-    from nanojet.engine import Engine
     engine, _ = setup
     traffic = HostTraffic()
     for name in ("paged_attention", "store_kv", "move_kv", "plan_forward", "plan_context"):

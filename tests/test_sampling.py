@@ -1,9 +1,9 @@
 """Sampling: greedy, seeded Gumbel-max keyed by (seed, position), top-k / top-p filtering."""
 import pytest
 import torch
-
 from conftest import make_engine
-from nanojet.sampling import SamplingParams, filter_logits, gumbel_noise, sample
+
+from nanojet.engine.sampling import SamplingParams, filter_logits, gumbel_noise, sample
 
 
 def test_noise_depends_only_on_seed_and_position():
@@ -95,7 +95,7 @@ def test_same_seed_same_tokens_different_seed_differs(hf_model_dir):
 def test_per_row_parameters_choose_what_sample_chooses():
     """Batched rounds sample every sequence with its own parameters (`sample_rows`); each row must pick exactly
     the token `sample` picks alone, greedy rows included, and top_p 1 / top_k 0 must filter nothing."""
-    from nanojet.sampling import sample_rows
+    from nanojet.engine.sampling import sample_rows
     torch.manual_seed(0)
     settings = [SamplingParams(), SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=1.3, top_k=5),
                 SamplingParams(temperature=0.9, top_p=0.8, seed=9), SamplingParams(temperature=1.0, top_k=40, top_p=0.5),

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-
 from conftest import ROOT
 
 MODEL = "qwen3-stdlib-tiny"
@@ -212,7 +211,7 @@ def test_sigterm_drains_running_requests_and_exits_0(server):
 
 def test_missing_server_packages_are_one_line(monkeypatch, capsys):
     """Without fastapi/uvicorn (the `serve` extra), the server says what to install instead of a traceback."""
-    from nanojet import serve
+    from nanojet.serve import server as serve
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # makes `import uvicorn` raise ImportError
     assert serve.main([]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -2,12 +2,12 @@
 should: an oracle drafter that knows the plain output must have every draft accepted."""
 import pytest
 import torch
-
 from conftest import make_engine, oracle_drafter, random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.sampling import SamplingParams
-from nanojet.static_round import StaticRound
+
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.round import StaticRound
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_new_tokens=40, ignore_eos=True)
@@ -27,7 +27,7 @@ def engine(request, hf_model_dir):
 def test_random_head_is_lossless(engine, params, budget, width):
     """A fuzz: a random head's drafts are mostly rejected, so this exercises rejection paths and tree shapes;
     the drafter tests below are what exercise acceptance. Budgets up to 64 build their trees from the candidate
-    table, 300 at width 4 by the beam search (nanojet/tree_table.py)."""
+    table, 300 at width 4 by the beam search (nanojet/engine/candidates.py)."""
     plain = engine.generate(PROMPT, params).token_ids
     spec = engine.generate(PROMPT, params, SpeculativeParams(budget=budget, width=width))
     assert spec.token_ids == plain

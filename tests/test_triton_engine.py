@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
+from conftest import make_engine, random_head
 
 from nanojet import kernels
-from conftest import make_engine, random_head
-from nanojet.config import ModelConfig
-from nanojet.engine import SpeculativeParams
-from nanojet.sampling import SamplingParams
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.config import ModelConfig
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETER else "cuda"
@@ -51,7 +51,8 @@ def test_triton_round_accepts_full_paths_and_equals_the_dense_reference(hf_model
     """With drafts that are right, the round on the Triton kernels commits whole paths (move_kv of real rows,
     head context from the accepted taps) and still emits exactly the dense reference's sampled tokens."""
     from conftest import dense_reference, oracle_drafter
-    from nanojet.static_round import StaticRound
+
+    from nanojet.engine.round import StaticRound
     directory, _ = hf_model_dir
     engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=7))
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]

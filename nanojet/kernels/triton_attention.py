@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 # Tiles and warps (`_warps`) are chosen so that no specialisation the engine launches spills registers on sm_80
-# or sm_90 at head_dim 128: nanojet/kernel_gate.py compiles every one with ptxas and fails CI on a spill. With four
+# or sm_90 at head_dim 128: nanojet/tools/kernel_gate.py compiles every one with ptxas and fails CI on a spill. With four
 # warps, 64-row bf16 tiles spilled on sm_80 and every fp32 tile spilled on both (255 registers, up to 452 bytes);
 # eight warps remove it. fp32 inputs use exact (FMA, "ieee") dots, whose operands need far more registers, so
 # they also get small tiles.
@@ -171,7 +171,7 @@ def _combine_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, num_tokens
 @functools.lru_cache(maxsize=None)
 def _multiprocessor_count(device_index: int) -> int:
     # Asked of Triton's active driver (the CUDA one on a GPU): the ahead-of-time compile check
-    # (nanojet/kernel_gate.py) answers for the GPU it compiles for.
+    # (nanojet/tools/kernel_gate.py) answers for the GPU it compiles for.
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["multiprocessor_count"]
 
 
@@ -187,7 +187,7 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_keys: int) -> int:
 
 
 def _warps(block_rows: int, fp32_inputs: bool) -> int:
-    """Eight warps where four would spill registers (nanojet/kernel_gate.py checks every tile on sm_80 and sm_90):
+    """Eight warps where four would spill registers (nanojet/tools/kernel_gate.py checks every tile on sm_80 and sm_90):
     exact fp32 dots, and 64-row bf16 tiles on sm_80."""
     return 8 if fp32_inputs or block_rows >= 64 else 4
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanojet.config import ModelConfig
-from nanojet.qwen3 import Qwen3
+from nanojet.model.config import ModelConfig
+from nanojet.model.qwen3 import Qwen3
 
 VOCAB_RANKS = 8192
 SPECIAL_TOKENS = {"<|endoftext|>": VOCAB_RANKS, "<|im_start|>": VOCAB_RANKS + 1, "<|im_end|>": VOCAB_RANKS + 2,
@@ -138,7 +138,7 @@ def unigram_loss(train: np.ndarray, val: np.ndarray) -> float:
 def save(model: Qwen3, out: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from nanojet.loader import hf_state_dict
+    from nanojet.model.loader import hf_state_dict
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(torch.bfloat16) for k, v in hf_state_dict(model, prefix="model.").items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -1,5 +1,5 @@
 """Ahead-of-time compile check of every Triton kernel specialisation the engine, the head and training launch,
-for a GPU that is not there: `python -m nanojet.kernel_gate --capability 90` (CI runs it through
+for a GPU that is not there: `python -m nanojet.tools.kernel_gate --capability 90` (CI runs it through
 tests/test_kernel_gate.py, once per architecture, in a process without TRITON_INTERPRET).
 
 How: a compile-only Triton driver stands in for the CUDA one and answers for the GPU named on the command line
@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
-from .distill import head_loss
-from .engine import DEFAULT_PREFILL_CHUNK
-from .kv_cache import AttentionMetadata
-from .llm import DTYPES as NAMED_DTYPES
-from .synthetic import synthetic_models
-from .tree import TREE_BUCKETS
+from nanojet import kernels
+from nanojet.bench.synthetic import synthetic_models
+from nanojet.engine.engine import DEFAULT_PREFILL_CHUNK
+from nanojet.engine.kv_cache import AttentionMetadata
+from nanojet.engine.tree import TREE_BUCKETS
+from nanojet.llm import DTYPES as NAMED_DTYPES
+from nanojet.train.distill import head_loss
 
 # Triton itself is imported inside functions, after run() has pointed its cache at a fresh folder.
 
@@ -47,7 +47,7 @@ class GPU:
 
 
 GPUS = {80: GPU("A100 (sm_80)", 80, 108, 166912), 90: GPU("H100/H200 (sm_90)", 90, 132, 232448)}
-SHAPES = ("qwen3-0.6b", "qwen3-8b")  # nanojet.synthetic shapes, cut to one target and one head layer
+SHAPES = ("qwen3-0.6b", "qwen3-8b")  # nanojet.bench.synthetic shapes, cut to one target and one head layer
 DTYPES = ("bfloat16", "float32")
 PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK
 PROMPT_TAIL = 300                    # a prefill (or a last chunk) whose length is not a multiple of 16
@@ -124,7 +124,7 @@ def commit(models: Models, count: int) -> None:
 
 
 def training_step(models: Models, count: int) -> None:
-    """One distillation loss and its backward (nanojet/distill.py, `count` = batch x sequence tokens): the frozen
+    """One distillation loss and its backward (nanojet/train/distill.py, `count` = batch x sequence tokens): the frozen
     target's teacher forward runs the Triton kernels, the head's forward the autograd-capable torch ops."""
     batch, seq = TRAINING_BATCH
     models.target.requires_grad_(False)
@@ -138,7 +138,7 @@ def fused_moe(models: Models, count: int) -> None:
     """The fused-MoE MLP of one Qwen3-30B-A3B layer over `count` tokens (its own shape; the dtype is the models'):
     hidden 2048, 128 experts of 768, top-8. Token counts 1, 256, the prefill chunk (512) and 1024 (a batched
     step) reach every tile choice (16-, 32- and 64-row expert tiles)."""
-    from .kernels.triton_moe import example_args
+    from nanojet.kernels.triton_moe import example_args
     if models.shape == SHAPES[0]:  # the MoE shape does not depend on the dense shapes: compile it once per dtype
         kernels.fused_moe(*example_args(count, 2048, 768, 128, 8, NAMED_DTYPES[models.dtype], "meta"))
 
@@ -257,7 +257,8 @@ def _define_spill_probe():
 def _all_triton_kernels() -> list[str]:
     """Names of every @triton.jit kernel (`_..._kernel`) defined in nanojet/kernels/."""
     import triton
-    from .kernels import triton_attention, triton_moe, triton_ops
+
+    from nanojet.kernels import triton_attention, triton_moe, triton_ops
     names = []
     for module in (triton_ops, triton_attention, triton_moe):
         names += [name for name, value in vars(module).items()

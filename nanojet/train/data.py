@@ -4,10 +4,10 @@ error naming the file and line."""
 import json
 from pathlib import Path
 
-from .llm import LLM
-from .regen import cached_regeneration, default_cache, regenerate, stream_of, weights_fingerprint
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer
+from nanojet.engine.sampling import SamplingParams
+from nanojet.llm import LLM
+from nanojet.tokenizer import Tokenizer
+from nanojet.train.regen import cached_regeneration, default_cache, regenerate, stream_of, weights_fingerprint
 
 # Regeneration of the built-in corpus: prompts longer than this are skipped (they would crowd the batch's KV).
 REGEN_PROMPT_LIMIT = 256
@@ -22,7 +22,7 @@ def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, d
         return stream_of(builtin_regeneration(tokenizer, model_dir, device, regen_prompts, regen_tokens,
                                               regen_cache, regen_batch), separator)
     if data == "builtin":
-        from .weights.build_tiny import corpus
+        from nanojet.weights.build_tiny import corpus
         return corpus(held_out=False).tolist()
     path = Path(data)
     if path.is_dir():
@@ -72,7 +72,7 @@ def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, d
 def builtin_regeneration(tokenizer: Tokenizer, model_dir: Path, device: str, count: int, max_new_tokens: int,
                          cache: Path | None, batch: int) -> list[dict]:
     """The target's responses to `count` function headers (with docstrings) of the training split, cached."""
-    from .weights.build_tiny import function_prompts
+    from nanojet.weights.build_tiny import function_prompts
     settings = {"target_sha256": weights_fingerprint(model_dir), "prompts": count, "max_new_tokens": max_new_tokens,
                 "prompt_limit": REGEN_PROMPT_LIMIT, "source": "build_tiny.function_prompts(held_out=False)"}
     cache = cache or default_cache(model_dir, settings)

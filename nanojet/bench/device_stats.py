@@ -1,21 +1,15 @@
 """What the hardware does during decoding, for bench.py: device copy and matrix-vector bandwidth, the weight bytes a
 decode step must read, and how often the host waits on the device per round."""
-import time
 import warnings
 from dataclasses import replace
 
 import torch
 
-from .engine import Engine
-from .moe_stats import expert_bytes, sparse_layers
-from .qwen3 import Qwen3
-from .sampling import SamplingParams
-
-
-def synced_clock() -> float:
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
+from nanojet.bench.moe_stats import expert_bytes, sparse_layers
+from nanojet.engine.engine import Engine
+from nanojet.engine.round import synced_clock
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.qwen3 import Qwen3
 
 
 def copy_bandwidth(device: torch.device, repeats: int = 20) -> float:
@@ -84,7 +78,7 @@ def prefill_memory(target: Qwen3, num_tokens: int, prefill_chunk: int) -> dict:
     process's peak resident memory (Linux ru_maxrss; on CUDA also the device's peak allocation)."""
     import resource
 
-    from .kv_cache import KVCache, Sequence
+    from nanojet.engine.kv_cache import KVCache, Sequence
     config, device, page_size = target.config, target.norm.device, 16
     pages = -(-num_tokens // page_size)
     kv = KVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, pages, page_size, pages,

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .config import ModelConfig
-from .kv_cache import AttentionMetadata
-from .packed_gemm import Linear, linear, pack_module, pack_rows
+from nanojet import kernels
+from nanojet.engine.kv_cache import AttentionMetadata
+from nanojet.model.config import ModelConfig
+from nanojet.model.packed_gemm import Linear, linear, pack_module, pack_rows
 
 
 class Attention(nn.Module):
@@ -158,7 +158,7 @@ class Qwen3(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                              bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
-        self.packed_lm_head: dict[int, tuple] = {}  # the lm_head (tied or not) packed (nanojet/packed_gemm.py)
+        self.packed_lm_head: dict[int, tuple] = {}  # the lm_head (tied or not) packed (nanojet/model/packed_gemm.py)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -170,7 +170,7 @@ class Qwen3(nn.Module):
 
     def pack(self, rows: int, logit_rows: int) -> None:
         """CPU rounds: packed weights for forwards of `rows` tokens that score `logit_rows` of them
-        (nanojet/packed_gemm.py)."""
+        (nanojet/model/packed_gemm.py)."""
         pack_module(self, rows)
         pack_rows(self.packed_lm_head, self.lm_head_weight, logit_rows)
 

@@ -15,8 +15,8 @@ import random
 import torch
 import torch.nn.functional as F
 
-from .head import DraftHead
-from .qwen3 import Qwen3
+from nanojet.model.head import DraftHead
+from nanojet.model.qwen3 import Qwen3
 
 
 def training_mask(anchors: torch.Tensor, seq_len: int, block_size: int, causal: bool) -> torch.Tensor:

@@ -33,5 +33,5 @@ def read_prompts(path: Path, count: int) -> list[str]:
 
 
 def builtin_prompts(count: int) -> list[str]:
-    from .weights.build_tiny import held_out_prompts
+    from nanojet.weights.build_tiny import held_out_prompts
     return held_out_prompts(count)

@@ -10,8 +10,8 @@ events ending in `data: [DONE]`), GET /health, GET /metrics (Prometheus text). E
 large, 503 with Retry-After when the queue is full. A client that goes away is cancelled before the next round;
 SIGTERM stops taking requests, lets the running ones finish, and exits 0.
 
-This layer only translates: prompts and parameters in, text events out. Decoding lives in nanojet.scheduler and
-nanojet.serving.
+This layer only translates: prompts and parameters in, text events out. Decoding lives in nanojet.engine.scheduler and
+nanojet.serve.loop.
 """
 import argparse
 import asyncio
@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .cli import ArgumentParser, positive_int
+from nanojet.tools.cli import ArgumentParser, positive_int
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20
@@ -78,7 +78,7 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
 
 def sampling_from(body: dict, prompt_len: int, max_model_len: int, default_max_tokens: int | None):
     """The request's sampling fields -> (SamplingParams, stop strings); 400 on anything invalid."""
-    from .sampling import SamplingParams
+    from nanojet.engine.sampling import SamplingParams
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise APIError(400, "'n' must be 1", "invalid_parameter")
     room = max_model_len - prompt_len
@@ -117,7 +117,8 @@ def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTE
     """The FastAPI app over a started `ServingEngine`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from .serving import QueueFull
+
+    from nanojet.serve.loop import QueueFull
 
     app = FastAPI(title="nanojet")
 
@@ -288,10 +289,9 @@ def main(argv=None) -> int:
               f"(or pip install 'nanojet[serve]')", file=sys.stderr)
         return 2
     try:
-
-        from .engine import SpeculativeParams
-        from .llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
-        from .serving import ServingEngine
+        from nanojet.engine.engine import SpeculativeParams
+        from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
+        from nanojet.serve.loop import ServingEngine
         model = Path(args.model) if args.model else DEFAULT_MODEL
         head = None if args.ar or args.head == "none" else args.head
         if head == "auto":
@@ -334,6 +334,3 @@ def main(argv=None) -> int:
     engine.stop()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

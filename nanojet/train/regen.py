@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from .sampling import SamplingParams
+from nanojet.engine.sampling import SamplingParams
 
 CACHE_VERSION = 1
 SAMPLED_TEMPERATURE, SAMPLED_TOP_P = 0.8, 0.95

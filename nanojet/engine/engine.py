@@ -13,14 +13,14 @@ from typing import Callable
 
 import torch
 
-from .head import DraftHead
-from .kv_cache import AttentionMetadata, KVCache, Sequence
-from .qwen3 import Qwen3
-from .round_runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
-from .sampling import SamplingParams, sample
-from .static_round import StaticRound
-from .toolchain import check_toolchain
-from .tree import read_outcome
+from nanojet.engine.kv_cache import AttentionMetadata, KVCache, Sequence
+from nanojet.engine.round import StaticRound
+from nanojet.engine.runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
+from nanojet.engine.sampling import SamplingParams, sample
+from nanojet.engine.toolchain import check_toolchain
+from nanojet.engine.tree import read_outcome
+from nanojet.model.head import DraftHead
+from nanojet.model.qwen3 import Qwen3
 
 # How rounds run: "eager" runs the static round as plain Python (the CPU default; --enforce-eager on CUDA);
 # "graphed" captures it as one CUDA graph per round shape (the CUDA default); "compiled" is torch.compile, inside

@@ -18,9 +18,9 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from .engine import Engine, SpeculativeParams
-from .sampling import SamplingParams
-from .scheduler import Request, Scheduler
+from nanojet.engine.engine import Engine, SpeculativeParams
+from nanojet.engine.sampling import SamplingParams
+from nanojet.engine.scheduler import Request, Scheduler
 
 
 class Mismatch(Exception):
@@ -117,7 +117,7 @@ def start_server(model: str, head: str | None, spec: SpeculativeParams | None, m
                "--max-num-seqs", str(max_num_seqs), "--max-waiting", str(args.samples), "--device", args.device,
                "--dtype", args.dtype, "--step-tokens", str(args.step_tokens)]
     command += ["--head", head, "--budget", str(spec.budget), "--width", str(spec.width)] if spec else ["--ar"]
-    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2])
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

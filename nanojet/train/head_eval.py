@@ -16,10 +16,10 @@ from collections import Counter
 
 import torch
 
-from .distill import block_logits
-from .head import DraftHead
-from .qwen3 import Qwen3
-from .sampling import SamplingParams
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.head import DraftHead
+from nanojet.model.qwen3 import Qwen3
+from nanojet.train.distill import block_logits
 
 
 def acceptance(engine, prompts: list[list[int]], spec, new_tokens: int, depth: int) -> dict:

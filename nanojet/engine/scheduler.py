@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from .engine import Engine, GenerationStats, SpeculativeParams, causal_visibility
-from .kv_cache import AttentionMetadata, KVCacheExhausted, Sequence
-from .sampling import SamplingParams, sample
-from .tree import read_outcome, tree_bucket, tree_size
+from nanojet.engine.engine import Engine, GenerationStats, SpeculativeParams, causal_visibility
+from nanojet.engine.kv_cache import AttentionMetadata, KVCacheExhausted, Sequence
+from nanojet.engine.sampling import SamplingParams, sample
+from nanojet.engine.tree import read_outcome, tree_bucket, tree_size
 
 SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows of a batched round: one graph per bucket
 DEFAULT_STEP_TOKENS = 512

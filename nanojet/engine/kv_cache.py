@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import kernels
-from .kernels.reference import pack_visibility
+from nanojet import kernels
+from nanojet.kernels.reference import pack_visibility
 
 
 class KVCacheExhausted(RuntimeError):

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .sampling import SamplingParams
+from nanojet.engine.sampling import SamplingParams
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 

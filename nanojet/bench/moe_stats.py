@@ -4,9 +4,9 @@ MoE target a verify is not the one memory-bound step it is on a dense one. `benc
 this curve per tree budget."""
 import torch
 
-from .engine import Engine, SpeculativeParams
-from .qwen3 import Qwen3, SparseMoE
-from .sampling import SamplingParams
+from nanojet.engine.engine import Engine, SpeculativeParams
+from nanojet.engine.sampling import SamplingParams
+from nanojet.model.qwen3 import Qwen3, SparseMoE
 
 
 def sparse_layers(target: Qwen3) -> list[SparseMoE]:

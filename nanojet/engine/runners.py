@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from .static_round import StaticRound
+from nanojet.engine.round import StaticRound
 
 
 class RoundRunner:

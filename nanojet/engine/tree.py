@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.reference import pack_visibility, unpack_visibility
+from nanojet.kernels.reference import pack_visibility, unpack_visibility
 
 
 @dataclass

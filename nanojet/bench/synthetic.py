@@ -4,12 +4,12 @@ from dataclasses import replace
 
 import torch
 
-from .config import ModelConfig
-from .engine import DEFAULT_PREFILL_CHUNK, Engine
-from .head import DraftHead, HeadConfig
-from .kv_cache import KVCache
-from .qwen3 import Qwen3, rope_inv_freq
-from .static_round import pages_per_sequence
+from nanojet.engine.engine import DEFAULT_PREFILL_CHUNK, Engine
+from nanojet.engine.kv_cache import KVCache
+from nanojet.engine.round import pages_per_sequence
+from nanojet.model.config import ModelConfig
+from nanojet.model.head import DraftHead, HeadConfig
+from nanojet.model.qwen3 import Qwen3, rope_inv_freq
 
 SHAPES = {  # the published Qwen3 configs (Qwen3-30B-A3B: every layer a MoE layer)
     "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,

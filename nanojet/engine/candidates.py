@@ -1,6 +1,6 @@
 """Small draft trees from a table of every node that could be chosen: one sort per round instead of a beam search.
 
-A node is a path of candidate ranks `(r_1 .. r_d)` (nanojet/tree.py). Every path it dominates rank by rank (no
+A node is a path of candidate ranks `(r_1 .. r_d)` (nanojet/engine/tree.py). Every path it dominates rank by rank (no
 longer, and no rank larger: `(s_1 .. s_k)`, k <= d, s_i <= r_i) scores at least as much and comes first in the tie
 order below, so if the node is among the best `budget - 1`, all of them are: there are
 `sum over k of (r_1 + 1) .. (r_k + 1)` of them, itself included, and that must not exceed `budget - 1`. At small
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import DraftTree, packed_tree, tree_size
+from nanojet.engine.tree import DraftTree, packed_tree, tree_size
 
 # Past this many candidates the table is no longer cheaper than the beam search. Measured on the CPU (2 threads,
 # a budget's table against its beam, padded trees): 96 against 343 us at budget 8 (32 candidates), 266 against 435

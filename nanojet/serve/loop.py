@@ -12,11 +12,11 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from .engine import SpeculativeParams
-from .llm import LLM
-from .sampling import SamplingParams
-from .scheduler import Request, Scheduler
-from .tokenizer import IncrementalDetokenizer
+from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.sampling import SamplingParams
+from nanojet.engine.scheduler import Request, Scheduler
+from nanojet.llm import LLM
+from nanojet.tokenizer import IncrementalDetokenizer
 
 # Scheduler finish reasons -> OpenAI's.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "abort",

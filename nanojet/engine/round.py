@@ -20,17 +20,18 @@ P = the longest path the tree allows). Commit always moves P rows (identity move
 the pool is touched the same way every round. Pages stay on the host: `table` reserves scratch for the tree and
 the draft block before a step, `finish` trims what the round did not keep after it.
 """
+import time
 from collections import Counter
 
 import torch
 
-from . import kernels
-from .kernels.reference import pack_visibility
-from .kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
-from .packed_gemm import linear, pack_module, pack_rows
-from .sampling import SamplingParams, sample_rows
-from .tree import DraftTree, accept, tree_from_candidates, round_outcome, tree_bucket, tree_size
-from .tree_table import candidate_table, tree_from_table
+from nanojet import kernels
+from nanojet.engine.candidates import candidate_table, tree_from_table
+from nanojet.engine.kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
+from nanojet.engine.sampling import SamplingParams, sample_rows
+from nanojet.engine.tree import DraftTree, accept, round_outcome, tree_bucket, tree_from_candidates, tree_size
+from nanojet.kernels.reference import pack_visibility
+from nanojet.model.packed_gemm import linear, pack_module, pack_rows
 
 
 def round_scratch_slots(max_tree_nodes: int, block_size: int) -> int:
@@ -68,7 +69,7 @@ class StaticRound:
         block_size = 0 if spec is None else head.config.block_size
         depth, nodes = round_tree(spec, block_size)
         if spec is not None:
-            # The lm_head rows the head scores: the whole vocabulary, or its draft vocabulary (nanojet/draft_vocab.py)
+            # The lm_head rows the head scores: the whole vocabulary, or its draft vocabulary (nanojet/model/draft_vocab.py)
             self.draft_weight, self.draft_packed = head.draft_lm_head(target.lm_head_weight)  # [V or N, H]
             self.draft_ids = head.draft_vocab  # [N] target ids of those rows, or None
             if spec.width > self.draft_weight.shape[0]:
@@ -163,7 +164,7 @@ class StaticRound:
 
     def pack_weights(self) -> None:
         """Eager CPU rounds: MKL-packed copies of the weights for this round's row counts, each product's rows known
-        now (nanojet/packed_gemm.py; a no-op elsewhere and for counts where packing does not pay)."""
+        now (nanojet/model/packed_gemm.py; a no-op elsewhere and for counts where packing does not pay)."""
         rows = self.num_sequences
         self.target.pack(rows * self.bucket, rows * self.nodes)  # verify: the padded tree; logits of real nodes
         if self.spec is not None:
@@ -318,8 +319,14 @@ class StaticRound:
         set `time_split`, and never inside a compiled graph; on CUDA each mark synchronizes."""
         if self.time_split is None or torch.compiler.is_compiling():
             return
-        from .device_stats import synced_clock
         now = synced_clock()
         if part is not None:
             self.time_split[part] += now - self._clock
         self._clock = now
+
+
+def synced_clock() -> float:
+    """Seconds, after the device has finished what was queued (a host sync on CUDA)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import kernels
-from .config import ModelConfig
-from .draft_vocab import load_draft_vocab, save_draft_vocab
-from .kv_cache import AttentionMetadata
-from .loader import hf_state_dict, load_weights
-from .packed_gemm import Linear, linear, weight_version
-from .qwen3 import DecoderLayer, rope_inv_freq
+from nanojet import kernels
+from nanojet.engine.kv_cache import AttentionMetadata
+from nanojet.model.config import ModelConfig
+from nanojet.model.draft_vocab import load_draft_vocab, save_draft_vocab
+from nanojet.model.loader import hf_state_dict, load_weights
+from nanojet.model.packed_gemm import Linear, linear, weight_version
+from nanojet.model.qwen3 import DecoderLayer, rope_inv_freq
 
 
 @dataclass
@@ -115,14 +115,14 @@ class DraftHead(nn.Module):
         self.hidden_norm = nn.Parameter(torch.ones(c.hidden_size))
         self.norm = nn.Parameter(torch.ones(c.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(c.head_dim, c.rope_theta), persistent=False)
-        # Target ids the head may draft (nanojet/draft_vocab.py), None: all. Not in model.safetensors.
+        # Target ids the head may draft (nanojet/model/draft_vocab.py), None: all. Not in model.safetensors.
         self.register_buffer("draft_vocab", None, persistent=False)
         self._draft_rows: tuple | None = None  # (lm_head weight, vocabulary, its rows, their packed copies)
         self._context_kv: tuple | None = None  # (weight versions, `context_kv_weights`)
 
     def draft_lm_head(self, lm_head_weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The rows of the target's lm_head `[V, H]` that drafting scores (all of them, or the draft vocabulary's),
-        built once rather than per round, and a dict for their packed copies (nanojet/packed_gemm.py), new whenever
+        built once rather than per round, and a dict for their packed copies (nanojet/model/packed_gemm.py), new whenever
         the rows are."""
         cached = self._draft_rows
         if cached is None or cached[0] is not lm_head_weight or cached[1] is not self.draft_vocab:
