@@ -44,7 +44,8 @@ from nanojet.bench.moe_stats import expert_touch_curve, print_expert_curve
 from nanojet.bench.prompt_sets import builtin_prompts, read_prompts
 from nanojet.bench.report import COMPONENTS, print_report
 from nanojet.bench.synthetic import SHAPES, build_engine, synthetic_models
-from nanojet.engine.engine import Engine, SpeculativeParams, default_execution
+from nanojet.engine.engine import Engine, default_execution
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.round import synced_clock
 from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype

@@ -57,7 +57,7 @@ def evaluate_tau(target, head_dir: Path, prompts: list[list[int]]) -> dict:
     share of rounds that accepted the draft at depth d): a chain of B-1 drafts and a budget-64 tree. Reuses the
     training target; only the head is loaded, from its checkpoint."""
     from nanojet.bench.synthetic import build_engine
-    from nanojet.engine.engine import SpeculativeParams
+    from nanojet.engine.request import SpeculativeParams
     from nanojet.train.head_eval import acceptance
     head = load_head(head_dir, target.config, target.norm.dtype, target.norm.device).eval()
     new_tokens = 64

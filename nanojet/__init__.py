@@ -11,6 +11,6 @@ def __getattr__(name: str):
         from nanojet.engine.sampling import SamplingParams
         return SamplingParams
     if name == "SpeculativeParams":
-        from nanojet.engine.engine import SpeculativeParams
+        from nanojet.engine.request import SpeculativeParams
         return SpeculativeParams
     raise AttributeError(f"module 'nanojet' has no attribute {name!r}")

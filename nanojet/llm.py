@@ -9,11 +9,12 @@ from typing import Callable
 
 import torch
 
-from nanojet.engine.engine import DEFAULT_PREFILL_CHUNK, Engine, GenerationStats, SpeculativeParams, default_execution
+from nanojet.engine.engine import Engine, default_execution
 from nanojet.engine.kv_cache import KVCache
-from nanojet.engine.round import pages_per_sequence, round_scratch_slots, round_tree
+from nanojet.engine.request import GenerationStats, Request, SpeculativeParams
+from nanojet.engine.round import pages_per_sequence
 from nanojet.engine.sampling import SamplingParams
-from nanojet.engine.scheduler import DEFAULT_STEP_TOKENS, Request, Scheduler
+from nanojet.engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_STEP_TOKENS
 from nanojet.model.config import ModelConfig
 from nanojet.model.generation_config import GenerationDefaults
 from nanojet.model.head import DraftHead, load_head
@@ -135,7 +136,7 @@ class LLM:
         eos = sorted(set(config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         self.engine = Engine(self.model, self.kv_cache, self.max_model_len, eos, self.head,
                              execution=default_execution(self.device, compile, enforce_eager),
-                             prefill_chunk=prefill_chunk)
+                             prefill_chunk=prefill_chunk, max_num_seqs=max_num_seqs, step_tokens=step_tokens)
         self.max_tree_nodes = max_tree_nodes
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None,
@@ -145,28 +146,6 @@ class LLM:
                                                                                         "content": prompt}]
             prompt = self.tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
         return self.tokenizer.encode(prompt)
-
-    def round_scratch_slots(self, spec: SpeculativeParams | None) -> int:
-        """KV slots past the committed ones that one round writes: the tree padded to its bucket or the draft
-        block, whichever is wider (static_round.StaticRound.scratch_slots); one for plain decoding."""
-        if spec is None or spec.budget == 1 or self.head is None:
-            return 1
-        _, nodes = round_tree(spec, self.head.config.block_size)
-        return round_scratch_slots(nodes, self.head.config.block_size)
-
-    def check_kv_fits(self, prompt_tokens: int, params: SamplingParams, spec: SpeculativeParams | None) -> None:
-        """Refuse at admission, before anything streams, a generation the KV pool cannot hold to its end."""
-        if prompt_tokens >= self.max_model_len:
-            return  # the engine refuses it, naming the context limit
-        page_size = self.kv_cache.kv_page_size
-        tokens = min(prompt_tokens + params.max_new_tokens, self.max_model_len)
-        scratch = self.round_scratch_slots(spec)
-        pages = -(-(tokens + scratch) // page_size)
-        if pages > self.kv_cache.num_pages:
-            raise ValueError(f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({params.max_new_tokens}) + a "
-                             f"round's scratch ({scratch} slots) need {pages} KV pages of {page_size} tokens, but "
-                             f"the KV pool has {self.kv_cache.num_pages}; raise --kv-memory-gb (LLM kv_memory_gb), "
-                             f"or leave it unset to size the pool for --max-model-len, or ask for fewer new tokens")
 
     def generate(self, prompt: str | list[int] | list[str | list[int]], params: SamplingParams | None = None,
                  spec: SpeculativeParams | None = None, chat: bool = False,
@@ -213,8 +192,8 @@ class LLM:
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts; give one or one each")
         per_prompt = [self._check_params(p, spec) for p in per_prompt]
         prepared = [self.prepare_prompt(prompt, p, spec, chat, token_healing) for prompt, p in zip(prompts, per_prompt)]
-        requests = [Request(ids, p, first_token_ids=first) for (ids, _, first), p in zip(prepared, per_prompt)]
-        Scheduler(self.engine, spec, self.max_num_seqs, self.step_tokens).run(requests)
+        requests = [Request(ids, p, spec, first) for (ids, _, first), p in zip(prepared, per_prompt)]
+        self.engine.run(requests)
         failed = next((r for r in requests if r.error), None)
         if failed is not None:
             raise RuntimeError(f"prompt {requests.index(failed)}: {failed.error}")
@@ -234,14 +213,12 @@ class LLM:
     def prepare_prompt(self, prompt: str | list[int], params: SamplingParams, spec: SpeculativeParams | None,
                        chat: bool = False,
                        token_healing: bool | None = None) -> tuple[list[int], bytes, list[int] | None]:
-        """Prompt -> (ids to prefill, healed bytes, allowed first tokens or None), refusing what cannot fit the
-        KV pool; see `generate` on healing."""
+        """Prompt -> (ids to prefill, healed bytes, allowed first tokens or None); see `generate` on healing."""
         if not isinstance(prompt, (str, list)):
             raise ValueError(f"prompt must be text (str) or a list of token ids, got {type(prompt).__name__}")
         if token_healing is None:
             token_healing = self.generation_defaults.token_healing
         ids = self._check_token_ids(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        self.check_kv_fits(len(ids), params, spec)
         if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
             tail = self.tokenizer.decode_bytes(ids[-1:])
             candidates = self.tokenizer.ids_starting_with(tail)

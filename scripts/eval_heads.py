@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanojet.bench.prompt_sets import builtin_prompts, read_prompts  # noqa: E402
 from nanojet.bench.synthetic import build_engine  # noqa: E402
-from nanojet.engine.engine import SpeculativeParams  # noqa: E402
+from nanojet.engine.request import SpeculativeParams  # noqa: E402
 from nanojet.engine.sampling import SamplingParams  # noqa: E402
 from nanojet.llm import DEFAULT_MODEL, load_target  # noqa: E402
 from nanojet.model.head import load_head  # noqa: E402

@@ -169,7 +169,7 @@ def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
 def draft_after(engine, sequence, anchor: int) -> torch.Tensor:
     """The head's draft log-probs `[B-1, V]` (full vocabulary) for a sequence whose KV holds `sequence.length`
     slots: the distribution the round's top-width candidates are taken from."""
-    from nanojet.engine.engine import SpeculativeParams
+    from nanojet.engine.request import SpeculativeParams
     from nanojet.engine.round import StaticRound
     round_ = StaticRound(engine.target, engine.head, engine.kv, SpeculativeParams(budget=2, width=1), False)
     round_.begin(0, sequence, anchor)

@@ -32,8 +32,8 @@ class Mutant:
 
 MUTANTS = [
     # noise keys: every token's Gumbel noise is keyed by its own absolute position
-    Mutant("noise-key/first-token", "nanojet/engine/engine.py", "torch.full((1,), len(prompt_ids), device=self.device)",
-           "torch.full((1,), len(prompt_ids) + 1, device=self.device)", ("tests/test_round.py",)),
+    Mutant("noise-key/first-token", "nanojet/engine/engine.py", "torch.full((1,), len(request.prompt_ids), device=self.device)",
+           "torch.full((1,), len(request.prompt_ids) + 1, device=self.device)", ("tests/test_round.py",)),
     Mutant("noise-key/round", "nanojet/engine/round.py", "sample_rows(logits, positions + 1,",
            "sample_rows(logits, positions + 2,", ("tests/test_round.py",)),
     Mutant("noise-key/seed-per-row", "nanojet/engine/round.py", "for t in (temperature, top_k, top_p, seed)))",
@@ -107,8 +107,9 @@ MUTANTS = [
            ("tests/test_kernels.py", "tests/test_qwen3.py")),
     Mutant("mask/prefill-chunk-no-self", "nanojet/engine/engine.py", "visible_bits = (row + 1 - word_start).clamp(0, 32)",
            "visible_bits = (row - word_start).clamp(0, 32)", ("tests/test_prefill.py",)),
-    Mutant("mask/prefill-chunk-no-prefix", "nanojet/engine/engine.py", "prefix_lens=torch.full((1,), start,",
-           "prefix_lens=torch.full((1,), 0,", ("tests/test_prefill.py",)),
+    Mutant("mask/prefill-chunk-no-prefix", "nanojet/engine/engine.py",
+           "prefix_lens=torch.tensor([start for *_, start in chunks],",
+           "prefix_lens=torch.tensor([0 for *_, start in chunks],", ("tests/test_prefill.py",)),
     Mutant("mask/head-block-anticausal", "nanojet/model/head.py", "return ones.tril() if self.config.causal else ones",
            "return ones.triu() if self.config.causal else ones", ("tests/test_head.py",)),
     # acceptance walk: a node is accepted only when every ancestor matched too
@@ -129,8 +130,8 @@ MUTANTS = [
     Mutant("kv/trim-frees-a-live-page", "nanojet/engine/kv_cache.py", "keep = -(-num_slots // self.kv_page_size)",
            "keep = num_slots // self.kv_page_size", ("tests/test_kv_cache.py", "tests/test_round.py")),
     # stops: EOS inside an accepted path is emitted, nothing after it
-    Mutant("stop/eos-dropped", "nanojet/engine/engine.py", 'stats.finish_reason = "eos"\n                return new[:i + 1]',
-           'stats.finish_reason = "eos"\n                return new[:i]',
+    Mutant("stop/eos-dropped", "nanojet/engine/request.py", "return tokens[:i + 1]",
+           'return tokens[:i + 1 - (self.stats.finish_reason == "eos")]',
            ("tests/test_speculative.py", "tests/test_errors_and_cli.py")),
     # sampling filters
     Mutant("sampling/top-k-one-more", "nanojet/engine/sampling.py", "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",

@@ -83,8 +83,8 @@ def test_round_scratch_is_what_the_static_round_reserves(tmp_path, hf_model_dir,
     llm = LLM(hf_model_dir[0], head=tmp_path / "head", device="cpu")
     spec = SpeculativeParams(budget, width, depth)
     static = StaticRound(llm.model, llm.head, llm.kv_cache, spec if budget > 1 else None, SamplingParams())
-    assert llm.round_scratch_slots(spec) == static.scratch_slots
-    assert llm.round_scratch_slots(None) == 1
+    assert llm.engine.scratch_slots(spec) == static.scratch_slots
+    assert llm.engine.scratch_slots(None) == 1
 
 
 def test_speculative_generation_that_fits_the_pool_exactly_completes(tmp_path, hf_model_dir):
@@ -95,7 +95,7 @@ def test_speculative_generation_that_fits_the_pool_exactly_completes(tmp_path, h
     page_bytes = layers * 2 * 16 * target.num_key_value_heads * target.head_dim * 4
     spec, params = SpeculativeParams(16, 4), SamplingParams(max_new_tokens=40, ignore_eos=True)
     probe = LLM(hf_model_dir[0], head=tmp_path / "head", device="cpu")
-    pages = -(-(10 + 40 + probe.round_scratch_slots(spec)) // 16)
+    pages = -(-(10 + 40 - 1 + probe.engine.scratch_slots(spec)) // 16)  # the last round starts at 49 slots
     llm = LLM(hf_model_dir[0], head=tmp_path / "head", device="cpu", kv_memory_gb=pages * page_bytes / 2**30)
     assert llm.kv_cache.num_pages == pages
     assert len(llm.generate(list(range(1, 11)), params, spec).token_ids) == 40

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import make_engine, oracle_drafter, random_head
 
-from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.engine import Engine, sequence_buckets
 from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.request import Request, SpeculativeParams
 from nanojet.engine.round import StaticRound
 from nanojet.engine.sampling import SamplingParams
-from nanojet.engine.scheduler import Request, Scheduler, sequence_buckets
+from nanojet.engine.scheduler import Scheduler
 from nanojet.model.config import ModelConfig
 
 VOCAB = 320
@@ -34,7 +35,16 @@ def random_requests(seed: int, count: int, max_new: int = 30) -> list[Request]:
     return requests
 
 
-def run_staggered(scheduler: Scheduler, requests: list[Request], seed: int) -> None:
+def batching(engine, spec: SpeculativeParams | None, requests: list[Request], max_num_seqs: int,
+             step_tokens: int = 512) -> Scheduler:
+    """The engine with a scheduler of its own for these requests, which all draft with `spec`."""
+    engine.scheduler = Scheduler(engine.kv, max_num_seqs, step_tokens, engine.prefill_chunk)
+    for request in requests:
+        request.spec = spec
+    return engine.scheduler
+
+
+def run_staggered(engine, requests: list[Request], seed: int) -> None:
     """Add each request at a random step (several while others decode), then step until all have finished."""
     rng = random.Random(seed)
     arrivals = sorted(rng.randrange(12) for _ in requests)
@@ -42,8 +52,8 @@ def run_staggered(scheduler: Scheduler, requests: list[Request], seed: int) -> N
     while not all(r.finished for r in requests):
         for request, arrival in zip(requests, arrivals):
             if arrival == step:
-                scheduler.add(request)
-        scheduler.step()
+                engine.add(request)
+        engine.step()
         step += 1
 
 
@@ -93,8 +103,8 @@ def test_batched_ids_equal_ids_alone(engine, alone, shape, drafter, monkeypatch)
         install_row_oracles(monkeypatch, {id(r.sequence): r.prompt_ids + ids for r, ids in zip(requests, alone)},
                             wrong_from_depth=None if drafter == "oracle" else 3)
     spec = None if shape is None else SpeculativeParams(*shape)
-    scheduler = Scheduler(engine, spec, max_num_seqs=4, step_tokens=48)  # prompts need several chunks
-    run_staggered(scheduler, requests, seed=1)
+    scheduler = batching(engine, spec, requests, max_num_seqs=4, step_tokens=48)  # prompts need several chunks
+    run_staggered(engine, requests, seed=1)
     for request, expected in zip(requests, alone):
         assert request.output_ids == expected, (request.params, request.stats.accept_hist)
         assert request.stats.finish_reason == "length"
@@ -116,16 +126,16 @@ def test_preempted_sequences_recompute_losslessly(hf_model_dir, monkeypatch):
     alone = [engine.generate(r.prompt_ids, r.params).token_ids for r in requests]
     install_row_oracles(monkeypatch, {id(r.sequence): r.prompt_ids + ids for r, ids in zip(requests, alone)},
                         wrong_from_depth=5)
-    scheduler = Scheduler(engine, SpeculativeParams(16, 2), max_num_seqs=6)
+    scheduler = batching(engine, SpeculativeParams(16, 2), requests, max_num_seqs=6)
     tokens_at_preemption = []
-    preempt = Scheduler._preempt
+    preempt = Scheduler.preempt
 
     def recording_preempt(self, request):
         tokens_at_preemption.append(len(request.output_ids))
         preempt(self, request)
 
-    monkeypatch.setattr(Scheduler, "_preempt", recording_preempt)
-    scheduler.run(requests)
+    monkeypatch.setattr(Scheduler, "preempt", recording_preempt)
+    engine.run(requests)
     assert scheduler.preemptions > 0 and max(tokens_at_preemption) > 1  # some lost decoded K/V, not only a prompt
     assert [r.output_ids for r in requests] == alone
     assert max(scheduler.accept_hist) == 5
@@ -134,18 +144,18 @@ def test_preempted_sequences_recompute_losslessly(hf_model_dir, monkeypatch):
 
 def test_cancelled_request_frees_its_pages_and_others_continue(engine, alone):
     requests = random_requests(0, 3)
-    scheduler = Scheduler(engine, SpeculativeParams(8, 4), max_num_seqs=4)
+    scheduler = batching(engine, SpeculativeParams(8, 4), requests, max_num_seqs=4)
     for request in requests:
-        scheduler.add(request)
+        engine.add(request)
     while len(requests[1].output_ids) < 2:
-        scheduler.step()
+        engine.step()
     used = scheduler.kv_pages_used
     requests[1].cancel()
-    scheduler.step()  # the next step drops it before its round
+    engine.step()  # the next step drops it before its round
     assert requests[1].finished and requests[1].stats.finish_reason == "cancelled"
     assert requests[1].sequence.pages == [] and scheduler.kv_pages_used < used
-    while scheduler.has_work:
-        scheduler.step()
+    while engine.has_work:
+        engine.step()
     assert [requests[0].output_ids, requests[2].output_ids] == [alone[0], alone[2]]
     assert all_pages_free(engine)
 
@@ -179,14 +189,14 @@ def test_sequence_buckets():
 
 
 def test_requests_that_cannot_fit_are_refused(engine):
-    scheduler = Scheduler(engine, None, max_num_seqs=2)
     with pytest.raises(ValueError, match="prompt is empty"):
-        scheduler.add(Request([]))
+        engine.add(Request([]))
     with pytest.raises(ValueError, match="context holds 128"):
-        scheduler.add(Request(list(range(128))))
+        engine.add(Request(list(range(128))))
     small = make_engine_like(engine, num_pages=4)
-    with pytest.raises(ValueError, match="more KV pages than the pool has"):
-        Scheduler(small, None).add(Request([1] * 20, SamplingParams(max_new_tokens=40)))
+    with pytest.raises(ValueError, match="need 15 KV pages .* the KV pool has 4"):
+        small.add(Request([1] * 20, SamplingParams(max_new_tokens=40)))
+    assert not engine.has_work and not small.has_work  # nothing refused was queued
 
 
 def make_engine_like(engine, num_pages: int):
@@ -216,23 +226,23 @@ def test_prefill_chunks_interleave_with_rounds_under_the_step_budget(engine, alo
     already decoding, and never over the step's budget: 48 tokens minus the 8 tree nodes of each ready sequence,
     but at least a quarter of it."""
     steps = []  # per step: the chunks prefilled [(request, tokens)] and the sequences ready before them
-    step, prefill_forward = Scheduler.step, Scheduler._prefill_forward
+    step, prefill = Engine.step, Engine._prefill
 
     def recording_step(self):
         steps.append({"chunks": [], "ready": None})
         step(self)
 
     def recording_prefill(self, chunks):
-        steps[-1]["chunks"] = [(request, end - start) for request, _, start, end in chunks]
-        prefill_forward(self, chunks)
+        steps[-1]["chunks"] = [(request, end - start) for request, start, end in chunks]
+        prefill(self, chunks)
 
-    monkeypatch.setattr(Scheduler, "step", recording_step)
-    monkeypatch.setattr(Scheduler, "_prefill_forward", recording_prefill)
-    monkeypatch.setattr(Scheduler, "_admit", lambda self, admit=Scheduler._admit: (
+    monkeypatch.setattr(Engine, "step", recording_step)
+    monkeypatch.setattr(Engine, "_prefill", recording_prefill)
+    monkeypatch.setattr(Scheduler, "admit", lambda self, admit=Scheduler.admit: (
         admit(self), steps[-1].update(ready=sum(r.ready for r in self.running))))
     requests = random_requests(0, 7)
-    scheduler = Scheduler(engine, SpeculativeParams(8, 4), max_num_seqs=4, step_tokens=48)
-    run_staggered(scheduler, requests, seed=1)
+    batching(engine, SpeculativeParams(8, 4), requests, max_num_seqs=4, step_tokens=48)
+    run_staggered(engine, requests, seed=1)
     assert [r.output_ids for r in requests] == alone
     for entry in steps:
         assert sum(n for _, n in entry["chunks"]) <= max(48 - 8 * entry["ready"], 12)

@@ -9,7 +9,8 @@ import torch
 from conftest import random_head
 
 import bench
-from nanojet.engine.engine import Engine, GenerationStats
+from nanojet.engine.engine import Engine
+from nanojet.engine.request import GenerationStats
 from nanojet.engine.round import StaticRound
 from nanojet.model.config import ModelConfig
 

@@ -1,4 +1,4 @@
-"""Compiled execution (DESIGN.md section 7): the round compiled with torch.compile on CPU, CUDA graphs on a GPU.
+"""Compiled execution (docs/architecture.md): the round compiled with torch.compile on CPU, CUDA graphs on a GPU.
 
 Every mode must give the token ids of eager execution (greedy and seeded sampling), across tree buckets, and a
 steady-state round must not compile again. (The round itself is tested against a dense reference in
@@ -15,8 +15,9 @@ from conftest import ROOT, make_engine, random_head
 
 from nanojet import kernels
 from nanojet.bench.device_stats import host_syncs_per_round
-from nanojet.engine.engine import Engine, SpeculativeParams
-from nanojet.engine.kv_cache import KVCache, KVCacheExhausted
+from nanojet.engine.engine import Engine
+from nanojet.engine.kv_cache import KVCache
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.round import StaticRound
 from nanojet.engine.runners import EagerRunner, GraphedRunner
 from nanojet.engine.sampling import SamplingParams
@@ -105,14 +106,14 @@ def test_compiled_round_on_triton_kernels(hf_model_dir, head):
 
 
 def test_static_round_runs_out_of_pool_with_a_clear_error(eager):
-    """The static round reserves its scratch (the padded tree) on the host before the step: an exhausted pool is
-    the usual one-line error, and every page is returned."""
+    """A generation whose rounds' scratch (the padded tree) cannot fit the pool is refused at admission with the
+    usual one-line error, before any page is taken."""
     config = eager.target.config
     layers = config.num_hidden_layers + eager.head.config.layers.num_hidden_layers
     small = KVCache(layers, config.num_key_value_heads, config.head_dim, num_pages=8, kv_page_size=4,
                     max_pages_per_sequence=64, dtype=torch.float32, device=torch.device("cpu"))
     engine = Engine(eager.target, small, 200, [], eager.head, execution="eager")
-    with pytest.raises(KVCacheExhausted, match="KV cache exhausted"):
+    with pytest.raises(ValueError, match="need 30 KV pages of 4 tokens, but the KV pool has 8"):
         engine.generate(PROMPT, SamplingParams(max_new_tokens=100, ignore_eos=True), SpeculativeParams(8, 4))
     assert sorted(small.free_pages) == list(range(8))
 
@@ -261,15 +262,16 @@ def test_llm_captures_graphs_by_default_on_cuda(hf_model_dir, tmp_path):
 
 def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
     """Batched rounds compile once per batch-size bucket (inert rows included) and give the eager ids."""
-    from nanojet.engine.scheduler import Request, Scheduler
+    from nanojet.engine.request import Request
+    from nanojet.engine.scheduler import Scheduler
     compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled", num_pages=200)
     # The greedy request never runs alone, so only sampled rounds are built (a greedy row inside them).
     params = [SamplingParams(max_new_tokens=12, ignore_eos=True), SAMPLED,
               SamplingParams(temperature=1.1, top_k=30, seed=4, max_new_tokens=20, ignore_eos=True)]
     prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
     expected = [eager.generate(p, q, spec_of((8, 4, None))).token_ids for p, q in zip(prompts, params)]
-    requests = Scheduler(compiled, spec_of((8, 4, None)), max_num_seqs=2).run(
-        [Request(p, q) for p, q in zip(prompts, params)])
+    compiled.scheduler = Scheduler(compiled.kv, max_num_seqs=2)
+    requests = compiled.run([Request(p, q, spec_of((8, 4, None))) for p, q in zip(prompts, params)])
     assert [r.output_ids for r in requests] == expected
     assert sorted(compiled._runners) == [((8, 4, None), True, 1), ((8, 4, None), True, 2)]  # both buckets ran
     assert all(r.compiles == 1 for r in compiled._runners.values())  # one graph each, no recompile
@@ -278,7 +280,8 @@ def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
 def test_graphed_batched_rounds_on_cpu_stand_ins(hf_model_dir, head, eager, monkeypatch):
     """Batched rounds as (stand-in) CUDA graphs: captured once per batch bucket with live and inert rows, warmed
     up and restored, replayed while sequences join and leave; every sequence gets its eager ids alone."""
-    from nanojet.engine.scheduler import Request, Scheduler
+    from nanojet.engine.request import Request
+    from nanojet.engine.scheduler import Scheduler
     engine = make_engine(hf_model_dir[0], page_size=4, head=head, num_pages=200)
     build = Engine.runner
 
@@ -295,7 +298,8 @@ def test_graphed_batched_rounds_on_cpu_stand_ins(hf_model_dir, head, eager, monk
     prompts = [PROMPT, PROMPT[:5], PROMPT[3:], PROMPT[1:9]]
     spec = spec_of((8, 4, None))
     expected = [eager.generate(p, q, spec).token_ids for p, q in zip(prompts, params)]
-    requests = Scheduler(engine, spec, max_num_seqs=4).run([Request(p, q) for p, q in zip(prompts, params)])
+    engine.scheduler = Scheduler(engine.kv, max_num_seqs=4)
+    requests = engine.run([Request(p, q, spec) for p, q in zip(prompts, params)])
     assert [r.output_ids for r in requests] == expected
     assert {key[2] for key in engine._runners} >= {1, 4} and all(r.compiles == 1 for r in engine._runners.values())
 

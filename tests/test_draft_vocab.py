@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import draft_after, make_engine, random_head
 
-from nanojet.engine.engine import SpeculativeParams
 from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.round import StaticRound
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
@@ -42,7 +42,7 @@ def test_candidates_are_the_top_of_the_full_log_softmax(engine, subset):
         sequence = Sequence()
         with torch.no_grad():
             taps = tuple(engine.head.config.target_layer_ids)
-            anchor = int(engine._prefill(sequence, PROMPT, SamplingParams(), taps))
+            anchor = int(engine.prefill(sequence, PROMPT, taps).argmax(-1)[0])
             full = draft_after(engine, sequence, anchor)  # [B-1, V]
             logprobs, tokens = candidates_after(engine, sequence, anchor, width=5, depth=4)
         engine.kv.free(sequence)

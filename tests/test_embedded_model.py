@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import DEFAULT_MODEL, LLM
 

@@ -1,11 +1,11 @@
-"""Chunked prefill (DESIGN.md section 1): each chunk sees the whole prefix and itself causally, so chunk size
+"""Chunked prefill (docs/architecture.md): each chunk sees the whole prefix and itself causally, so chunk size
 changes nothing but memory; it matches HF transformers on a prompt of thousands of tokens."""
 import pytest
 import torch
 from conftest import make_engine, random_head, write_hf_model
 
-from nanojet.engine.engine import SpeculativeParams
 from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 
@@ -50,7 +50,7 @@ def test_prefill_of_6k_tokens_matches_hf(tmp_path):
 
 
 def test_prefill_chunk_must_be_positive(hf_model_dir):
-    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+    with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 1"):
         make_engine(hf_model_dir[0], prefill_chunk=0)
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import make_engine, random_head, write_hf_moe_model
 from test_qwen3 import nanojet_logits_stepwise
 
-from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 from nanojet.model.qwen3 import SparseMoE

@@ -1,11 +1,12 @@
-"""The round (DESIGN.md section 1), the one implementation, against a from-scratch dense reference: plain decoding
+"""The round (docs/architecture.md), the one implementation, against a from-scratch dense reference: plain decoding
 recomputed densely token by token (conftest.dense_reference). Drafters of known quality make the round accept
 what it should, so commit, head context and bonus tokens are exercised on long paths, not only on rejections."""
 import pytest
 import torch
 from conftest import dense_reference, make_engine, oracle_drafter, random_head
 
-from nanojet.engine.engine import SpeculativeParams, causal_visibility
+from nanojet.engine.engine import causal_visibility
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.round import StaticRound
 from nanojet.engine.sampling import SamplingParams
 from nanojet.kernels.reference import pack_visibility

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_engine, oracle_drafter, random_head
 
-from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.round import StaticRound
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig

@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, draft_after, make_engine, random_head
 
 import train_head
-from nanojet.engine.engine import SpeculativeParams
 from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 from nanojet.model.head import load_head

@@ -107,7 +107,7 @@ def test_padded_and_vmapped_trees() -> None:
 def test_rounds_use_the_table_only_where_it_is_small(hf_model_dir) -> None:
     from conftest import make_engine, random_head
 
-    from nanojet.engine.engine import SpeculativeParams
+    from nanojet.engine.request import SpeculativeParams
     from nanojet.engine.round import StaticRound
     from nanojet.model.config import ModelConfig
     directory, _ = hf_model_dir

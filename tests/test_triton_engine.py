@@ -11,7 +11,7 @@ import torch
 from conftest import make_engine, random_head
 
 from nanojet import kernels
-from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 

@@ -4,7 +4,8 @@ MoE target a verify is not the one memory-bound step it is on a dense one. `benc
 this curve per tree budget."""
 import torch
 
-from nanojet.engine.engine import Engine, SpeculativeParams
+from nanojet.engine.engine import Engine
+from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.qwen3 import Qwen3, SparseMoE
 

@@ -1,5 +1,5 @@
 """`bench.py --concurrency 1,4,16`: continuous batching under load, plain (AR) against speculative decoding, in
-process (the Scheduler alone) and through HTTP (`python -m nanojet.serve` in a subprocess, streamed completions).
+process (the engine alone) and through HTTP (`python -m nanojet.serve` in a subprocess, streamed completions).
 
 Every request of a run arrives at once and at most `concurrency` decode together, so at concurrency 1 the requests
 run one by one. Figures per run: throughput (generated tokens / wall time), time to first token (from the run's
@@ -18,9 +18,10 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from nanojet.engine.engine import Engine, SpeculativeParams
+from nanojet.engine.engine import Engine
+from nanojet.engine.request import Request, SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
-from nanojet.engine.scheduler import Request, Scheduler
+from nanojet.engine.scheduler import Scheduler
 
 
 class Mismatch(Exception):
@@ -52,10 +53,10 @@ def summary(wall_s: float, tokens: int, ttft: list[float], tpot: list[float], ta
 
 def run_in_process(engine: Engine, prompts: list[list[int]], params: SamplingParams,
                    spec: SpeculativeParams | None, concurrency: int, step_tokens: int) -> tuple[dict, list]:
-    scheduler = Scheduler(engine, spec, concurrency, step_tokens)
-    requests = [Request(ids, params) for ids in prompts]
+    scheduler = engine.scheduler = Scheduler(engine.kv, concurrency, step_tokens, engine.prefill_chunk)
+    requests = [Request(ids, params, spec) for ids in prompts]
     start = time.perf_counter()
-    scheduler.run(requests)
+    engine.run(requests)
     wall = time.perf_counter() - start
     ttft = [r.first_token_s - start for r in requests]
     tpot = [(r.finish_s - r.first_token_s) / (len(r.output_ids) - 1) for r in requests if len(r.output_ids) > 1]

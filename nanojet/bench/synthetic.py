@@ -4,9 +4,10 @@ from dataclasses import replace
 
 import torch
 
-from nanojet.engine.engine import DEFAULT_PREFILL_CHUNK, Engine
+from nanojet.engine.engine import Engine
 from nanojet.engine.kv_cache import KVCache
 from nanojet.engine.round import pages_per_sequence
+from nanojet.engine.scheduler import DEFAULT_PREFILL_CHUNK
 from nanojet.model.config import ModelConfig
 from nanojet.model.head import DraftHead, HeadConfig
 from nanojet.model.qwen3 import Qwen3, rope_inv_freq

@@ -1,24 +1,30 @@
-"""Generation over token ids: prefill, speculative rounds (draft -> tree -> verify -> accept -> commit), stops.
+"""The engine: requests in, tokens out, one path for every generation.
 
-Invariant between rounds (DESIGN.md section 1): the target's KV and the head's context hold positions
-0 .. n-2; the anchor x_{n-1} (the last emitted token) has no KV yet. Every round is `StaticRound.step` (run
-eagerly, torch.compile'd or as a CUDA graph); plain decoding is the same round with a one-node tree, so both
-modes share every line that decides which token comes next. Prefill runs the prompt through the paged forward in
-chunks, each seeing the whole prefix and itself causally, so nothing grows with the square of the prompt.
+`step` does, between rounds: drop cancelled requests, admit waiting ones, prefill chunks of admitted prompts
+(several requests in one target forward), then run ONE round (`StaticRound.step`: draft -> tree -> verify ->
+accept -> commit) over every ready request, padded to a batch-size bucket with inert rows, and emit what each
+accepted. A single prompt (`generate`) is a batch of one; `LLM`, the server and the benchmarks all step here.
+Who waits, who runs and who is preempted is the `Scheduler`'s bookkeeping; this file runs the forwards.
+
+Invariant between rounds: a request's target KV and head context hold positions 0 .. n-2 of its n committed
+tokens; the anchor x_{n-1} (the last emitted token) has no KV yet. Each request keeps its own sampling parameters
+and seed (per-row tensors in the round), its own tree and stop conditions, so its ids are exactly what it
+produces alone: a token depends only on the committed prefix and (seed, position).
 """
+import itertools
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from nanojet.engine.kv_cache import AttentionMetadata, KVCache, Sequence
-from nanojet.engine.round import StaticRound
+from nanojet.engine.kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
+from nanojet.engine.request import Generation, Request, SpeculativeParams
+from nanojet.engine.round import StaticRound, round_scratch_slots, round_tree
 from nanojet.engine.runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
 from nanojet.engine.sampling import SamplingParams, sample
+from nanojet.engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_STEP_TOKENS, Scheduler
 from nanojet.engine.toolchain import check_toolchain
-from nanojet.engine.tree import read_outcome
+from nanojet.engine.tree import read_outcome, tree_bucket
 from nanojet.model.head import DraftHead
 from nanojet.model.qwen3 import Qwen3
 
@@ -26,7 +32,7 @@ from nanojet.model.qwen3 import Qwen3
 # "graphed" captures it as one CUDA graph per round shape (the CUDA default); "compiled" is torch.compile, inside
 # one CUDA graph per round shape on CUDA.
 EXECUTIONS = ("eager", "compiled", "graphed")
-DEFAULT_PREFILL_CHUNK = 512
+SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # rows of a batched round: one graph per bucket
 
 
 def default_execution(device: torch.device, compile: bool = False, enforce_eager: bool = False) -> str:
@@ -47,173 +53,261 @@ def causal_visibility(count: int, device: torch.device) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-@dataclass
-class SpeculativeParams:
-    budget: int = 64         # tree nodes per round, anchor included
-    width: int = 4           # candidates per depth (children per node)
-    depth: int | None = None  # tree depth limit; None: the head's block_size - 1
-
-    def __post_init__(self) -> None:
-        if self.budget < 1 or self.width < 1 or (self.depth is not None and self.depth < 1):
-            raise ValueError(f"speculative params: need budget >= 1, width >= 1, depth >= 1; got {self}")
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    rounds: int = 0
-    target_forwards: int = 0
-    accept_hist: Counter = field(default_factory=Counter)  # accepted tokens per round (bonus included) -> rounds
-    time_split: Counter = field(default_factory=Counter)   # draft / tree / verify / accept / commit seconds
-    finish_reason: str = ""
-    compile_s: float = 0.0  # rounds that compiled or captured a graph (not in decode_s)
-    compiles: int = 0       # graphs built during this generation
-    recompiles: int = 0     # of those, graphs built for a round shape that had been built before (should be 0)
-
-    @property
-    def accept_len(self) -> float:
-        """tau: mean tokens emitted per round, the bonus token included."""
-        return sum(k * n for k, n in self.accept_hist.items()) / max(1, self.rounds)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]
-    stats: GenerationStats
+def sequence_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes rounds are built for: powers of two below `max_num_seqs`, then `max_num_seqs` itself."""
+    return [b for b in SEQUENCE_BUCKETS if b < max_num_seqs] + [max_num_seqs]
 
 
 class Engine:
     def __init__(self, target: Qwen3, kv_cache: KVCache, max_model_len: int, eos_token_ids: list[int],
                  head: DraftHead | None = None, execution: str = "eager",
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_num_seqs: int = 1,
+                 step_tokens: int = DEFAULT_STEP_TOKENS):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}; got {execution!r}")
         if execution == "graphed" and kv_cache.pool.device.type != "cuda":
             raise ValueError("execution 'graphed' needs CUDA (CUDA graphs); use 'compiled' on the CPU")
         check_toolchain(kv_cache.pool.device, execution)
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        self.target, self.head, self.kv = target, head, kv_cache
+        self.scheduler = Scheduler(kv_cache, max_num_seqs, step_tokens, prefill_chunk)
         self.execution = execution
-        self.prefill_chunk = prefill_chunk
-        self._runners: dict[tuple, RoundRunner] = {}
-        self._graph_memory_pool = None
-        self.target = target
-        self.head = head
-        self.kv = kv_cache
-        # Eager rounds time each part (GenerationStats.time_split): always on the CPU, where a clock read is free;
-        # on CUDA only when asked, since each part then waits for the device.
-        self.profile = False
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.num_target_layers = target.config.num_hidden_layers
+        # Eager rounds time each part (GenerationStats.time_split) of a lone request: always on the CPU, where a
+        # clock read is free; on CUDA only when asked, since each part then waits for the device.
+        self.profile = False
+        self._runners: dict[tuple, RoundRunner] = {}
+        self._graph_memory_pool = None
+        self._row_owners: list = []  # (request, preemptions) per row of the runner used last
+        self._last_runner = None
 
     @property
     def device(self) -> torch.device:
         return self.kv.pool.device
 
+    @property
+    def prefill_chunk(self) -> int:
+        return self.scheduler.prefill_chunk
+
+    # --- requests --------------------------------------------------------------------------------------------
+
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], params: SamplingParams, spec: SpeculativeParams | None = None,
                  on_tokens: Callable[[list[int]], None] | None = None,
                  first_token_ids: list[int] | None = None) -> Generation:
-        """Generate up to `params.max_new_tokens` ids after `prompt_ids`; `spec=None` (or no head) decodes plainly.
+        """One prompt, as a batch of one. `spec=None` decodes plainly; `on_tokens` receives each round's final ids
+        (streaming); `first_token_ids` restricts the first generated token (token healing)."""
+        stream = None if on_tokens is None else lambda _, tokens: tokens and on_tokens(tokens)
+        request = Request(list(prompt_ids), params, spec, first_token_ids, on_update=stream)
+        self.run([request])
+        if request.error:
+            raise RuntimeError(request.error)
+        return Generation(request.output_ids, request.stats)
 
-        `on_tokens` receives each round's emitted ids as soon as they are final (for streaming).
-        `first_token_ids` restricts the first generated token (token healing)."""
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len} "
-                             f"(prompt + at least one new token); shorten it or raise max_model_len")
-        if spec is not None and self.head is None:
-            raise ValueError("speculative decoding needs a draft head; load one or decode plainly")
-        stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        drafting = spec is not None and spec.budget > 1
-        taps = tuple(self.head.config.target_layer_ids) if drafting else ()
-        sequence = Sequence()
-        emitted: list[int] = []
+    @torch.inference_mode()
+    def run(self, requests: list[Request]) -> list[Request]:
+        """Add `requests` (all are checked before any is queued) and step until every one has finished. If a step
+        raises, the requests are retired with the error before it propagates, so their pages return."""
+        for request in requests:
+            self.check(request)
+        for request in requests:
+            self.add(request)
         try:
-            start = time.perf_counter()
-            new = [int(self._prefill(sequence, prompt_ids, params, taps, first_token_ids))]  # (a host read)
-            stats.prefill_s = time.perf_counter() - start
-            stats.target_forwards = -(-len(prompt_ids) // self.prefill_chunk)
-            start = time.perf_counter()
-            runner = None
-            while True:
-                new = self.truncate(new, len(prompt_ids), len(emitted), params, stats)
-                emitted += new
-                if on_tokens and new:
-                    on_tokens(new)
-                if stats.finish_reason:
-                    break
-                if runner is None:
-                    runner = self.runner(spec if drafting else None, not params.greedy)
-                    runner.round.begin(0, sequence, emitted[-1], params)
-                    timed = self.execution == "eager" and (self.profile or self.device.type == "cpu")
-                    runner.round.time_split = stats.time_split if timed else None
-                new = self._round(runner, sequence, stats)
-            stats.decode_s = time.perf_counter() - start - stats.compile_s
-        finally:
-            self.kv.free(sequence)
-        stats.new_tokens = len(emitted)
-        return Generation(token_ids=emitted, stats=stats)
+            while not all(r.finished for r in requests):
+                self.step()
+        except BaseException as error:
+            for request in requests:
+                if not request.finished:
+                    self.scheduler.fail(request, f"interrupted: {error!r}")
+            raise
+        return requests
 
-    def truncate(self, new: list[int], prompt_len: int, done: int, params: SamplingParams,
-                  stats: GenerationStats) -> list[int]:
-        """Cut a round's tokens at EOS (kept), max_new_tokens or the context limit, and record why."""
-        for i, token in enumerate(new):
-            if token in self.eos_token_ids and not params.ignore_eos:
-                stats.finish_reason = "eos"
-                return new[:i + 1]
-            if done + i + 1 == params.max_new_tokens:
-                stats.finish_reason = "length"
-                return new[:i + 1]
-            if prompt_len + done + i + 1 == self.max_model_len:
-                stats.finish_reason = "context"
-                return new[:i + 1]
-        return new
+    def check(self, request: Request) -> None:
+        """Raise ValueError, saying what to change, when the request could never run: the one admission rule."""
+        n, new_tokens = len(request.prompt_ids), request.params.max_new_tokens
+        if n == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens but the context holds {self.max_model_len} "
+                             f"(prompt + at least one new token); shorten it or raise max_model_len")
+        if request.spec is not None and self.head is None:
+            raise ValueError("speculative decoding needs a draft head; load one or decode plainly")
+        scratch = self.scratch_slots(request.spec)
+        # The last round starts with at most min(n + new_tokens, max_model_len) - 1 committed slots.
+        pages = self.scheduler.pages(min(n + new_tokens, self.max_model_len) - 1 + scratch)
+        if pages > self.kv.num_pages:
+            raise ValueError(f"the prompt ({n} tokens) + max_new_tokens ({new_tokens}) + a round's scratch "
+                             f"({scratch} slots) need {pages} KV pages of {self.kv.kv_page_size} tokens, but the "
+                             f"KV pool has {self.kv.num_pages}; raise --kv-memory-gb (LLM kv_memory_gb), or leave "
+                             f"it unset to size the pool for --max-model-len, or ask for fewer new tokens")
 
-    def _prefill(self, sequence: Sequence, prompt_ids: list[int], params: SamplingParams,
-                 tap_layers: tuple[int, ...], first_token_ids: list[int] | None = None) -> torch.Tensor:
-        """Prefill the prompt and sample the first new token (restricted to `first_token_ids` when given)."""
-        logits = self.prefill(sequence, prompt_ids, tap_layers)
-        if first_token_ids:
+    def add(self, request: Request) -> Request:
+        """Queue a request; raises ValueError when it could never run (`check`)."""
+        self.check(request)
+        request.round_tokens = tree_bucket(self._round_nodes(request.spec))
+        request.scratch_slots = self.scratch_slots(request.spec)
+        self.scheduler.add(request)
+        return request
+
+    def _round_nodes(self, spec: SpeculativeParams | None) -> int:
+        return round_tree(spec, self.head.config.block_size if spec else 0)[1]
+
+    def scratch_slots(self, spec: SpeculativeParams | None) -> int:
+        """KV slots past the committed ones that one round writes: the padded tree or the head's draft block,
+        whichever is wider; one for plain decoding."""
+        spec = None if spec is None or spec.budget == 1 else spec
+        return round_scratch_slots(self._round_nodes(spec), self.head.config.block_size if spec else 0)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # --- one step --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Drop cancelled requests, admit, prefill chunks under the budget, run one round over the ready ones."""
+        self.scheduler.drop_cancelled()
+        self.scheduler.admit()
+        chunks = self.scheduler.prefill_chunks()
+        if chunks:
+            self._prefill(chunks)
+        specs = []
+        for request in self.scheduler.running:
+            if request.ready and request.spec not in specs:
+                specs.append(request.spec)
+        for spec in specs:  # requests of one tree shape share a round
+            self._round(spec)
+
+    def _prefill(self, chunks: list[tuple[Request, int, int]]) -> None:
+        """One target forward over every chunk; the first token of each prompt whose prefill ends here."""
+        drafting = [request.spec is not None for request, _, _ in chunks]
+        hidden, last_rows = self.forward_chunks([(r.sequence, r.context[start:end], start) for r, start, end in chunks],
+                                                drafting)
+        for (request, _, end), last in zip(chunks, last_rows):
+            request.prefilled = end
+            request.stats.target_forwards += 1
+            if end == len(request.prompt_ids) and not request.output_ids:  # a fresh prompt is done
+                logits = self.target.logits(hidden[last:last + 1])
+                self._emit(request, [int(self.first_token(logits, request))])
+
+    def first_token(self, logits: torch.Tensor, request: Request) -> torch.Tensor:
+        """The token after the prompt, sampled as any other at its position (limited to `first_token_ids`)."""
+        if request.first_token_ids:
             allowed = torch.zeros_like(logits, dtype=torch.bool)
-            allowed[:, first_token_ids] = True
+            allowed[:, request.first_token_ids] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
-        return sample(logits, torch.full((1,), len(prompt_ids), device=self.device), params)[0]
+        position = torch.full((1,), len(request.prompt_ids), device=self.device)
+        return sample(logits, position, request.params)[0]
+
+    def forward_chunks(self, chunks: list[tuple[Sequence, list[int], int]],
+                       drafting: list[bool]) -> tuple[torch.Tensor, list[int]]:
+        """The prefill forward: `(sequence, tokens, start)` chunks (pages reserved through `start + len(tokens)`)
+        in one target forward, each causal over itself after its whole prefix; the head's context grows by the
+        chunks marked `drafting`. Returns the hidden states `[T, H]` and each chunk's last row."""
+        device = self.device
+        counts = [len(tokens) for _, tokens, _ in chunks]
+        visibility = [causal_visibility(n, device) for n in counts]
+        words = max(v.shape[1] for v in visibility)
+        meta = AttentionMetadata(
+            positions=torch.cat([torch.arange(start, start + n) for (_, _, start), n in zip(chunks, counts)]).to(device),
+            slot_mapping=torch.cat([self.kv.slots(s, start, start + n) for (s, _, start), n in zip(chunks, counts)]),
+            block_tables=torch.stack([self.kv.block_table(s) for s, _, _ in chunks]).to(device),
+            prefix_lens=torch.tensor([start for *_, start in chunks], dtype=torch.int32, device=device),
+            query_starts=torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=device),
+            visibility=torch.cat([torch.nn.functional.pad(v, (0, words - v.shape[1])) for v in visibility]))
+        tokens = torch.tensor([t for _, chunk, _ in chunks for t in chunk], device=device)
+        taps = tuple(self.head.config.target_layer_ids) if any(drafting) else ()
+        hidden, tapped = self.target(tokens, meta, self.kv.pool, taps)
+        if taps:
+            rows = slice(None) if all(drafting) else torch.tensor(
+                [row for d, n, start in zip(drafting, counts, itertools.accumulate([0, *counts])) if d
+                 for row in range(start, start + n)], device=device)
+            self.head.extend_context(tapped[rows], meta.positions[rows], meta.slot_mapping[rows],
+                                     self.kv.pool[self.num_target_layers:])
+        for (sequence, _, start), n in zip(chunks, counts):
+            sequence.length = start + n
+        return hidden, [end - 1 for end in itertools.accumulate(counts)]
 
     def prefill(self, sequence: Sequence, prompt_ids: list[int], tap_layers: tuple[int, ...] = ()) -> torch.Tensor:
-        """Run the prompt through the paged forward in chunks of `prefill_chunk` tokens, each seeing the whole prefix
-        and itself causally (the head's context grows chunk by chunk when `tap_layers` are given); returns the
-        logits `[1, V]` after the last prompt token."""
-        n, device = len(prompt_ids), self.device
-        self.kv.reserve(sequence, n)
-        tokens = torch.tensor(prompt_ids, device=device)
-        slot_mapping = self.kv.slots(sequence, 0, n)
-        block_table = self.kv.block_table(sequence).to(device)[None]  # [1, max_pages]
-        for start in range(0, n, self.prefill_chunk):
-            end = min(n, start + self.prefill_chunk)
-            positions = torch.arange(start, end, device=device)
-            meta = AttentionMetadata(
-                positions=positions, slot_mapping=slot_mapping[start:end], block_tables=block_table,
-                prefix_lens=torch.full((1,), start, dtype=torch.int32, device=device),
-                query_starts=torch.tensor([0, end - start], dtype=torch.int32, device=device),
-                visibility=causal_visibility(end - start, device))
-            hidden, taps = self.target(tokens[start:end], meta, self.kv.pool, tap_layers)
-            if tap_layers:
-                self.head.extend_context(taps, positions, meta.slot_mapping, self._head_pool())
-            sequence.length = end
+        """A prompt prefilled alone in chunks of `prefill_chunk` through `forward_chunks` (the head's context too
+        when `tap_layers` are the head's taps); returns the logits `[1, V]` after its last token."""
+        self.kv.reserve(sequence, len(prompt_ids))
+        for start in range(0, len(prompt_ids), self.prefill_chunk):
+            chunk = prompt_ids[start:start + self.prefill_chunk]
+            hidden, _ = self.forward_chunks([(sequence, chunk, start)], [bool(tap_layers)])
         return self.target.logits(hidden[-1:])
 
-    def _head_pool(self) -> torch.Tensor:
-        return self.kv.pool[self.num_target_layers:]
+    def _round(self, spec: SpeculativeParams | None) -> None:
+        """One round over every ready request of this tree shape, padded with inert rows to a bucket."""
+        while True:
+            batch = [r for r in self.scheduler.running if r.ready and r.spec == spec]
+            if not batch:
+                return
+            rows = next(b for b in sequence_buckets(self.scheduler.max_num_seqs) if b >= len(batch))
+            runner = self.runner(spec, any(not r.params.greedy for r in batch), rows)
+            sequences = self._bind_rows(runner, batch)
+            try:
+                table = runner.round.table(sequences)
+                break
+            except KVCacheExhausted:
+                self.scheduler.preempt(max(self.scheduler.running, key=lambda r: r.arrival))
+        timed = len(batch) == 1 and self.execution == "eager" and (self.profile or self.device.type == "cpu")
+        runner.round.time_split = batch[0].stats.time_split if timed else None
+        compiles, start = runner.compiles, time.perf_counter()
+        outcome = runner(table).tolist()  # the round's one host read, [rows, 1 + 2P]
+        built = runner.compiles - compiles
+        compile_s = time.perf_counter() - start if built else 0.0
+        counts, emitted = zip(*(read_outcome(row) for row in outcome[:len(batch)]))
+        runner.round.finish(sequences, [*counts] + [0] * (rows - len(batch)))
+        self.scheduler.rounds += 1
+        for request, count, tokens in zip(batch, counts, emitted):
+            stats = request.stats
+            stats.rounds += 1
+            stats.target_forwards += 1
+            stats.accept_hist[count] += 1
+            if built:
+                stats.compile_s += compile_s
+                stats.compiles += built
+                stats.recompiles += runner.calls > 1  # the first call builds the graph; any later build is a miss
+            self.scheduler.accept_hist[count] += 1
+            request.prefilled += count
+            self._emit(request, tokens)
+
+    def _bind_rows(self, runner: RoundRunner, batch: list[Request]) -> list[Sequence | None]:
+        """Point the runner's rows at the batch (inert rows past it), re-binding only rows that changed owner."""
+        rows = runner.round.num_sequences
+        if runner is not self._last_runner:  # another runner's buffers: every row must be set again
+            self._row_owners, self._last_runner = [None] * rows, runner
+        sequences = []
+        for row in range(rows):
+            request = batch[row] if row < len(batch) else None
+            owner = None if request is None else (request, request.preemptions)
+            if self._row_owners[row] != owner:  # the device buffers hold another sequence's state
+                if request is None:
+                    runner.round.begin(row, None)
+                else:
+                    runner.round.begin(row, request.sequence, request.output_ids[-1], request.params)
+                self._row_owners[row] = owner
+            sequences.append(None if request is None else request.sequence)
+        return sequences
+
+    def _emit(self, request: Request, tokens: list[int]) -> None:
+        """Cut at the request's stop conditions, hand the ids over, retire it when it is done."""
+        tokens = request.cut(tokens, self.eos_token_ids, self.max_model_len)
+        if request.first_token_s is None:
+            request.first_token_s = time.perf_counter()
+            request.stats.prefill_s = request.first_token_s - request.arrival_s
+        request.output_ids += tokens
+        request.stats.new_tokens = len(request.output_ids)
+        self.scheduler.generated_tokens += len(tokens)
+        if request.on_update and tokens:
+            request.on_update(request, tokens)
+        if request.stats.finish_reason:
+            self.scheduler.retire(request)
+
+    # --- round runners ---------------------------------------------------------------------------------------
 
     def runner(self, spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1) -> RoundRunner:
         """The runner of static rounds for this tree shape, greedy or sampled, over `num_sequences` rows (built
@@ -236,19 +330,3 @@ class Engine:
         """What a compiled round is specialised on: the tree shape, whether it samples (not the sampling
         parameters, which are per-row tensors) and the number of rows."""
         return None if spec is None else (spec.budget, spec.width, spec.depth), sampled, num_sequences
-
-    def _round(self, runner: RoundRunner, sequence: Sequence, stats: GenerationStats) -> list[int]:
-        """One round on the host: reserve scratch and stage new pages, run the step, read its outcome (the one
-        host read), trim the scratch the round did not keep."""
-        table = runner.round.table([sequence])
-        compiles, start = runner.compiles, time.perf_counter()
-        count, emitted = read_outcome(runner(table).tolist()[0])  # the round's one host read
-        if runner.compiles > compiles:
-            stats.compile_s += time.perf_counter() - start
-            stats.compiles += runner.compiles - compiles
-            stats.recompiles += runner.calls > 1  # the first call builds the graph; any later build is a miss
-        runner.round.finish([sequence], [count])
-        stats.rounds += 1
-        stats.target_forwards += 1
-        stats.accept_hist[count] += 1
-        return emitted

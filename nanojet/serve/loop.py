@@ -12,9 +12,8 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
-from nanojet.engine.engine import SpeculativeParams
+from nanojet.engine.request import Request, SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
-from nanojet.engine.scheduler import Request, Scheduler
 from nanojet.llm import LLM
 from nanojet.tokenizer import IncrementalDetokenizer
 
@@ -87,7 +86,8 @@ class ServingEngine:
                  max_waiting: int):
         """`max_waiting`: requests that may wait for a place in the batch before new ones get 503."""
         self.llm = llm
-        self.scheduler = Scheduler(llm.engine, spec, max_num_seqs, step_tokens)
+        self.engine, self.spec = llm.engine, spec
+        self.scheduler = llm.engine.scheduler
         self.max_waiting = max_waiting
         self.draining = False
         self._inbox: deque[Request] = deque()
@@ -101,8 +101,8 @@ class ServingEngine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> TextStream:
         """Queue a generation; raises ValueError (it can never run) or QueueFull (not now)."""
-        request = Request(prompt_ids, params)
-        self.scheduler.check(request)
+        request = Request(prompt_ids, params, self.spec)
+        self.engine.check(request)
         stream = TextStream(request, self.llm, stop, asyncio.get_running_loop())
         with self._lock:
             if self.draining:
@@ -130,23 +130,23 @@ class ServingEngine:
         self._thread.join()
 
     def _loop(self) -> None:
-        scheduler = self.scheduler
+        engine = self.engine
         while True:
             with self._lock:
                 new, _ = list(self._inbox), self._inbox.clear()
             for request in new:
                 try:
-                    scheduler.add(request)
+                    engine.add(request)
                 except ValueError as error:  # `submit` checked it; only a changed engine gets here
                     request.error, request.stats.finish_reason = str(error), "error"
                     request.finished = True
                     request.on_update(request, [])
-            if scheduler.has_work:
+            if engine.has_work:
                 try:
-                    scheduler.step()
+                    engine.step()
                 except Exception as error:  # never leave a client waiting on a dead loop
                     traceback.print_exc()
-                    scheduler.fail_all(f"internal error: {error}")
+                    engine.scheduler.fail_all(f"internal error: {error}")
             elif self._stopping and not self._inbox:
                 return
             else:

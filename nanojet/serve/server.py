@@ -289,7 +289,7 @@ def main(argv=None) -> int:
               f"(or pip install 'nanojet[serve]')", file=sys.stderr)
         return 2
     try:
-        from nanojet.engine.engine import SpeculativeParams
+        from nanojet.engine.request import SpeculativeParams
         from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
         from nanojet.serve.loop import ServingEngine
         model = Path(args.model) if args.model else DEFAULT_MODEL
