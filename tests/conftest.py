@@ -74,7 +74,8 @@ def write_hf_moe_model(directory: Path, seed: int = 0, max_shard_size: str | Non
 
 def write_byte_tokenizer(directory: Path, vocab_size: int = 320) -> None:
     """A tokenizer of the 256 bytes plus specials, so run.py / LLM can be driven on a random model."""
-    from nanojet.tokenizer import BYTE_TO_CHAR, write_tokenizer_files
+    from nanojet.tokenizer import BYTE_TO_CHAR
+    from nanojet.tools.tokenizer_files import write_tokenizer_files
     ranks = {bytes([b]): i for i, b in enumerate(BYTE_TO_CHAR)}
     specials = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}
     assert vocab_size > 258
@@ -176,3 +177,30 @@ def draft_after(engine, sequence, anchor: int) -> torch.Tensor:
     table = round_.table([sequence])
     hidden = round_.draft_hidden(engine.kv.pool, round_.anchor, round_.length, table)[0, 1:]  # [B-1, H]
     return torch.log_softmax(engine.target.logits(hidden), dim=-1)
+
+
+def step_metadata(cache, sequences: list, positions: list[torch.Tensor], visibility: list[torch.Tensor],
+                  packed: bool = False):
+    """Attention metadata built on the host for a step that appends `len(positions[s])` new tokens after each
+    sequence's length (the engine builds its own: `Engine.forward_chunks`, the round's persistent buffers).
+
+    `visibility[s]` is the bool `[n_s, n_s]` mask among sequence s's new tokens (causal chain, tree ancestors, or
+    all ones), or its bit words when `packed`. Pages for the new slots are reserved here."""
+    from nanojet.kernels.reference import pack_visibility
+    from nanojet.model.attention import AttentionMetadata
+    device = cache.pool.device
+    counts = [len(p) for p in positions]
+    for sequence, count in zip(sequences, counts):
+        cache.reserve(sequence, sequence.length + count)
+    if not packed:
+        visibility = [pack_visibility(v.to(device)) for v in visibility]
+    words = max(v.shape[1] for v in visibility)
+    padded = [torch.nn.functional.pad(v, (0, words - v.shape[1])) for v in visibility]
+    return AttentionMetadata(
+        positions=torch.cat(positions).to(device),
+        slot_mapping=torch.cat([cache.slots(s, s.length, s.length + c) for s, c in zip(sequences, counts)]),
+        block_tables=torch.stack([cache.block_table(s) for s in sequences]).to(device),
+        prefix_lens=torch.tensor([s.length for s in sequences], dtype=torch.int32, device=device),
+        query_starts=torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device),
+        visibility=torch.cat(padded).to(device),
+    )

@@ -10,7 +10,12 @@ from nanojet.engine.request import SpeculativeParams
 from nanojet.engine.round import StaticRound
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
-from nanojet.model.draft_vocab import FILE_NAME, load_draft_vocab, save_draft_vocab, select_draft_vocab
+from nanojet.model.draft_vocab import (
+    FILE_NAME,
+    load_draft_vocab,
+    save_draft_vocab,
+    select_draft_vocab,
+)
 from nanojet.model.head import load_head
 
 PROMPT = [4, 8, 15, 16, 23, 42, 100, 7, 9, 200, 3, 5, 1]

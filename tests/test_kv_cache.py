@@ -1,7 +1,7 @@
 """Paged KV cache: varlen steps, page accounting, commit of a kept path, exhaustion."""
 import pytest
 import torch
-from conftest import make_engine
+from conftest import make_engine, step_metadata
 
 from nanojet.engine.kv_cache import KVCache, KVCacheExhausted, Sequence
 from nanojet.engine.sampling import SamplingParams
@@ -13,7 +13,7 @@ def causal(n: int) -> torch.Tensor:
 
 def prefill_logits(engine, sequences, prompts):
     cache = engine.kv
-    meta = cache.step_metadata(sequences, [torch.arange(len(p)) for p in prompts], [causal(len(p)) for p in prompts])
+    meta = step_metadata(cache, sequences, [torch.arange(len(p)) for p in prompts], [causal(len(p)) for p in prompts])
     hidden, _ = engine.target(torch.tensor(sum(prompts, [])), meta, cache.pool)
     for sequence, prompt in zip(sequences, prompts):
         sequence.length = len(prompt)
@@ -36,7 +36,7 @@ def test_varlen_decode_over_different_prefixes(hf_model_dir):
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21]]
     pair = [Sequence(), Sequence()]
     prefill_logits(engine, pair, prompts)
-    meta = engine.kv.step_metadata(pair, [torch.tensor([9]), torch.tensor([2])], [causal(1), causal(1)])
+    meta = step_metadata(engine.kv, pair, [torch.tensor([9]), torch.tensor([2])], [causal(1), causal(1)])
     hidden, _ = engine.target(torch.tensor([14, 22]), meta, engine.kv.pool)
     both = engine.target.logits(hidden)
     for row, prompt in enumerate(prompts):

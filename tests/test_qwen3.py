@@ -1,7 +1,7 @@
 """The target matches HF transformers' Qwen3ForCausalLM: logits at prefill and every decode step, and greedy text."""
 import pytest
 import torch
-from conftest import make_engine, write_hf_model
+from conftest import make_engine, step_metadata, write_hf_model
 
 from nanojet.engine.kv_cache import Sequence
 from nanojet.engine.sampling import SamplingParams
@@ -19,12 +19,12 @@ def nanojet_logits_stepwise(engine, prompt: list[int], continuation: list[int]) 
     model, cache = engine.target, engine.kv
     sequence = Sequence()
     n = len(prompt)
-    meta = cache.step_metadata([sequence], [torch.arange(n)], [torch.ones(n, n, dtype=torch.bool).tril()])
+    meta = step_metadata(cache, [sequence], [torch.arange(n)], [torch.ones(n, n, dtype=torch.bool).tril()])
     hidden, _ = model(torch.tensor(prompt), meta, cache.pool)
     sequence.length = n
     out = [model.logits(hidden[-1:])[0]]
     for token in continuation:
-        meta = cache.step_metadata([sequence], [torch.tensor([sequence.length])], [torch.ones(1, 1, dtype=torch.bool)])
+        meta = step_metadata(cache, [sequence], [torch.tensor([sequence.length])], [torch.ones(1, 1, dtype=torch.bool)])
         hidden, _ = model(torch.tensor([token]), meta, cache.pool)
         sequence.length += 1
         out.append(model.logits(hidden)[0])

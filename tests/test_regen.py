@@ -6,7 +6,13 @@ import pytest
 from nanojet.llm import DEFAULT_MODEL, LLM
 from nanojet.tokenizer import Tokenizer
 from nanojet.train.data import load_corpus
-from nanojet.train.regen import cached_regeneration, regenerate, sampling_for, stream_of, weights_fingerprint
+from nanojet.train.regen import (
+    cached_regeneration,
+    regenerate,
+    sampling_for,
+    stream_of,
+    weights_fingerprint,
+)
 
 
 def test_responses_are_the_targets_own_greedy_and_seeded_sampled_output(hf_model_dir):

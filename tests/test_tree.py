@@ -4,13 +4,12 @@ import random
 
 import pytest
 import torch
+from trees import build_tree, chain_tree
 
 from nanojet.engine.tree import (
     TREE_BUCKETS,
     DraftTree,
     accept,
-    build_tree,
-    chain_tree,
     pad_tree,
     tree_bucket,
     tree_from_candidates,

@@ -2,7 +2,14 @@
 trees under ties, padding, vmap, and which rounds use it."""
 import pytest
 import torch
-from test_tree import VOCAB, check_tree, heap_best_first, path_score, random_logprobs, token_paths
+from test_tree import (
+    VOCAB,
+    check_tree,
+    heap_best_first,
+    path_score,
+    random_logprobs,
+    token_paths,
+)
 
 from nanojet.engine.candidates import CANDIDATE_LIMIT, candidate_table, tree_from_table
 from nanojet.engine.tree import pad_tree, tree_from_candidates, tree_size

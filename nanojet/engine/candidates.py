@@ -20,9 +20,7 @@ import torch
 
 from nanojet.engine.tree import DraftTree, packed_tree, tree_size
 
-# Past this many candidates the table is no longer cheaper than the beam search. Measured on the CPU (2 threads,
-# a budget's table against its beam, padded trees): 96 against 343 us at budget 8 (32 candidates), 266 against 435
-# at 64 (1,854), 549 against 607 at 128 (4,267), 1,108 against 1,150 at 256 (7,970), all at width 4.
+# Past this many candidates the table is no longer cheaper than the beam search (timings: docs/round-cost.md).
 CANDIDATE_LIMIT = 8192
 
 

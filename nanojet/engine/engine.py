@@ -17,14 +17,24 @@ from typing import Callable
 
 import torch
 
-from nanojet.engine.kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
+from nanojet.engine.kv_cache import KVCache, KVCacheExhausted, Sequence
 from nanojet.engine.request import Generation, Request, SpeculativeParams
 from nanojet.engine.round import StaticRound, round_scratch_slots, round_tree
-from nanojet.engine.runners import CompiledRunner, EagerRunner, GraphedRunner, RoundRunner
+from nanojet.engine.runners import (
+    CompiledRunner,
+    EagerRunner,
+    GraphedRunner,
+    RoundRunner,
+)
 from nanojet.engine.sampling import SamplingParams, sample
-from nanojet.engine.scheduler import DEFAULT_PREFILL_CHUNK, DEFAULT_STEP_TOKENS, Scheduler
+from nanojet.engine.scheduler import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_STEP_TOKENS,
+    Scheduler,
+)
 from nanojet.engine.toolchain import check_toolchain
 from nanojet.engine.tree import read_outcome, tree_bucket
+from nanojet.model.attention import AttentionMetadata
 from nanojet.model.head import DraftHead
 from nanojet.model.qwen3 import Qwen3
 

@@ -27,10 +27,18 @@ import torch
 
 from nanojet import kernels
 from nanojet.engine.candidates import candidate_table, tree_from_table
-from nanojet.engine.kv_cache import AttentionMetadata, KVCache, KVCacheExhausted, Sequence
+from nanojet.engine.kv_cache import KVCache, KVCacheExhausted, Sequence
 from nanojet.engine.sampling import SamplingParams, sample_rows
-from nanojet.engine.tree import DraftTree, accept, round_outcome, tree_bucket, tree_from_candidates, tree_size
+from nanojet.engine.tree import (
+    DraftTree,
+    accept,
+    round_outcome,
+    tree_bucket,
+    tree_from_candidates,
+    tree_size,
+)
 from nanojet.kernels.reference import pack_visibility
+from nanojet.model.attention import AttentionMetadata
 from nanojet.model.packed_gemm import linear, pack_module, pack_rows
 
 
@@ -250,7 +258,7 @@ class StaticRound:
         """The target's token after each row (at `positions + 1`): argmax in a greedy round (no noise is built),
         else each row samples with its sequence's parameters."""
         if not self.sampled:
-            # max's indices, not argmax: the same first maximum, about 1.7x faster on the CPU (8 us a row of 8,200)
+            # max's indices, not argmax: the same first maximum, and faster on the CPU
             return logits.max(dim=-1).indices
         return sample_rows(logits, positions + 1, *(t.repeat_interleave(rows_per_sequence)  # each [S * rows]
                                                    for t in (temperature, top_k, top_p, seed)))
@@ -306,7 +314,7 @@ class StaticRound:
         the tree can reach are scored, and only over the draft vocabulary; log-prob = logit - logsumexp, no
         `[D, V]` log-softmax is kept."""
         # The anchor's row is scored too and dropped: with a block of 16, 16 rows instead of 15, and MKL's fp32 GEMM
-        # (the CPU path) runs 3..15 rows far slower than 16 (151,936-token lm_head: 15 rows 118 ms, 16 rows 48 ms).
+        # (the CPU path) runs 3..15 rows far slower than 16 (docs/round-cost.md).
         rows = self.draft_hidden(pool, anchor, length, block_table, scratch)[:, :1 + self.depth]  # [S, 1 + D, H]
         logits = linear(rows.flatten(0, 1), self.draft_weight, packed=self.draft_packed).float()
         logits = logits.view(self.num_sequences, 1 + self.depth, -1)[:, 1:]  # [S, D, V or N]

@@ -22,7 +22,7 @@ class DraftTree:
 
 
 def tree_size(budget: int, width: int, depth: int) -> int:
-    """Nodes `build_tree` returns: the budget, or the whole width-ary tree of that depth if it is smaller."""
+    """Nodes a tree holds: the budget, or the whole width-ary tree of that depth if it is smaller."""
     if budget < 1 or width < 1 or depth < 0:
         raise ValueError(f"tree: need budget >= 1, width >= 1, depth >= 0; got {budget}, {width}, {depth}")
     total, level = 1, 1
@@ -34,12 +34,12 @@ def tree_size(budget: int, width: int, depth: int) -> int:
     return min(budget, total)
 
 
-def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, width: int,
-               depth: int | None = None) -> DraftTree:
-    """The `tree_size(budget, width, depth limit)` best nodes by cumulative log-prob, anchor included.
-
-    `draft_logprobs` `[B-1, V]` (row d-1 = depth d); the depth limit is `min(depth, B-1)` (`B-1` when None).
-    Nodes are ordered by depth, then score, so parents precede children; siblings carry distinct tokens.
+def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor, budget: int,
+                         depth: int | None = None, pad_to: int | None = None) -> DraftTree:
+    """The `tree_size(budget, width, depth limit)` best nodes by cumulative log-prob, anchor included, from each
+    depth's candidates: `top_logprobs`, `top_tokens` `[B-1, width]`, the `width` likeliest tokens of each draft row,
+    best first; depth limit `min(depth, B-1)`. Nodes are ordered by depth, then score (parents first; siblings carry
+    distinct tokens). `pad_to`: the tree `pad_tree(tree, pad_to)` returns, built without packing twice.
 
     Nodes are ranked by score, ties going to the shallower node (so a parent always outranks its children),
     then to the better-ranked parent, then to the better candidate rank. Under this order the result is exact
@@ -47,22 +47,7 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
     its parent among the best K at depth d-1 (each rival that outranks the parent has a child with the same
     candidate rank that outranks the node). So keeping K per depth, then the best K over all depths, loses
     nothing. Scores add up in float64, where sums of a few bf16/fp32 log-probs are exact, so rounding does not
-    invent or break ties. Ties between tokens of one draft row are left to `torch.topk`.
-    """
-    if draft_logprobs.dim() != 2:
-        raise ValueError(f"tree: draft_logprobs must be [depths, vocab], got shape {tuple(draft_logprobs.shape)}")
-    if width > draft_logprobs.shape[1]:
-        raise ValueError(f"tree: width {width} exceeds the draft vocabulary ({draft_logprobs.shape[1]} tokens)")
-    if width < 1:
-        raise ValueError(f"tree: need width >= 1, got {width}")
-    return tree_from_candidates(anchor, *draft_logprobs.topk(width, dim=-1), budget, depth)
-
-
-def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor, budget: int,
-                         depth: int | None = None, pad_to: int | None = None) -> DraftTree:
-    """`build_tree` from each depth's candidates alone: `top_logprobs`, `top_tokens` `[B-1, width]`, the `width`
-    likeliest tokens of each draft row, best first (all the tree ever reads of a row; the round's drafter
-    produces only these). `pad_to`: the tree `pad_tree(tree, pad_to)` returns, built without packing twice."""
+    invent or break ties."""
     if anchor.dim() != 0:
         raise ValueError(f"tree: anchor must be a 0-dim token tensor, got shape {tuple(anchor.shape)}")
     if top_logprobs.dim() != 2 or top_tokens.shape != top_logprobs.shape:
@@ -188,11 +173,6 @@ def _padded(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, v
     eye = torch.eye(size, dtype=torch.bool, device=visible.device)
     return (pad(tokens, (0, extra), value=-1), pad(parents, (0, extra)), pad(depths, (0, extra), value=1),
             pad(visible, (0, extra, 0, extra)) | eye)
-
-
-def chain_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, depth: int) -> DraftTree:
-    """The greedy chain: the anchor and the best token of each of the first `depth` draft rows."""
-    return build_tree(anchor, draft_logprobs, budget=depth + 1, width=1, depth=depth)
 
 
 def accept(tree: DraftTree, target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,9 @@ def _impl(tensor: torch.Tensor, *operands: torch.Tensor | None):
         return reference  # traced: the compiler generates its own fused kernels from the torch code
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *operands)):
         return reference  # training: the Triton kernels define no backward, the torch ops do
-    from . import triton_ops  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
+    from . import (
+        triton_ops,  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
+    )
     return triton_ops
 
 

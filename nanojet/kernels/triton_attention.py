@@ -123,7 +123,7 @@ def _paged_attention_kernel(
                                      stride_k_page, stride_k_slot, stride_k_head,
                                      stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE, COMPUTE_FP32)
 
-    if split == num_splits - 1:
+    if split == num_splits - 1:  # the step's new tokens, each row seeing those its visibility bits allow
         for start in range(0, num_new, BLOCK_N):
             new_index = start + tl.arange(0, BLOCK_N)
             new_valid = new_index < num_new
@@ -135,7 +135,16 @@ def _paged_attention_kernel(
                                              prefix + new_index, new_valid, visible, kv_head, dims, dim_valid,
                                              qk_scale, stride_k_page, stride_k_slot, stride_k_head,
                                              stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE, COMPUTE_FP32)
+    _store_rows(out_ptr, partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, token, head, dims, row_valid,
+                row_dim_mask, split, num_tokens, num_q_heads, stride_out_token, stride_out_head, HEAD_DIM, SPLIT_K)
 
+
+@triton.jit
+def _store_rows(out_ptr, partial_out_ptr, partial_lse_ptr, m_i, l_i, acc, token, head, dims, row_valid,
+                row_dim_mask, split, num_tokens, num_q_heads, stride_out_token, stride_out_head,
+                HEAD_DIM: tl.constexpr, SPLIT_K: tl.constexpr):
+    """A tile's normalised rows to `out`, or, with split keys, to this split's partial rows and their log-sum-exp
+    (base 2) for `_combine_splits_kernel`."""
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row that saw nothing has acc = 0: zeros, not NaN
     if not SPLIT_K:
         tl.store(out_ptr + token[:, None] * stride_out_token + head[:, None] * stride_out_head + dims[None, :],

@@ -107,7 +107,7 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not Path(model_dir).is_dir():
             raise FileNotFoundError(f"model directory {model_dir} does not exist; pass --model with a Qwen3 "
-                                    f"checkpoint directory (see weights/README.md)")
+                                    f"checkpoint directory (see nanojet/weights/README.md)")
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; a model directory needs config.json and *.safetensors")
         try:

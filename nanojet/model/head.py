@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from nanojet import kernels
-from nanojet.engine.kv_cache import AttentionMetadata
+from nanojet.model.attention import AttentionMetadata
 from nanojet.model.config import ModelConfig
 from nanojet.model.draft_vocab import load_draft_vocab, save_draft_vocab
 from nanojet.model.loader import hf_state_dict, load_weights

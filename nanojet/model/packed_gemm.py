@@ -2,10 +2,9 @@
 
 A round's matrix products have a few rows: a tree of 8 nodes, a draft block of 16. MKL's fp32 GEMM, which torch
 runs on the CPU, is as fast for one or two rows as a matrix-vector product, but for 3..15 rows it costs about one
-weight read per pair of rows, and only from 16 rows on it switches to a proper GEMM (measured on this project's
-2-core machine, 151,936 x 1,024 lm_head: 1 row 20 ms, 8 rows 71 ms, 15 rows 123 ms, 16 rows 50 ms). MKL's packed
-GEMM (`cblas_sgemm_pack`, exposed as `torch.ops.mkl`) reorders a weight once for a given row count and then
-reads it once per product: 8 rows 32 ms, 15 rows 37 ms, 16 rows 37 ms.
+weight read per pair of rows; only from 16 rows on it is a proper GEMM. MKL's packed GEMM (`cblas_sgemm_pack`,
+exposed as `torch.ops.mkl`) reorders a weight once for a given row count and then reads it once per product
+(timings: docs/round-cost.md, `scripts/gemm_throughput.py`).
 
 A round's shapes are static, so its row counts are known when it is built, and `pack_rows` reorders a weight for
 each round shape that multiplies it by a row count where the packed GEMM was measured to win (3..31). A packed copy

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanojet import kernels
-from nanojet.engine.kv_cache import AttentionMetadata
+from nanojet.model.attention import AttentionMetadata
 from nanojet.model.config import ModelConfig
 from nanojet.model.packed_gemm import Linear, linear, pack_module, pack_rows
 

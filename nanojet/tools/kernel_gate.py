@@ -29,10 +29,10 @@ import torch
 
 from nanojet import kernels
 from nanojet.bench.synthetic import synthetic_models
-from nanojet.engine.kv_cache import AttentionMetadata
 from nanojet.engine.scheduler import DEFAULT_PREFILL_CHUNK
 from nanojet.engine.tree import TREE_BUCKETS
 from nanojet.llm import DTYPES as NAMED_DTYPES
+from nanojet.model.attention import AttentionMetadata
 from nanojet.train.distill import head_loss
 
 # Triton itself is imported inside functions, after run() has pointed its cache at a fresh folder.

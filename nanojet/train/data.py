@@ -7,7 +7,13 @@ from pathlib import Path
 from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import LLM
 from nanojet.tokenizer import Tokenizer
-from nanojet.train.regen import cached_regeneration, default_cache, regenerate, stream_of, weights_fingerprint
+from nanojet.train.regen import (
+    cached_regeneration,
+    default_cache,
+    regenerate,
+    stream_of,
+    weights_fingerprint,
+)
 
 # Regeneration of the built-in corpus: prompts longer than this are skipped (they would crowd the batch's KV).
 REGEN_PROMPT_LIMIT = 256

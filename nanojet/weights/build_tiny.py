@@ -155,7 +155,7 @@ def save(model: Qwen3, out: Path, meta: dict) -> None:
 
 
 def write_tokenizer(out: Path) -> None:
-    from nanojet.tokenizer import write_tokenizer_files
+    from nanojet.tools.tokenizer_files import write_tokenizer_files
     write_tokenizer_files(qwen_ranks(VOCAB_RANKS), SPECIAL_TOKENS, out, eos_token="<|endoftext|>")
     # A base model that never saw a chat turn: without a template, run.py and bench.py default to raw prompts.
     config_path = out / "tokenizer_config.json"
