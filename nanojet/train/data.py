@@ -29,7 +29,7 @@ def load_corpus(data: str, tokenizer: Tokenizer, model_dir: Path, regen: bool, d
                                               regen_cache, regen_batch), separator)
     if data == "builtin":
         from nanojet.weights.build_tiny import corpus
-        return corpus(held_out=False).tolist()
+        return corpus(held_out=False, encode_ordinary=tokenizer.encode_ordinary).tolist()
     path = Path(data)
     if path.is_dir():
         raise ValueError(f"--data {path} is a directory; give a .jsonl file (one JSON object per line) or builtin")

