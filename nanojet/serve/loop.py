@@ -1,6 +1,6 @@
 """The serving loop behind the HTTP server: a `Scheduler` stepped on its own thread, fed by request handlers on
 the event loop, and each request's text streamed back (incremental detokenizing, stop strings) through an asyncio
-queue. serve.py only translates HTTP to `submit` calls and these streams back to HTTP.
+queue. server.py only translates HTTP to `submit` calls and these streams back to HTTP.
 
 Threads: handlers call `submit` and `Request.cancel` (both safe from any thread: an append under a lock, a flag);
 everything else in the scheduler runs on the loop thread, which hands text to the event loop with
@@ -37,8 +37,8 @@ class TextStream:
     """One request's generated text as events on an asyncio queue; `stop` strings end it early (the stop string
     itself is not emitted, and text that may be the start of one is held back until it is not)."""
 
-    def __init__(self, request: Request, llm: LLM, stop: list[str], loop: asyncio.AbstractEventLoop):
-        self.request, self.stop, self.loop = request, stop, loop
+    def __init__(self, request: Request, llm: LLM, stop: list[str], event_loop: asyncio.AbstractEventLoop):
+        self.request, self.stop, self.event_loop = request, stop, event_loop
         self.queue: asyncio.Queue[TextEvent] = asyncio.Queue()
         self.text, self.sent, self.done = "", 0, False
         self._detokenizer = IncrementalDetokenizer(llm.tokenizer)
@@ -69,7 +69,7 @@ class TextStream:
         self.done = finish is not None
         if delta or finish:
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(delta, finish))
+                self.event_loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(delta, finish))
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 request.cancel()
 
@@ -82,7 +82,9 @@ class TextStream:
                 return
 
 
-class ServingEngine:
+class ServingLoop:
+    """The scheduler on its own thread: `submit` from the event loop, text back through `TextStream`s."""
+
     def __init__(self, llm: LLM, spec: SpeculativeParams | None, max_num_seqs: int, step_tokens: int,
                  max_waiting: int):
         """`max_waiting`: requests that may wait for a place in the batch before new ones get 503."""
@@ -94,7 +96,7 @@ class ServingEngine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="nanojet-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="nanojet-scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -129,7 +131,7 @@ class ServingEngine:
         self._wake.set()
         self._thread.join()
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
         scheduler = self.scheduler
         while True:
             with self._lock:

@@ -113,8 +113,8 @@ def sampling_from(body: dict, prompt_len: int, max_model_len: int, default_max_t
     return params, stop
 
 
-def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app over a started `ServingEngine`."""
+def create_app(llm, loop, model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI app over a started `ServingLoop`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -154,7 +154,7 @@ def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTE
     def start(body: dict, prompt_ids: list[int], default_max_tokens: int | None):
         params, stop = sampling_from(body, len(prompt_ids), llm.max_model_len, default_max_tokens)
         try:
-            return engine.submit(prompt_ids, params, stop)
+            return loop.submit(prompt_ids, params, stop)
         except ValueError as error:
             raise APIError(400, str(error), "invalid_request") from None
         except QueueFull as error:
@@ -185,7 +185,7 @@ def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTE
 
     @app.get("/health")
     async def health():
-        if engine.draining:
+        if loop.draining:
             raise APIError(503, "draining: the server is shutting down", "shutting_down", "server_error")
         return {"status": "ok"}
 
@@ -197,8 +197,8 @@ def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTE
     @app.get("/metrics")
     async def metrics():
         lines = []
-        for name, value in engine.metrics().items():
-            lines.append(f"# TYPE {name} {'counter' if name in engine.COUNTERS else 'gauge'}")
+        for name, value in loop.metrics().items():
+            lines.append(f"# TYPE {name} {'counter' if name in loop.COUNTERS else 'gauge'}")
             lines.append(f"{name} {value}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     try:
         from nanojet.engine.engine import SpeculativeParams
         from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
-        from nanojet.serve.loop import ServingEngine
+        from nanojet.serve.loop import ServingLoop
         model = Path(args.model) if args.model else DEFAULT_MODEL
         head = None if args.ar or args.head == "none" else args.head
         if head == "auto":
@@ -308,29 +308,29 @@ def main(argv=None) -> int:
         if spec is not None and budget > llm.max_tree_nodes:
             raise ValueError(f"--budget {budget} exceeds max_tree_nodes {llm.max_tree_nodes}")
         max_waiting = args.max_waiting if args.max_waiting is not None else 4 * args.max_num_seqs
-        engine = ServingEngine(llm, spec, args.max_num_seqs, args.step_tokens, max_waiting)
+        loop = ServingLoop(llm, spec, args.max_num_seqs, args.step_tokens, max_waiting)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = create_app(llm, engine, args.served_model_name or model.name)
+    app = create_app(llm, loop, args.served_model_name or model.name)
 
     class DrainingServer(uvicorn.Server):
         """SIGTERM: refuse new requests, let uvicorn wait for the running ones, and exit 0 (uvicorn would
         re-raise the signal after its graceful shutdown, ending the process with the signal's status)."""
 
         def handle_exit(self, sig, frame) -> None:
-            engine.drain()
+            loop.drain()
             super().handle_exit(sig, frame)
             if sig == signal.SIGTERM:
                 self._captured_signals.remove(sig)
 
-    engine.start()
+    loop.start()
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=None))
     print(f"nanojet: serving {args.served_model_name or model.name} on http://{args.host}:{args.port} "
           f"({'speculative, budget ' + str(budget) if spec else 'plain decoding'}, max {args.max_num_seqs} "
           f"sequences)", file=sys.stderr, flush=True)
     server.run()
-    engine.stop()
+    loop.stop()
     return 0
 
