@@ -195,6 +195,22 @@ def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
     assert after["nanojet_generated_tokens_total"] < during["nanojet_generated_tokens_total"] + 16 * 400
 
 
+def test_a_whole_answer_whose_client_leaves_is_cancelled(server):
+    """A non-streaming request gets no chunk to fail on when its client goes; the server notices the closed
+    connection while the request decodes (sampled, so several seconds of rounds) and frees it within a second."""
+    _, url = server
+    body = json.dumps({"model": MODEL, "prompt": "def main():", "max_tokens": 480, "temperature": 1.0, "seed": 3,
+                       "ignore_eos": True}).encode()
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        running = wait_until(url, lambda m: m["nanojet_running_requests"] == 1)
+        assert running["nanojet_running_requests"] == 1, running
+    after = wait_until(url, idle, seconds=1.5)
+    assert idle(after), after
+
+
 def test_sigterm_drains_running_requests_and_exits_0(server):
     """Last in this module: it stops the server."""
     process, url = server

@@ -29,6 +29,7 @@ MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20
 MAX_STOP_STRINGS = 4
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,6 +114,16 @@ def sampling_from(body: dict, prompt_len: int, max_model_len: int, default_max_t
     return params, stop
 
 
+async def cancel_on_disconnect(request, stream) -> None:
+    """Poll the connection while a whole answer is generated: a client that has left is told nothing (no chunk
+    fails to send, as a stream's does), so its request would otherwise run to the end."""
+    while not stream.done:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        if await request.is_disconnected():
+            stream.request.cancel()
+            return
+
+
 def create_app(llm, loop, model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app over a started `ServingLoop`."""
     from fastapi import FastAPI, Request
@@ -167,19 +178,15 @@ def create_app(llm, loop, model_name: str, max_body_bytes: int = MAX_BODY_BYTES)
 
     async def collect(request: Request, stream) -> tuple[str, str]:
         """Await the whole text, cancelling the generation if the client goes away meanwhile."""
+        watcher = asyncio.create_task(cancel_on_disconnect(request, stream))
         pieces = []
         try:
-            while True:
-                try:  # a cancelled Queue.get loses nothing
-                    event = await asyncio.wait_for(stream.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
+            async for event in stream.events():  # a cancelled request still ends with an event ("abort")
                 pieces.append(event.text)
                 if event.finish_reason is not None:
                     return "".join(pieces), event.finish_reason
         finally:
+            watcher.cancel()
             if not stream.done:
                 stream.request.cancel()
 
