@@ -25,24 +25,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m nanojet.serve` on a free loopback port, once /health answers 200 (at most 120 s)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "nanojet.serve", "--port", str(port), "--max-num-seqs",
-                                str(MAX_NUM_SEQS), "--max-waiting", str(MAX_NUM_SEQS), "--max-model-len", "512"],
-                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "nanojet.serve", "--port", str(port), *flags], cwd=ROOT,
+                               stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             if http(f"{url}/health")[0] == 200:
-                break
+                return process, url
         except OSError:
             time.sleep(0.2)
         assert process.poll() is None, process.stderr.read()
-    else:
-        process.kill()
-        pytest.fail("the server did not come up in 120 s")
+    process.kill()
+    pytest.fail("the server did not come up in 120 s")
+
+
+@pytest.fixture(scope="module")
+def server():
+    process, url = start_server("--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting", str(MAX_NUM_SEQS),
+                                "--max-model-len", "512")
     yield process, url
     if process.poll() is None:
         process.kill()
@@ -84,10 +88,19 @@ def idle(current: dict[str, float]) -> bool:
 
 
 def test_bad_flags_exit_2_with_one_line():
-    for flags, message in ((["--budget", "0"], "--budget"), (["--model", "/no/such/model"], "does not exist")):
-        done = subprocess.run([sys.executable, "-m", "nanojet.serve", *flags], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    """Every bad flag is one line and exit 2 before the banner, a port in use included (the socket is bound
+    before the model loads)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flags, message in ((["--budget", "0"], "--budget"), (["--model", "/no/such/model"], "does not exist"),
+                               (["--max-waiting", "-5"], "--max-waiting"), (["--port", "-1"], "--port"),
+                               (["--port", "70000"], "--port"), (["--port", port], port)):
+            done = subprocess.run([sys.executable, "-m", "nanojet.serve", *flags], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 2 and message in done.stderr, (flags, done.returncode, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1 and "serving" not in done.stderr, (flags, done.stderr)
 
 
 def test_models_and_a_completion(server):
@@ -168,6 +181,23 @@ def test_bad_requests_get_openai_style_errors(server):
     assert status == 400 and error_of(body)["code"] == "context_length_exceeded"
 
 
+def test_http_errors_are_openai_errors(server):
+    """Unknown routes and methods, wrong-typed messages and a non-boolean `stream` answer OpenAI's error object
+    with a message that says what is wrong."""
+    _, url = server
+    status, _, body = http(f"{url}/v1/nothing")
+    assert status == 404 and error_of(body)["code"] == "not_found"
+    status, headers, body = http(f"{url}/v1/completions")  # a GET
+    assert status == 405 and error_of(body)["code"] == "method_not_allowed" and "POST" in headers["allow"]
+    status, _, body = http(f"{url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": [1, 2]}).encode())
+    assert status == 400 and "'messages[0]' must be an object" in error_of(body)["message"], body
+    for endpoint, request in (("completions", {"prompt": "hello"}),
+                              ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        status, _, body = http(f"{url}/v1/{endpoint}", json.dumps({"model": MODEL, "max_tokens": 2, "stream": "yes",
+                                                                   **request}).encode())
+        assert status == 400 and "'stream'" in error_of(body)["message"], body
+
+
 def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
     """8 running and 8 waiting streams fill the server: the next request gets 503 with Retry-After. Closing the
     streams (clients gone) cancels them within a round: no request runs or waits and no KV page stays used."""
@@ -223,6 +253,26 @@ def test_sigterm_drains_running_requests_and_exits_0(server):
     received += list(chunks)
     assert received[-1].choices[0].finish_reason == "length"  # it ran to max_tokens: drained, not cut
     assert process.wait(timeout=60) == 0
+
+
+def test_ctrl_c_drains_like_sigterm():
+    """Ctrl-C (SIGINT) stops taking requests, lets the running one finish, and exits 0 without a traceback."""
+    process, url = start_server("--max-num-seqs", "2", "--max-model-len", "256")
+    try:
+        stream = client(url, max_retries=0).completions.create(model=MODEL, prompt="def main():", max_tokens=32,
+                                                               temperature=0, stream=True,
+                                                               extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        received = [next(chunks)]
+        process.send_signal(signal.SIGINT)
+        received += list(chunks)
+        assert received[-1].choices[0].finish_reason == "length"
+        assert process.wait(timeout=60) == 0
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_missing_server_packages_are_one_line(monkeypatch, capsys):
