@@ -162,7 +162,7 @@ def test_bad_requests_get_openai_style_errors(server):
     api = client(url, max_retries=0)
     cases = [(dict(temperature=-1), openai.BadRequestError, "temperature"),
              (dict(top_p=0), openai.BadRequestError, "top_p"),
-             (dict(extra_body={"n": 2}), openai.BadRequestError, "'n'"),
+             (dict(n=0), openai.BadRequestError, "'n'"),
              (dict(stop=["a", "b", "c", "d", "e"]), openai.BadRequestError, "stop"),
              (dict(max_tokens=600), openai.BadRequestError, "exceeds the context"),
              (dict(model="gpt-4"), openai.NotFoundError, "does not exist")]
@@ -196,6 +196,85 @@ def test_http_errors_are_openai_errors(server):
         status, _, body = http(f"{url}/v1/{endpoint}", json.dumps({"model": MODEL, "max_tokens": 2, "stream": "yes",
                                                                    **request}).encode())
         assert status == 400 and "'stream'" in error_of(body)["message"], body
+
+
+def post(url: str, endpoint: str, **fields) -> tuple[int, dict]:
+    status, _, body = http(f"{url}/v1/{endpoint}", json.dumps({"model": MODEL, **fields}).encode())
+    return status, json.loads(body)
+
+
+def test_unsupported_fields_are_refused_by_name_and_their_defaults_accepted(server):
+    """Nothing is silently ignored: a field the server does not implement is a 400 naming it, unless it holds the
+    value that means "off" (OpenAI clients send those)."""
+    _, url = server
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    completion = {"prompt": "hi", "max_tokens": 2}
+    refused = [("completions", completion, "logprobs", 2), ("completions", completion, "logit_bias", {"50": 10}),
+               ("completions", completion, "presence_penalty", 0.5), ("completions", completion, "suffix", "x"),
+               ("completions", completion, "frequency_penalty", -1.0), ("completions", completion, "best_of", 3),
+               ("completions", completion, "no_such_field", 1), ("chat/completions", chat, "logprobs", True),
+               ("chat/completions", chat, "top_logprobs", 2), ("chat/completions", chat, "tool_choice", "auto"),
+               ("chat/completions", chat, "tools", [{"type": "function", "function": {"name": "f"}}]),
+               ("chat/completions", chat, "response_format", {"type": "json_object"}),
+               ("chat/completions", chat, "echo", True)]
+    for endpoint, request, name, value in refused:
+        status, body = post(url, endpoint, **request, **{name: value})
+        assert status == 400 and body["error"]["param"] == name and f"'{name}'" in body["error"]["message"], body
+    off = {"logprobs": None, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "me"}
+    status, body = post(url, "completions", **completion, **off, suffix=None, best_of=1, echo=False)
+    assert status == 200, body
+    status, body = post(url, "chat/completions", **chat, **off, top_logprobs=0, tools=[], tool_choice="none",
+                        response_format={"type": "text"})
+    assert status == 200, body
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client(url, max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=2)
+
+
+def test_echo_n_choices_and_prompt_lists(server):
+    """echo prepends the prompt; n samples are what n requests with seeds seed, seed + 1, ... give; a list of
+    prompts answers choice p * n + i for sample i of prompt p; all streamed the same way."""
+    _, url = server
+    api = client(url)
+    prompt = "def fibonacci(n):"
+    sampled = {"model": MODEL, "max_tokens": 8, "temperature": 1.0, "top_p": 0.95, "extra_body": {"ignore_eos": True}}
+    plain = api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+    echoed = api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain
+    streamed = api.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == prompt + plain
+    alone = [api.completions.create(prompt=prompt, seed=11 + i, **sampled).choices[0].text for i in range(3)]
+    three = api.completions.create(prompt=prompt, seed=11, n=3, **sampled)
+    assert [(c.index, c.text) for c in three.choices] == list(enumerate(alone)) and len(set(alone)) > 1
+    assert (three.usage.completion_tokens, three.usage.prompt_tokens) == (24, echoed.usage.prompt_tokens)
+    chunks = list(api.completions.create(prompt=prompt, seed=11, n=3, stream=True, **sampled))
+    assert ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in range(3)] == alone
+    for prompts in (["class Stack:", "import os\n"], [[10, 20, 30], [40, 50]]):  # texts, then token ids
+        firsts = [api.completions.create(prompt=p, seed=5, **sampled).choices[0].text for p in prompts]
+        both = api.completions.create(prompt=prompts, seed=5, n=2, **sampled)
+        assert [c.index for c in both.choices] == [0, 1, 2, 3] and both.usage.completion_tokens == 32
+        assert [both.choices[0].text, both.choices[2].text] == firsts
+    status, body = post(url, "completions", prompt=prompt, max_tokens=2, n=9)  # more than the server may queue
+    assert status == 400 and body["error"]["param"] == "n", body
+
+
+def test_chat_content_as_text_parts(server):
+    """Chat content may be a list of text parts (joined with newlines); other part types are refused."""
+    _, url = server
+    api = client(url)
+    text = [{"role": "user", "content": "Write a function\nthat reverses a list."}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Write a function"},
+                                          {"type": "text", "text": "that reverses a list."}]}]
+    answers = [api.chat.completions.create(model=MODEL, messages=m, max_tokens=8, temperature=0) for m in (text, parts)]
+    assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
+    assert answers[0].usage.prompt_tokens == answers[1].usage.prompt_tokens
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}]
+    status, body = post(url, "chat/completions", messages=image, max_tokens=2)
+    assert status == 400 and "image_url" in body["error"]["message"], body
+    two = api.chat.completions.create(model=MODEL, messages=text, max_tokens=6, temperature=1.0, seed=2, n=2)
+    chunks = list(api.chat.completions.create(model=MODEL, messages=text, max_tokens=6, temperature=1.0, seed=2, n=2,
+                                              stream=True))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in (0, 1)]
+    assert streamed == [c.message.content for c in two.choices]
 
 
 def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):

@@ -5,6 +5,6 @@ from nanojet.tools.cli import install_exit_handlers
 
 install_exit_handlers()  # Ctrl-C while the model loads: one line, exit 130 (serving, it drains and exits 0)
 
-from nanojet.serve.server import main  # noqa: E402
+from nanojet.serve.server import main
 
 sys.exit(main())

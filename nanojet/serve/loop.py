@@ -29,24 +29,21 @@ class QueueFull(Exception):
 
 @dataclass
 class TextEvent:
+    index: int  # the choice it belongs to
     text: str
-    finish_reason: str | None = None  # set on the last event of a stream
+    finish_reason: str | None = None  # set on the choice's last event
 
 
 class TextStream:
-    """One request's generated text as events on an asyncio queue; `stop` strings end it early (the stop string
-    itself is not emitted, and text that may be the start of one is held back until it is not)."""
+    """One request's generated text as events on a queue; `stop` strings end it early (the stop string itself is
+    not emitted, and text that may be the start of one is held back until it is not)."""
 
-    def __init__(self, request: Request, llm: LLM, stop: list[str], event_loop: asyncio.AbstractEventLoop):
-        self.request, self.stop, self.event_loop = request, stop, event_loop
-        self.queue: asyncio.Queue[TextEvent] = asyncio.Queue()
+    def __init__(self, request: Request, index: int, llm: LLM, stop: list[str], queue: asyncio.Queue,
+                 event_loop: asyncio.AbstractEventLoop):
+        self.request, self.index, self.stop, self.queue, self.event_loop = request, index, stop, queue, event_loop
         self.text, self.sent, self.done = "", 0, False
         self._detokenizer = IncrementalDetokenizer(llm.tokenizer)
         request.on_update = self._on_update
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.request.output_ids)
 
     def _on_update(self, request: Request, tokens: list[int]) -> None:  # on the scheduler's thread
         if self.done:
@@ -69,21 +66,44 @@ class TextStream:
         self.done = finish is not None
         if delta or finish:
             try:
-                self.event_loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(delta, finish))
+                self.event_loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(self.index, delta, finish))
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 request.cancel()
 
+
+class Generations:
+    """The generations one HTTP request asked for (n samples of each prompt, choice i in `streams[i]`), their
+    text events merged on one queue in the order they come."""
+
+    def __init__(self, streams: list[TextStream], queue: asyncio.Queue):
+        self.streams, self.queue = streams, queue
+
+    @property
+    def done(self) -> bool:
+        return all(stream.done for stream in self.streams)
+
+    def completion_tokens(self, index: int | None = None) -> int:
+        """Tokens generated for choice `index`, or for all of them."""
+        streams = self.streams if index is None else [self.streams[index]]
+        return sum(len(stream.request.output_ids) for stream in streams)
+
+    def cancel(self) -> None:
+        """Stop every choice that has not ended (each still sends its last event, finish reason "abort")."""
+        for stream in self.streams:
+            if not stream.done:
+                stream.request.cancel()
+
     async def events(self):
-        """Text events until the one with a finish reason."""
-        while True:
+        """Text events until every choice has sent its last one."""
+        left = len(self.streams)
+        while left:
             event = await self.queue.get()
+            left -= event.finish_reason is not None
             yield event
-            if event.finish_reason is not None:
-                return
 
 
 class ServingLoop:
-    """The scheduler on its own thread: `submit` from the event loop, text back through `TextStream`s."""
+    """The scheduler on its own thread: `submit` from the event loop, text back through `Generations`."""
 
     def __init__(self, llm: LLM, spec: SpeculativeParams | None, max_num_seqs: int, step_tokens: int,
                  max_waiting: int):
@@ -101,19 +121,22 @@ class ServingLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> TextStream:
-        """Queue a generation; raises ValueError (it can never run) or QueueFull (not now)."""
-        request = Request(prompt_ids, params)
-        self.scheduler.check(request)
-        stream = TextStream(request, self.llm, stop, asyncio.get_running_loop())
+    def submit(self, jobs: list[tuple[list[int], SamplingParams]], stop: list[str]) -> Generations:
+        """Queue generations (prompt ids, params), all or none; raises ValueError (one can never run) or QueueFull
+        (not now: more than `max_waiting` would wait)."""
+        requests = [Request(prompt_ids, params) for prompt_ids, params in jobs]
+        for request in requests:
+            self.scheduler.check(request)
+        queue, event_loop = asyncio.Queue(), asyncio.get_running_loop()
+        streams = [TextStream(request, i, self.llm, stop, queue, event_loop) for i, request in enumerate(requests)]
         with self._lock:
             if self.draining:
                 raise QueueFull("the server is shutting down")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are already waiting")
-            self._inbox.append(request)
+            if self.waiting + len(requests) > self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests may wait and {self.waiting} are already waiting")
+            self._inbox.extend(requests)
         self._wake.set()
-        return stream
+        return Generations(streams, queue)
 
     @property
     def waiting(self) -> int:

@@ -1,10 +1,31 @@
 """The OpenAI request fields the server reads, checked and turned into prompts and `SamplingParams`; anything
 wrong is an `APIError`, which the server answers as OpenAI's error object `{"error": {"message", "type", "param",
-"code"}}`."""
+"code"}}`.
+
+Nothing is silently ignored: a field the server does not implement (logprobs, penalties, logit_bias, suffix, tools,
+response_format, ...) is refused with a 400 naming it unless it holds its "off" value (which OpenAI clients send),
+and so is a field it does not know. `n` samples of a prompt are n generations whose seeds are seed, seed + 1, ...
+(mod 2^31), so choice 0 is what n = 1 gives with the same seed."""
 import random
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nanojet.engine.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_N = 128  # OpenAI's limit; the queue (--max-waiting) usually binds first
 CHAT_ROLES = ("system", "user", "assistant")
+# What each endpoint reads. `user` is accepted and unused: it names the end user for OpenAI's abuse monitoring and
+# changes nothing generated.
+COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                 "ignore_eos", "n", "stream", "stream_options", "user"}
+FIELDS = {"/v1/completions": COMMON_FIELDS | {"prompt", "echo", "best_of"},
+          "/v1/chat/completions": COMMON_FIELDS | {"messages"}}
+# Fields this server does not implement, accepted only at a value that means "off" (OpenAI clients send them so).
+OFF_VALUES = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
+              "frequency_penalty": (0,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
+              "response_format": ({"type": "text"},)}
 
 
 class APIError(Exception):
@@ -53,41 +74,106 @@ def stream_options(body: dict) -> tuple[bool, bool]:
     return stream, flag(options, "include_usage")
 
 
-def sampling_from(body: dict, prompt_len: int, max_model_len: int, default_max_tokens: int | None):
-    """The request's sampling fields -> (SamplingParams, stop strings); 400 on anything invalid."""
+def check_fields(body: dict, endpoint: str) -> None:
+    """Refuse, naming it, a field this server does not implement (unless it holds its "off" value, which OpenAI
+    clients send) or does not know. A null field counts as absent."""
+    for name, value in body.items():
+        if value is None:
+            continue
+        if name in OFF_VALUES:
+            if value not in OFF_VALUES[name]:
+                raise APIError(400, f"'{name}' is not supported by this server (got {value!r}); leave it out",
+                               "unsupported_parameter", param=name)
+        elif name not in FIELDS[endpoint]:
+            raise APIError(400, f"'{name}' is not a field this server takes; {endpoint} takes "
+                                f"{', '.join(sorted(FIELDS[endpoint]))}", "unsupported_parameter", param=name)
+
+
+def choice_count(body: dict) -> int:
+    """`n`, the samples per prompt; `best_of` (completions) may only repeat it, as nothing ranks samples here."""
+    n = number(body, "n", 1, 1, MAX_N, integer=True)
+    if body.get("best_of") not in (None, 1, n) or isinstance(body.get("best_of"), bool):
+        raise APIError(400, f"'best_of' is not supported by this server (got {body['best_of']!r}); leave it out or "
+                            f"make it equal to n", "unsupported_parameter", param="best_of")
+    return n
+
+
+def generation_jobs(body: dict, prompts: list[list[int]], max_model_len: int, default_max_tokens: int | None,
+                max_choices: int) -> list[tuple[list[int], "SamplingParams"]]:
+    """(prompt ids, SamplingParams) per choice: sample i of prompt p is choice p * n + i and has seed
+    (seed + i) mod 2^31 (`seed` drawn at random when absent). At most `max_choices` in all (what the server can
+    queue at once); 400 on anything invalid."""
     from nanojet.engine.sampling import SamplingParams  # torch: not needed for `--help` or a bad flag
-    if number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise invalid("n", "'n' must be 1")
+    n = choice_count(body)
+    if n * len(prompts) > max_choices:
+        raise invalid("n", f"{len(prompts)} prompt(s) x n={n} is {n * len(prompts)} generations; this server "
+                           f"queues at most {max_choices} at once")
+    top_k = number(body, "top_k", 0, -1, 2**31, integer=True)  # vLLM's -1 and OpenAI's absence: no top-k
+    seed = number(body, "seed", None, 0, 2**31 - 1, integer=True)
+    seed = random.randrange(2**31) if seed is None else seed
+    try:  # SamplingParams says what is wrong with values that pass the range checks (top_p 0)
+        base = SamplingParams(temperature=float(number(body, "temperature", 1.0, 0, 2)),
+                              top_p=float(number(body, "top_p", 1.0, 0, 1)), top_k=max(top_k, 0), seed=seed,
+                              ignore_eos=flag(body, "ignore_eos"))
+    except ValueError as error:
+        raise APIError(400, str(error), "invalid_parameter") from None
+    return [(prompt, replace(base, max_new_tokens=max_new_tokens(body, len(prompt), max_model_len, default_max_tokens),
+                             seed=(seed + i) % 2**31)) for prompt in prompts for i in range(n)]
+
+
+def max_new_tokens(body: dict, prompt_len: int, max_model_len: int, default: int | None) -> int:
+    """`max_tokens` (or `max_completion_tokens`; absent: `default`, or the rest of the context)."""
     room = max_model_len - prompt_len
     if room < 1:
         raise APIError(400, f"the prompt has {prompt_len} tokens but the context holds {max_model_len} (prompt + at "
                             f"least one new token); shorten the prompt", "context_length_exceeded")
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    max_tokens = number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens or room, 1, 2**31, integer=True)
+    max_tokens = number({"max_tokens": max_tokens}, "max_tokens", default or room, 1, 2**31, integer=True)
     if max_tokens > room:
         raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                             f"of {max_model_len} tokens; shorten the prompt or lower max_tokens",
                        "context_length_exceeded", param="max_tokens")
+    return max_tokens
+
+
+def stop_strings(body: dict) -> list[str]:
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
             or not all(isinstance(s, str) and s for s in stop)):
         raise invalid("stop", f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS}")
-    top_k = number(body, "top_k", 0, -1, 2**31, integer=True)  # vLLM's -1 and OpenAI's absence: no top-k
-    seed = number(body, "seed", None, 0, 2**31 - 1, integer=True)
-    try:  # SamplingParams says what is wrong with values that pass the range checks above (top_p 0)
-        params = SamplingParams(temperature=float(number(body, "temperature", 1.0, 0, 2)),
-                                top_p=float(number(body, "top_p", 1.0, 0, 1)), top_k=max(top_k, 0),
-                                seed=random.randrange(2**31) if seed is None else seed, max_new_tokens=max_tokens,
-                                ignore_eos=flag(body, "ignore_eos"))
-    except ValueError as error:
-        raise APIError(400, str(error), "invalid_parameter") from None
-    return params, stop
+    return stop
+
+
+def completion_prompts(body: dict, tokenizer, vocab_size: int) -> list[tuple[str, list[int]]]:
+    """`prompt` -> [(text, token ids)]: one string or one list of token ids, or a list of either."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _token_ids(prompt, vocab_size):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        prompt = None
+    prompts = []
+    for one in prompt or ():
+        if isinstance(one, str) and one:
+            prompts.append((one, tokenizer.encode(one)))
+        elif _token_ids(one, vocab_size):
+            prompts.append((tokenizer.decode(one), one))
+        else:
+            prompt = None
+    if prompt is None:
+        raise invalid("prompt", f"'prompt' must be a non-empty string, a list of token ids (each in 0..{vocab_size - 1}"
+                                f"), or a non-empty list of either")
+    return prompts
+
+
+def _token_ids(value, vocab_size: int) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in value)
 
 
 def chat_messages(messages) -> list[dict]:
-    """`messages` as the chat template takes them ({"role", "content"} with string content); 400 naming the first
-    message that is not one."""
+    """`messages` as the chat template takes them ({"role", "content"} with string content: text parts joined with
+    newlines, as vLLM joins them); 400 naming the first message that is not one."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "'messages' must be a non-empty list of {\"role\": ..., \"content\": ...} objects")
     checked = []
@@ -99,7 +185,20 @@ def chat_messages(messages) -> list[dict]:
         if message.get("role") not in CHAT_ROLES:
             raise invalid("messages", f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got "
                                       f"{message.get('role')!r}")
-        if not isinstance(message.get("content"), str):
-            raise invalid("messages", f"'{where}.content' must be a string, got {message.get('content')!r}")
-        checked.append({"role": message["role"], "content": message["content"]})
+        for name in set(message) - {"role", "content"}:
+            raise invalid("messages", f"'{where}.{name}' is not supported by this server; leave it out")
+        checked.append({"role": message["role"], "content": _content_text(message.get("content"), where)})
     return checked
+
+
+def _content_text(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid("messages", f"'{where}.content' must be a string or a list of text parts, got {content!r}")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise invalid("messages", f"'{where}.content[{j}]': only text parts {{\"type\": \"text\", \"text\": "
+                                      f"...}} are supported, got {kind!r}")
+    return "\n".join(part["text"] for part in content)

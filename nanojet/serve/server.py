@@ -27,13 +27,14 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nanojet.serve.protocol import APIError, chat_messages, invalid, sampling_from, stream_options
+from nanojet.serve.protocol import (APIError, chat_messages, check_fields, completion_prompts, flag, generation_jobs,
+                                    stop_strings, stream_options)
 from nanojet.tools.cli import ArgumentParser, positive_int
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from nanojet.serve.loop import ServingLoop, TextStream
+    from nanojet.serve.loop import Generations, ServingLoop
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20
@@ -81,13 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def cancel_on_disconnect(request: "Request", stream: "TextStream") -> None:
+async def cancel_on_disconnect(request: "Request", generations: "Generations") -> None:
     """Poll the connection while a whole answer is generated: a client that has left is told nothing (no chunk
-    fails to send, as a stream's does), so its request would otherwise run to the end."""
-    while not stream.done:
+    fails to send, as a stream's does), so its requests would otherwise run to the end."""
+    while not generations.done:
         await asyncio.sleep(DISCONNECT_POLL_S)
         if await request.is_disconnected():
-            stream.request.cancel()
+            generations.cancel()
             return
 
 
@@ -98,6 +99,7 @@ class Routes:
         self.llm, self.loop, self.model_name, self.max_body_bytes = llm, loop, model_name, max_body_bytes
 
     async def read_body(self, request: "Request") -> dict:
+        """The JSON object sent to this endpoint, its fields checked against what it takes."""
         # An oversized body is still read (and dropped) up to DRAIN_BYTES before the 413: a client still sending
         # when the connection closes would see a broken pipe instead of the answer.
         kept, size = [], 0
@@ -118,13 +120,15 @@ class Routes:
         if body.get("model") not in (None, self.model_name):
             raise APIError(404, f"model {body['model']!r} does not exist; this server serves {self.model_name!r}",
                            "model_not_found", param="model")
+        check_fields(body, request.url.path)
         return body
 
-    def submit(self, body: dict, prompt_ids: list[int], default_max_tokens: int | None) -> "TextStream":
+    def submit(self, body: dict, prompts: list[list[int]], default_max_tokens: int | None) -> "Generations":
+        """Every choice the request asks for, queued; the last step, after everything is checked."""
         from nanojet.serve.loop import QueueFull
-        params, stop = sampling_from(body, len(prompt_ids), self.llm.max_model_len, default_max_tokens)
+        jobs = generation_jobs(body, prompts, self.llm.max_model_len, default_max_tokens, self.loop.max_waiting)
         try:
-            return self.loop.submit(prompt_ids, params, stop)
+            return self.loop.submit(jobs, stop_strings(body))
         except ValueError as error:
             raise APIError(400, str(error), "invalid_request") from None
         except QueueFull as error:
@@ -132,100 +136,92 @@ class Routes:
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
     @staticmethod
-    def usage(prompt_ids: list[int], stream: "TextStream") -> dict:
-        done = stream.completion_tokens
-        return {"prompt_tokens": len(prompt_ids), "completion_tokens": done, "total_tokens": len(prompt_ids) + done}
+    def usage(prompts: list[list[int]], choices: "Generations") -> dict:
+        """Each prompt counts once, however many samples it has (as OpenAI counts)."""
+        prompt_tokens, done = sum(len(prompt) for prompt in prompts), choices.completion_tokens()
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
     @staticmethod
-    async def collect(request: "Request", stream: "TextStream") -> tuple[str, str]:
-        """Await the whole text, cancelling the generation if the client goes away meanwhile."""
-        watcher = asyncio.create_task(cancel_on_disconnect(request, stream))
-        pieces = []
+    async def collect(request: "Request", choices: "Generations") -> list[tuple[str, str]]:
+        """Await every choice's whole text and finish reason, cancelling them if the client goes away meanwhile."""
+        watcher = asyncio.create_task(cancel_on_disconnect(request, choices))
+        pieces, finishes = [[] for _ in choices.streams], [""] * len(choices.streams)
         try:
-            async for event in stream.events():  # a cancelled request still ends with an event ("abort")
-                pieces.append(event.text)
-                if event.finish_reason is not None:
-                    return "".join(pieces), event.finish_reason
+            async for event in choices.events():  # a cancelled request still ends with an event ("abort")
+                pieces[event.index].append(event.text)
+                finishes[event.index] = event.finish_reason or ""
         finally:
             watcher.cancel()
-            if not stream.done:
-                stream.request.cancel()
+            choices.cancel()
+        return [("".join(texts), finish) for texts, finish in zip(pieces, finishes)]
 
     @staticmethod
-    def event_stream(stream: "TextStream", to_chunk, first: dict | None, last=None):
-        """Server-sent events of a stream: optional first chunk, one chunk per text event, `last()` once the
-        generation has ended (the usage chunk that `stream_options.include_usage` asks for), then `data: [DONE]`.
-        Closing the connection cancels the generation."""
+    def event_stream(choices: "Generations", to_chunk, first: list[dict], last=None):
+        """Server-sent events: the `first` chunks, one chunk per text event, `last()` once every choice has ended
+        (the usage chunk that `stream_options.include_usage` asks for), then `data: [DONE]`. Closing the connection
+        cancels the generations."""
         from starlette.responses import StreamingResponse
 
         async def events():
             try:
-                if first is not None:
-                    yield f"data: {json.dumps(first)}\n\n"
-                async for event in stream.events():
+                for chunk in first:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                async for event in choices.events():
                     yield f"data: {json.dumps(to_chunk(event))}\n\n"
                 if last is not None:
                     yield f"data: {json.dumps(last())}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects: the generator is closed mid-stream
-                if not stream.done:
-                    stream.request.cancel()
+                choices.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def completion_prompt(self, body: dict) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            return self.llm.tokenizer.encode(prompt)
-        vocab_size = self.llm.model.config.vocab_size
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       and 0 <= t < vocab_size for t in prompt):
-            return prompt
-        raise invalid("prompt", "'prompt' must be one non-empty string or one list of token ids")
-
     async def completions(self, request: "Request"):
         body = await self.read_body(request)
-        stream_flag, include_usage = stream_options(body)
-        prompt_ids = self.completion_prompt(body)
-        stream = self.submit(body, prompt_ids, default_max_tokens=16)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        stream, include_usage = stream_options(body)
+        prompts = completion_prompts(body, self.llm.tokenizer, self.llm.model.config.vocab_size)
+        echo = flag(body, "echo")
+        choices = self.submit(body, [ids for _, ids in prompts], default_max_tokens=16)
+        n = len(choices.streams) // len(prompts)
+        echoes = [text if echo else "" for text, _ in prompts for _ in range(n)]  # choice p * n + i: prompt p
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
 
-        def chunk(text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        def choice(index: int, text: str, finish: str | None) -> dict:
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
-        if stream_flag:
-            usage = (lambda: {**chunk("", None), "choices": [], "usage": self.usage(prompt_ids, stream)})
-            return self.event_stream(stream, lambda e: chunk(e.text, e.finish_reason), None,
-                                     usage if include_usage else None)
-        text, finish = await self.collect(request, stream)
-        return {**chunk(text, finish), "usage": self.usage(prompt_ids, stream)}
+        if stream:
+            usage = (lambda: {**head, "choices": [], "usage": self.usage([ids for _, ids in prompts], choices)})
+            return self.event_stream(choices, lambda e: {**head, "choices": [choice(e.index, e.text, e.finish_reason)]},
+                                     [{**head, "choices": [choice(i, text, None)]} for i, text in enumerate(echoes)
+                                      if text], usage if include_usage else None)
+        answers = await self.collect(request, choices)
+        return {**head, "choices": [choice(i, echoes[i] + text, finish) for i, (text, finish) in enumerate(answers)],
+                "usage": self.usage([ids for _, ids in prompts], choices)}
 
     async def chat_completions(self, request: "Request"):
         body = await self.read_body(request)
-        stream_flag, include_usage = stream_options(body)
-        messages = chat_messages(body.get("messages"))
-        prompt_ids = self.llm.tokenizer.encode(self.llm.tokenizer.apply_chat_template(messages,
-                                                                                       enable_thinking=False))
-        stream = self.submit(body, prompt_ids, default_max_tokens=None)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stream, include_usage = stream_options(body)
+        template = self.llm.tokenizer.apply_chat_template(chat_messages(body.get("messages")), enable_thinking=False)
+        prompt = self.llm.tokenizer.encode(template)
+        choices = self.submit(body, [prompt], default_max_tokens=None)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if stream:
+            head["object"] = "chat.completion.chunk"
 
-        def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            def chunk(index: int, delta: dict, finish: str | None) -> dict:
+                return {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
 
-        if stream_flag:
-            usage = (lambda: {**chunk({}, None), "choices": [], "usage": self.usage(prompt_ids, stream)})
-            return self.event_stream(stream, lambda e: chunk({"content": e.text} if e.text else {}, e.finish_reason),
-                                     chunk({"role": "assistant", "content": ""}, None),
-                                     usage if include_usage else None)
-        text, finish = await self.collect(request, stream)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
-                "usage": self.usage(prompt_ids, stream)}
+            usage = (lambda: {**head, "choices": [], "usage": self.usage([prompt], choices)})
+            return self.event_stream(choices, lambda e: chunk(e.index, {"content": e.text} if e.text else {},
+                                                              e.finish_reason),
+                                     [chunk(i, {"role": "assistant", "content": ""}, None)
+                                      for i in range(len(choices.streams))], usage if include_usage else None)
+        answers = await self.collect(request, choices)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                            for i, (text, finish) in enumerate(answers)],
+                "usage": self.usage([prompt], choices)}
 
     def health(self) -> dict:
         if self.loop.draining:
