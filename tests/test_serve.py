@@ -68,8 +68,9 @@ def client(url: str, **kwargs) -> "openai.OpenAI":
 
 
 def metrics(url: str) -> dict[str, float]:
+    """/metrics as {sample name with its labels: value}."""
     lines = http(f"{url}/metrics")[2].decode().splitlines()
-    return {name: float(value) for name, value in (line.split() for line in lines if not line.startswith("#"))}
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in lines if not line.startswith("#"))}
 
 
 def wait_until(url: str, condition, seconds: float = 20) -> dict[str, float]:
@@ -83,8 +84,8 @@ def wait_until(url: str, condition, seconds: float = 20) -> dict[str, float]:
 
 
 def idle(current: dict[str, float]) -> bool:
-    return (current["nanojet_running_requests"], current["nanojet_waiting_requests"],
-            current["nanojet_kv_pages_used"]) == (0, 0, 0)
+    return (current["nanojet:num_requests_running"], current["nanojet:num_requests_waiting"],
+            current["nanojet:kv_cache_pages_used"]) == (0, 0, 0)
 
 
 def test_bad_flags_exit_2_with_one_line():
@@ -143,12 +144,12 @@ def test_concurrent_requests_equal_the_same_requests_one_by_one(server):
     requests = [dict(model=MODEL, prompt=p, max_tokens=10 + 3 * i, temperature=0 if i % 2 else 0.8, top_p=0.95,
                      seed=i, extra_body={"ignore_eos": True}) for i, p in enumerate(prompts)]
     one_by_one = [api.completions.create(**r).choices[0].text for r in requests]
-    rounds = metrics(url)["nanojet_rounds_total"]
+    rounds = metrics(url)["nanojet:rounds_total"]
     with ThreadPoolExecutor(len(requests)) as pool:
         together = list(pool.map(lambda r: api.completions.create(**r).choices[0].text, requests))
     assert together == one_by_one
     # They shared rounds: fewer rounds than the longest request would need alone, times two.
-    assert metrics(url)["nanojet_rounds_total"] - rounds < sum(r["max_tokens"] for r in requests) / 2
+    assert metrics(url)["nanojet:rounds_total"] - rounds < sum(r["max_tokens"] for r in requests) / 2
 
 
 def error_of(body: bytes) -> dict:
@@ -277,6 +278,64 @@ def test_chat_content_as_text_parts(server):
     assert streamed == [c.message.content for c in two.choices]
 
 
+def check_exposition(text: str) -> dict[str, str]:
+    """Prometheus text: every sample belongs to a family announced by # HELP and # TYPE lines, and every
+    histogram's buckets are cumulative up to le="+Inf" == _count. Returns {family: type}."""
+    types, helps, buckets = {}, set(), {}
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helps.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, family, kind = line.split()
+            types[family] = kind
+        else:
+            name, value = line.rsplit(" ", 1)
+            bare = name.split("{")[0]
+            family = next(f for f in (bare, bare.rsplit("_", 1)[0]) if f in types)
+            assert family in helps and (family == bare or types[family] == "histogram"), line
+            if bare.endswith("_bucket"):
+                buckets.setdefault(family, []).append(float(value))
+            elif bare.endswith("_count") and types[family] == "histogram":
+                assert buckets[family] == sorted(buckets[family]) and buckets[family][-1] == float(value), family
+    return types
+
+
+def test_prometheus_metrics(server):
+    """/metrics follows vLLM's names (nanojet: prefix) in Prometheus text: counters by finish reason, token counters,
+    latency histograms, and the draft's accepted tokens per round with the acceptance rate by depth."""
+    _, url = server
+    api = client(url)
+    before = metrics(url)
+    done = api.completions.create(model=MODEL, prompt="def main():", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    text = done.choices[0].text
+    stopped = api.completions.create(model=MODEL, prompt="def main():", max_tokens=12, temperature=0,
+                                     stop=[text[len(text) // 2:len(text) // 2 + 2]], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    success = 'nanojet:request_success_total{finished_reason="%s"}'
+    after = wait_until(url, lambda m: m[success % "stop"] > before[success % "stop"])
+    delta = {name: after[name] - before.get(name, 0) for name in after}
+    assert (delta[success % "length"], delta[success % "stop"], delta[success % "abort"]) == (1, 1, 0)
+    assert delta["nanojet:prompt_tokens_total"] == done.usage.prompt_tokens + stopped.usage.prompt_tokens
+    assert delta["nanojet:generation_tokens_total"] == 12 + stopped.usage.completion_tokens
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert delta[f"nanojet:{name}_count"] == 2 and delta[f"nanojet:{name}_sum"] > 0, name
+    rounds = delta["nanojet:spec_decode_accepted_tokens_per_round_count"]
+    assert rounds > 0 and delta["nanojet:spec_decode_accepted_tokens_per_round_sum"] + rounds >= 11  # 12 - prefill's
+    # The rate at depth d: the share of all rounds so far that accepted d drafted tokens or more.
+    total = after["nanojet:spec_decode_accepted_tokens_per_round_count"]
+    rates = [after[f'nanojet:spec_decode_acceptance_rate{{depth="{d}"}}'] for d in range(1, 8)]
+    assert rates == sorted(rates, reverse=True) and 0 < rates[0] <= 1
+    for d, rate in enumerate(rates, 1):
+        below = after[f'nanojet:spec_decode_accepted_tokens_per_round_bucket{{le="{d - 1}"}}']
+        assert rate == pytest.approx((total - below) / total), d
+    types = check_exposition(http(f"{url}/metrics")[2].decode())
+    assert {types[f"nanojet:{name}"] for name in ("time_to_first_token_seconds", "time_per_output_token_seconds",
+                                                  "e2e_request_latency_seconds")} == {"histogram"}
+    assert types["nanojet:request_success_total"] == types["nanojet:prompt_tokens_total"] == "counter"
+    assert types["nanojet:num_requests_running"] == "gauge"
+
+
 def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
     """8 running and 8 waiting streams fill the server: the next request gets 503 with Retry-After. Closing the
     streams (clients gone) cancels them within a round: no request runs or waits and no KV page stays used."""
@@ -288,7 +347,7 @@ def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
             model=MODEL, messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=400, temperature=0,
             stream=True, extra_body={"ignore_eos": True}))
         if i == MAX_NUM_SEQS - 1:  # the first 8 run before the next 8 queue up
-            wait_until(url, lambda m: m["nanojet_running_requests"] == MAX_NUM_SEQS)
+            wait_until(url, lambda m: m["nanojet:num_requests_running"] == MAX_NUM_SEQS)
     first = next(iter(streams[0]))  # the oldest request is decoding
     assert first.choices[0].delta.role == "assistant"
     with pytest.raises(openai.APIStatusError) as busy:
@@ -296,12 +355,12 @@ def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
     assert busy.value.status_code == 503 and int(busy.value.response.headers["retry-after"]) >= 1
     assert error_of(busy.value.response.content)["code"] == "server_busy"
     during = metrics(url)
-    assert during["nanojet_running_requests"] == MAX_NUM_SEQS and during["nanojet_kv_pages_used"] > 0
+    assert during["nanojet:num_requests_running"] == MAX_NUM_SEQS and during["nanojet:kv_cache_pages_used"] > 0
     for stream in streams:
         stream.close()
     after = wait_until(url, idle)
     assert idle(after), after
-    assert after["nanojet_generated_tokens_total"] < during["nanojet_generated_tokens_total"] + 16 * 400
+    assert after["nanojet:generation_tokens_total"] < during["nanojet:generation_tokens_total"] + 16 * 400
 
 
 def test_a_whole_answer_whose_client_leaves_is_cancelled(server):
@@ -314,10 +373,11 @@ def test_a_whole_answer_whose_client_leaves_is_cancelled(server):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        running = wait_until(url, lambda m: m["nanojet_running_requests"] == 1)
-        assert running["nanojet_running_requests"] == 1, running
-    after = wait_until(url, idle, seconds=1.5)
-    assert idle(after), after
+        running = wait_until(url, lambda m: m["nanojet:num_requests_running"] == 1)
+        assert running["nanojet:num_requests_running"] == 1, running
+    aborted = 'nanojet:request_success_total{finished_reason="abort"}'
+    after = wait_until(url, lambda m: idle(m) and m[aborted] > running[aborted], seconds=1.5)
+    assert idle(after) and after[aborted] == running[aborted] + 1, after  # cancelled, not ended by chance
 
 
 def test_sigterm_drains_running_requests_and_exits_0(server):

@@ -16,6 +16,7 @@ from nanojet.engine.engine import SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.engine.scheduler import Request, Scheduler
 from nanojet.llm import LLM
+from nanojet.serve.metrics import ServingMetrics, family
 from nanojet.tokenizer import IncrementalDetokenizer
 
 # Scheduler finish reasons -> OpenAI's.
@@ -39,15 +40,26 @@ class TextStream:
     not emitted, and text that may be the start of one is held back until it is not)."""
 
     def __init__(self, request: Request, index: int, llm: LLM, stop: list[str], queue: asyncio.Queue,
-                 event_loop: asyncio.AbstractEventLoop):
+                 event_loop: asyncio.AbstractEventLoop, metrics: ServingMetrics):
         self.request, self.index, self.stop, self.queue, self.event_loop = request, index, stop, queue, event_loop
-        self.text, self.sent, self.done = "", 0, False
+        self.metrics = metrics
+        self.text, self.sent, self.finish_reason = "", 0, None
         self._detokenizer = IncrementalDetokenizer(llm.tokenizer)
         request.on_update = self._on_update
 
+    @property
+    def done(self) -> bool:
+        """Its last event is on the queue (the request itself may run until the next round drops it)."""
+        return self.finish_reason is not None
+
     def _on_update(self, request: Request, tokens: list[int]) -> None:  # on the scheduler's thread
-        if self.done:
-            return
+        self.metrics.record_tokens(request, tokens)
+        if not self.done:
+            self._send(request, tokens)
+        if request.finished:
+            self.metrics.record_finished(request, self.finish_reason)
+
+    def _send(self, request: Request, tokens: list[int]) -> None:
         searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
         self.text += "".join(self._detokenizer.push(t) for t in tokens)
         if request.finished:
@@ -63,7 +75,7 @@ class TextStream:
                                     default=0)
         delta = self.text[self.sent:len(self.text) - held]
         self.sent += len(delta)
-        self.done = finish is not None
+        self.finish_reason = finish
         if delta or finish:
             try:
                 self.event_loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(self.index, delta, finish))
@@ -110,6 +122,9 @@ class ServingLoop:
         """`max_waiting`: requests that may wait for a place in the batch before new ones get 503."""
         self.llm = llm
         self.scheduler = Scheduler(llm.engine, spec, max_num_seqs, step_tokens)
+        speculative = spec is not None and spec.budget > 1
+        depth = llm.head.config.block_size - 1 if speculative else None
+        self.metrics = ServingMetrics(min(depth, spec.depth or depth) if speculative else None)
         self.max_waiting = max_waiting
         self.draining = False
         self._inbox: deque[Request] = deque()
@@ -128,7 +143,8 @@ class ServingLoop:
         for request in requests:
             self.scheduler.check(request)
         queue, event_loop = asyncio.Queue(), asyncio.get_running_loop()
-        streams = [TextStream(request, i, self.llm, stop, queue, event_loop) for i, request in enumerate(requests)]
+        streams = [TextStream(request, i, self.llm, stop, queue, event_loop, self.metrics)
+                   for i, request in enumerate(requests)]
         with self._lock:
             if self.draining:
                 raise QueueFull("the server is shutting down")
@@ -178,18 +194,19 @@ class ServingLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    COUNTERS = ("nanojet_generated_tokens_total", "nanojet_preemptions_total", "nanojet_rounds_total")
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples: gauges, and the counters named in COUNTERS."""
-        scheduler = self.scheduler
-        hist = scheduler.accept_hist
-        rounds = sum(hist.values())
-        return {"nanojet_running_requests": len(scheduler.running),
-                "nanojet_waiting_requests": self.waiting,
-                "nanojet_kv_pages_used": scheduler.kv_pages_used,
-                "nanojet_kv_pages_total": scheduler.kv.num_pages,
-                "nanojet_generated_tokens_total": scheduler.generated_tokens,
-                "nanojet_accept_length": sum(k * n for k, n in hist.items()) / rounds if rounds else 0.0,
-                "nanojet_preemptions_total": scheduler.preemptions,
-                "nanojet_rounds_total": scheduler.rounds}
+    def metrics_text(self) -> str:
+        """/metrics: the scheduler's state now, then the request totals (nanojet.serve.metrics)."""
+        scheduler, pages = self.scheduler, self.llm.kv_cache.num_pages
+        now = [("nanojet:num_requests_running", "gauge", "Requests in the decode batch.", len(scheduler.running)),
+               ("nanojet:num_requests_waiting", "gauge", "Requests waiting for a place in the batch.", self.waiting),
+               ("nanojet:kv_cache_usage_perc", "gauge", "Share of KV pages in use (0 to 1).",
+                scheduler.kv_pages_used / pages),
+               ("nanojet:kv_cache_pages_used", "gauge", "KV pages in use.", scheduler.kv_pages_used),
+               ("nanojet:kv_cache_pages_total", "gauge", "KV pages in the pool.", pages),
+               ("nanojet:num_preemptions_total", "counter", "Sequences preempted (pages freed, recomputed later).",
+                scheduler.preemptions),
+               ("nanojet:rounds_total", "counter", "Batched rounds (one target forward over every decoding sequence).",
+                scheduler.rounds)]
+        lines = [line for name, kind, description, value in now
+                 for line in family(name, kind, description, [f"{name} {value}"])]
+        return "\n".join(lines + self.metrics.exposition()) + "\n"

@@ -232,14 +232,6 @@ class Routes:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "nanojet", "max_model_len": self.llm.max_model_len}]}
 
-    def metrics(self) -> str:
-        """Prometheus text."""
-        lines = []
-        for name, value in self.loop.metrics().items():
-            lines.append(f"# TYPE {name} {'counter' if name in self.loop.COUNTERS else 'gauge'}")
-            lines.append(f"{name} {value}")
-        return "\n".join(lines) + "\n"
-
 
 def create_app(llm, loop: "ServingLoop", model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
     """The FastAPI app over a started `ServingLoop`."""
@@ -276,7 +268,7 @@ def create_app(llm, loop: "ServingLoop", model_name: str, max_body_bytes: int = 
 
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)
-    app.get("/metrics")(lambda: PlainTextResponse(routes.metrics(), media_type="text/plain; version=0.0.4"))
+    app.get("/metrics")(lambda: PlainTextResponse(loop.metrics_text(), media_type="text/plain; version=0.0.4"))
     return app
 
 
