@@ -1,6 +1,8 @@
-"""`python -m nanojet.serve` through the official `openai` client: a server started on a free loopback port with
-the embedded model and its head. Models, a completion, a streamed chat, 8 concurrent requests equal to the same
-requests one by one (greedy and seeded), every bad request, a full queue, dropped streams, and SIGTERM."""
+"""`python -m nanojet.serve` through the official `openai` client (and plain HTTP where the client hides what is
+sent): a server started on a free loopback port with the embedded model and its head. Models, a completion, a
+streamed chat, 8 concurrent requests equal to the same requests one by one (greedy and seeded), every bad request
+and flag, refused and supported OpenAI fields (echo, n, prompt lists, text parts), Prometheus metrics, a full queue,
+dropped streams and whole answers, SIGTERM and Ctrl-C. Skipped where the `serve` extra is not installed."""
 import json
 import signal
 import socket
@@ -11,9 +13,12 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 from conftest import ROOT
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 
 MODEL = "qwen3-stdlib-tiny"
 MAX_NUM_SEQS = 8

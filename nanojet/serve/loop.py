@@ -1,12 +1,14 @@
 """The serving loop behind the HTTP server: a `Scheduler` stepped on its own thread, fed by request handlers on
-the event loop, and each request's text streamed back (incremental detokenizing, stop strings) through an asyncio
-queue. server.py only translates HTTP to `submit` calls and these streams back to HTTP.
+the event loop, and each generation's text streamed back (incremental detokenizing, stop strings) through an
+asyncio queue, one per HTTP request (its n choices merged). server.py only translates HTTP to `submit` calls and
+these events back to HTTP; the metrics are nanojet.serve.metrics, fed as tokens come and requests end.
 
 Threads: handlers call `submit` and `Request.cancel` (both safe from any thread: an append under a lock, a flag);
 everything else in the scheduler runs on the loop thread, which hands text to the event loop with
 `call_soon_threadsafe`.
 """
 import asyncio
+import math
 import threading
 import traceback
 from collections import deque
@@ -94,10 +96,8 @@ class Generations:
     def done(self) -> bool:
         return all(stream.done for stream in self.streams)
 
-    def completion_tokens(self, index: int | None = None) -> int:
-        """Tokens generated for choice `index`, or for all of them."""
-        streams = self.streams if index is None else [self.streams[index]]
-        return sum(len(stream.request.output_ids) for stream in streams)
+    def completion_tokens(self) -> int:
+        return sum(len(stream.request.output_ids) for stream in self.streams)
 
     def cancel(self) -> None:
         """Stop every choice that has not ended (each still sends its last event, finish reason "abort")."""
@@ -122,9 +122,8 @@ class ServingLoop:
         """`max_waiting`: requests that may wait for a place in the batch before new ones get 503."""
         self.llm = llm
         self.scheduler = Scheduler(llm.engine, spec, max_num_seqs, step_tokens)
-        speculative = spec is not None and spec.budget > 1
-        depth = llm.head.config.block_size - 1 if speculative else None
-        self.metrics = ServingMetrics(min(depth, spec.depth or depth) if speculative else None)
+        plain = spec is None or spec.budget == 1  # as the Scheduler decides
+        self.metrics = ServingMetrics(None if plain else min(spec.depth or math.inf, llm.head.config.block_size - 1))
         self.max_waiting = max_waiting
         self.draining = False
         self._inbox: deque[Request] = deque()
@@ -196,12 +195,11 @@ class ServingLoop:
 
     def metrics_text(self) -> str:
         """/metrics: the scheduler's state now, then the request totals (nanojet.serve.metrics)."""
-        scheduler, pages = self.scheduler, self.llm.kv_cache.num_pages
+        scheduler, used, pages = self.scheduler, self.scheduler.kv_pages_used, self.llm.kv_cache.num_pages
         now = [("nanojet:num_requests_running", "gauge", "Requests in the decode batch.", len(scheduler.running)),
                ("nanojet:num_requests_waiting", "gauge", "Requests waiting for a place in the batch.", self.waiting),
-               ("nanojet:kv_cache_usage_perc", "gauge", "Share of KV pages in use (0 to 1).",
-                scheduler.kv_pages_used / pages),
-               ("nanojet:kv_cache_pages_used", "gauge", "KV pages in use.", scheduler.kv_pages_used),
+               ("nanojet:kv_cache_usage_perc", "gauge", "Share of KV pages in use (0 to 1).", used / pages),
+               ("nanojet:kv_cache_pages_used", "gauge", "KV pages in use.", used),
                ("nanojet:kv_cache_pages_total", "gauge", "KV pages in the pool.", pages),
                ("nanojet:num_preemptions_total", "counter", "Sequences preempted (pages freed, recomputed later).",
                 scheduler.preemptions),

@@ -99,7 +99,7 @@ def choice_count(body: dict) -> int:
 
 
 def generation_jobs(body: dict, prompts: list[list[int]], max_model_len: int, default_max_tokens: int | None,
-                max_choices: int) -> list[tuple[list[int], "SamplingParams"]]:
+                    max_choices: int) -> list[tuple[list[int], "SamplingParams"]]:
     """(prompt ids, SamplingParams) per choice: sample i of prompt p is choice p * n + i and has seed
     (seed + i) mod 2^31 (`seed` drawn at random when absent). At most `max_choices` in all (what the server can
     queue at once); 400 on anything invalid."""
@@ -148,22 +148,12 @@ def stop_strings(body: dict) -> list[str]:
 def completion_prompts(body: dict, tokenizer, vocab_size: int) -> list[tuple[str, list[int]]]:
     """`prompt` -> [(text, token ids)]: one string or one list of token ids, or a list of either."""
     prompt = body.get("prompt")
-    if isinstance(prompt, str) or _token_ids(prompt, vocab_size):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        prompt = None
-    prompts = []
-    for one in prompt or ():
-        if isinstance(one, str) and one:
-            prompts.append((one, tokenizer.encode(one)))
-        elif _token_ids(one, vocab_size):
-            prompts.append((tokenizer.decode(one), one))
-        else:
-            prompt = None
-    if prompt is None:
-        raise invalid("prompt", f"'prompt' must be a non-empty string, a list of token ids (each in 0..{vocab_size - 1}"
-                                f"), or a non-empty list of either")
-    return prompts
+    prompts = [prompt] if isinstance(prompt, str) or _token_ids(prompt, vocab_size) else prompt
+    if isinstance(prompts, list) and prompts and all(isinstance(p, str) and p or _token_ids(p, vocab_size)
+                                                     for p in prompts):
+        return [(p, tokenizer.encode(p)) if isinstance(p, str) else (tokenizer.decode(p), p) for p in prompts]
+    raise invalid("prompt", f"'prompt' must be a non-empty string, a list of token ids (each in 0..{vocab_size - 1}), "
+                            f"or a non-empty list of either")
 
 
 def _token_ids(value, vocab_size: int) -> bool:
@@ -185,8 +175,9 @@ def chat_messages(messages) -> list[dict]:
         if message.get("role") not in CHAT_ROLES:
             raise invalid("messages", f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}; got "
                                       f"{message.get('role')!r}")
-        for name in set(message) - {"role", "content"}:
-            raise invalid("messages", f"'{where}.{name}' is not supported by this server; leave it out")
+        extra = sorted(set(message) - {"role", "content"})
+        if extra:
+            raise invalid("messages", f"'{where}.{extra[0]}' is not supported by this server; leave it out")
         checked.append({"role": message["role"], "content": _content_text(message.get("content"), where)})
     return checked
 
@@ -197,8 +188,10 @@ def _content_text(content, where: str) -> str:
     if not isinstance(content, list):
         raise invalid("messages", f"'{where}.content' must be a string or a list of text parts, got {content!r}")
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise invalid("messages", f"'{where}.content[{j}]': only text parts {{\"type\": \"text\", \"text\": "
-                                      f"...}} are supported, got {kind!r}")
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        what = f"parts of type {kind!r} are not supported" if kind not in (None, "text") else f"got {part!r}"
+        raise invalid("messages", f"'{where}.content[{j}]' must be a text part {{\"type\": \"text\", \"text\": "
+                                  f"\"...\"}}; {what}")
     return "\n".join(part["text"] for part in content)

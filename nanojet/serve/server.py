@@ -155,21 +155,24 @@ class Routes:
             choices.cancel()
         return [("".join(texts), finish) for texts, finish in zip(pieces, finishes)]
 
-    @staticmethod
-    def event_stream(choices: "Generations", to_chunk, first: list[dict], last=None):
-        """Server-sent events: the `first` chunks, one chunk per text event, `last()` once every choice has ended
-        (the usage chunk that `stream_options.include_usage` asks for), then `data: [DONE]`. Closing the connection
-        cancels the generations."""
+    def event_stream(self, choices: "Generations", head: dict, choice, first: list[dict],
+                     usage_prompts: list[list[int]] | None):
+        """Server-sent events, each chunk `head` with one choice: the `first` ones, then `choice(index, text,
+        finish_reason)` per text event; the usage of `usage_prompts` once every choice has ended (when
+        `stream_options.include_usage` asks for it), then `data: [DONE]`. Closing the connection cancels the
+        generations."""
         from starlette.responses import StreamingResponse
 
         async def events():
             try:
-                for chunk in first:
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                for one in first:
+                    yield f"data: {json.dumps({**head, 'choices': [one]})}\n\n"
                 async for event in choices.events():
-                    yield f"data: {json.dumps(to_chunk(event))}\n\n"
-                if last is not None:
-                    yield f"data: {json.dumps(last())}\n\n"
+                    chunk = {**head, "choices": [choice(event.index, event.text, event.finish_reason)]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if usage_prompts is not None:
+                    usage = {**head, "choices": [], "usage": self.usage(usage_prompts, choices)}
+                    yield f"data: {json.dumps(usage)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects: the generator is closed mid-stream
                 choices.cancel()
@@ -181,7 +184,8 @@ class Routes:
         stream, include_usage = stream_options(body)
         prompts = completion_prompts(body, self.llm.tokenizer, self.llm.model.config.vocab_size)
         echo = flag(body, "echo")
-        choices = self.submit(body, [ids for _, ids in prompts], default_max_tokens=16)
+        prompt_ids = [ids for _, ids in prompts]
+        choices = self.submit(body, prompt_ids, default_max_tokens=16)
         n = len(choices.streams) // len(prompts)
         echoes = [text if echo else "" for text, _ in prompts for _ in range(n)]  # choice p * n + i: prompt p
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -191,13 +195,11 @@ class Routes:
             return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
         if stream:
-            usage = (lambda: {**head, "choices": [], "usage": self.usage([ids for _, ids in prompts], choices)})
-            return self.event_stream(choices, lambda e: {**head, "choices": [choice(e.index, e.text, e.finish_reason)]},
-                                     [{**head, "choices": [choice(i, text, None)]} for i, text in enumerate(echoes)
-                                      if text], usage if include_usage else None)
+            first = [choice(i, text, None) for i, text in enumerate(echoes) if text]
+            return self.event_stream(choices, head, choice, first, prompt_ids if include_usage else None)
         answers = await self.collect(request, choices)
         return {**head, "choices": [choice(i, echoes[i] + text, finish) for i, (text, finish) in enumerate(answers)],
-                "usage": self.usage([ids for _, ids in prompts], choices)}
+                "usage": self.usage(prompt_ids, choices)}
 
     async def chat_completions(self, request: "Request"):
         body = await self.read_body(request)
@@ -207,16 +209,13 @@ class Routes:
         choices = self.submit(body, [prompt], default_max_tokens=None)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if stream:
-            head["object"] = "chat.completion.chunk"
+            def delta(index: int, text: str, finish: str | None) -> dict:
+                return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
 
-            def chunk(index: int, delta: dict, finish: str | None) -> dict:
-                return {**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
-
-            usage = (lambda: {**head, "choices": [], "usage": self.usage([prompt], choices)})
-            return self.event_stream(choices, lambda e: chunk(e.index, {"content": e.text} if e.text else {},
-                                                              e.finish_reason),
-                                     [chunk(i, {"role": "assistant", "content": ""}, None)
-                                      for i in range(len(choices.streams))], usage if include_usage else None)
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(len(choices.streams))]
+            return self.event_stream(choices, {**head, "object": "chat.completion.chunk"}, delta, first,
+                                     [prompt] if include_usage else None)
         answers = await self.collect(request, choices)
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
@@ -257,6 +256,11 @@ def create_app(llm, loop: "ServingLoop", model_name: str, max_body_bytes: int = 
         else:
             error = APIError(error.status_code, str(error.detail), "http_error", headers=error.headers)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, error: Exception):  # a bug: uvicorn logs it, the client still gets an error object
+        error = APIError(500, f"internal error: {error}", "internal_error", "server_error")
+        return JSONResponse(error.body(), status_code=error.status)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
