@@ -329,7 +329,7 @@ def serve(app, listener: socket.socket, loop: "ServingLoop") -> None:
 
         @contextlib.contextmanager
         def capture_signals(self):
-            # uvicorn's re-raises the signal after its graceful shutdown: the process would end with the signal's
+            # uvicorn re-raises the signal after its graceful shutdown: the process would end with the signal's
             # status, and Ctrl-C with a KeyboardInterrupt traceback. Drained, it exits 0 instead.
             previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
@@ -352,15 +352,19 @@ def main(argv=None) -> int:
         print(f"error: the server needs {error.name or 'fastapi and uvicorn'}: pip install fastapi uvicorn "
               f"(or pip install 'nanojet[serve]')", file=sys.stderr)
         return 2
+    listener = None
     try:
         listener = listen(args.host, args.port)
         loop, model_name, decoding = load(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if listener is not None:
+            listener.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
     app = create_app(loop.llm, loop, model_name)
     host, port = listener.getsockname()[:2]
-    print(f"nanojet: serving {model_name} on http://{host}:{port} ({decoding}, max "
-          f"{args.max_num_seqs} sequences)", file=sys.stderr, flush=True)
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    print(f"nanojet: serving {model_name} on http://{host}:{port} ({decoding}, max {args.max_num_seqs} sequences)",
+          file=sys.stderr, flush=True)
     serve(app, listener, loop)
     return 0
