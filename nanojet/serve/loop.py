@@ -1,12 +1,14 @@
-"""The serving loop behind the HTTP server: a `Scheduler` stepped on its own thread, fed by request handlers on
-the event loop, and each request's text streamed back (incremental detokenizing, stop strings) through an asyncio
-queue. serve.py only translates HTTP to `submit` calls and these streams back to HTTP.
+"""The serving loop behind the HTTP server: the `Engine` stepped on its own thread, fed by request handlers on
+the event loop, and each generation's text streamed back (incremental detokenizing, stop strings) through an
+asyncio queue, one per HTTP request (its n choices merged). server.py only translates HTTP to `submit` calls and
+these events back to HTTP; the metrics are nanojet.serve.metrics, fed as tokens come and requests end.
 
 Threads: handlers call `submit` and `Request.cancel` (both safe from any thread: an append under a lock, a flag);
-everything else in the scheduler runs on the loop thread, which hands text to the event loop with
+everything else in the engine runs on the loop thread, which hands text to the event loop with
 `call_soon_threadsafe`.
 """
 import asyncio
+import math
 import threading
 import traceback
 from collections import deque
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from nanojet.engine.request import Request, SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import LLM
+from nanojet.serve.metrics import ServingMetrics, family
 from nanojet.tokenizer import IncrementalDetokenizer
 
-# Scheduler finish reasons -> OpenAI's.
+# Engine finish reasons -> OpenAI's.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "cancelled": "abort",
                   "error": "error"}
 
@@ -28,30 +31,39 @@ class QueueFull(Exception):
 
 @dataclass
 class TextEvent:
+    index: int  # the choice it belongs to
     text: str
-    finish_reason: str | None = None  # set on the last event of a stream
+    finish_reason: str | None = None  # set on the choice's last event
 
 
 class TextStream:
-    """One request's generated text as events on an asyncio queue; `stop` strings end it early (the stop string
-    itself is not emitted, and text that may be the start of one is held back until it is not)."""
+    """One request's generated text as events on a queue; `stop` strings end it early (the stop string itself is
+    not emitted, and text that may be the start of one is held back until it is not)."""
 
-    def __init__(self, request: Request, llm: LLM, stop: list[str], loop: asyncio.AbstractEventLoop):
-        self.request, self.stop, self.loop = request, stop, loop
-        self.queue: asyncio.Queue[TextEvent] = asyncio.Queue()
-        self.text, self.sent, self.done = "", 0, False
+    def __init__(self, request: Request, index: int, llm: LLM, stop: list[str], queue: asyncio.Queue,
+                 event_loop: asyncio.AbstractEventLoop, metrics: ServingMetrics):
+        self.request, self.index, self.stop, self.queue, self.event_loop = request, index, stop, queue, event_loop
+        self.metrics = metrics
+        self.text, self.sent, self.finish_reason = "", 0, None
         self._detokenizer = IncrementalDetokenizer(llm.tokenizer)
+        self._text_ids = llm.text_ids  # the stop token that ends a generation is not text
         request.on_update = self._on_update
 
     @property
-    def completion_tokens(self) -> int:
-        return len(self.request.output_ids)
+    def done(self) -> bool:
+        """Its last event is on the queue (the request itself may run until the next round drops it)."""
+        return self.finish_reason is not None
 
-    def _on_update(self, request: Request, tokens: list[int]) -> None:  # on the scheduler's thread
-        if self.done:
-            return
+    def _on_update(self, request: Request, tokens: list[int]) -> None:  # on the engine's thread
+        self.metrics.record_tokens(request, tokens)
+        if not self.done:
+            self._send(request, tokens)
+        if request.finished:
+            self.metrics.record_finished(request, self.finish_reason)
+
+    def _send(self, request: Request, tokens: list[int]) -> None:
         searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += "".join(self._detokenizer.push(t) for t in tokens)
+        self.text += "".join(self._detokenizer.push(t) for t in self._text_ids(tokens, request.params))
         if request.finished:
             self.text += self._detokenizer.flush()
         finish = None
@@ -65,53 +77,81 @@ class TextStream:
                                     default=0)
         delta = self.text[self.sent:len(self.text) - held]
         self.sent += len(delta)
-        self.done = finish is not None
+        self.finish_reason = finish
         if delta or finish:
             try:
-                self.loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(delta, finish))
+                self.event_loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(self.index, delta, finish))
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 request.cancel()
 
+
+class Generations:
+    """The generations one HTTP request asked for (n samples of each prompt, choice i in `streams[i]`), their
+    text events merged on one queue in the order they come."""
+
+    def __init__(self, streams: list[TextStream], queue: asyncio.Queue):
+        self.streams, self.queue = streams, queue
+
+    @property
+    def done(self) -> bool:
+        return all(stream.done for stream in self.streams)
+
+    def completion_tokens(self) -> int:
+        return sum(len(stream.request.output_ids) for stream in self.streams)
+
+    def cancel(self) -> None:
+        """Stop every choice that has not ended (each still sends its last event, finish reason "abort")."""
+        for stream in self.streams:
+            if not stream.done:
+                stream.request.cancel()
+
     async def events(self):
-        """Text events until the one with a finish reason."""
-        while True:
+        """Text events until every choice has sent its last one."""
+        left = len(self.streams)
+        while left:
             event = await self.queue.get()
+            left -= event.finish_reason is not None
             yield event
-            if event.finish_reason is not None:
-                return
 
 
-class ServingEngine:
-    def __init__(self, llm: LLM, spec: SpeculativeParams | None, max_num_seqs: int, step_tokens: int,
-                 max_waiting: int):
+class ServingLoop:
+    """The engine on its own thread: `submit` from the event loop, text back through `Generations`."""
+
+    def __init__(self, llm: LLM, spec: SpeculativeParams | None, max_waiting: int):
         """`max_waiting`: requests that may wait for a place in the batch before new ones get 503."""
         self.llm = llm
-        self.engine, self.spec = llm.engine, spec
-        self.scheduler = llm.engine.scheduler
+        self.engine, self.scheduler = llm.engine, llm.engine.scheduler  # LLM sized its batch and step budget
+        self.spec = None if spec is None or spec.budget == 1 else spec  # a one-node tree is plain decoding
+        plain = self.spec is None
+        self.metrics = ServingMetrics(None if plain else min(spec.depth or math.inf, llm.head.config.block_size - 1))
         self.max_waiting = max_waiting
         self.draining = False
         self._inbox: deque[Request] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="nanojet-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="nanojet-scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop: list[str]) -> TextStream:
-        """Queue a generation; raises ValueError (it can never run) or QueueFull (not now)."""
-        request = Request(prompt_ids, params, self.spec)
-        self.engine.check(request)
-        stream = TextStream(request, self.llm, stop, asyncio.get_running_loop())
+    def submit(self, jobs: list[tuple[list[int], SamplingParams]], stop: list[str]) -> Generations:
+        """Queue generations (prompt ids, params), all or none; raises ValueError (one can never run) or QueueFull
+        (not now: more than `max_waiting` would wait)."""
+        requests = [Request(prompt_ids, params, self.spec) for prompt_ids, params in jobs]
+        for request in requests:
+            self.engine.check(request)
+        queue, event_loop = asyncio.Queue(), asyncio.get_running_loop()
+        streams = [TextStream(request, i, self.llm, stop, queue, event_loop, self.metrics)
+                   for i, request in enumerate(requests)]
         with self._lock:
             if self.draining:
                 raise QueueFull("the server is shutting down")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.max_waiting:
-                raise QueueFull(f"{self.max_waiting} requests are already waiting")
-            self._inbox.append(request)
+            if self.waiting + len(requests) > self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests may wait and {self.waiting} are already waiting")
+            self._inbox.extend(requests)
         self._wake.set()
-        return stream
+        return Generations(streams, queue)
 
     @property
     def waiting(self) -> int:
@@ -129,7 +169,7 @@ class ServingEngine:
         self._wake.set()
         self._thread.join()
 
-    def _loop(self) -> None:
+    def _run(self) -> None:
         engine = self.engine
         while True:
             with self._lock:
@@ -146,25 +186,25 @@ class ServingEngine:
                     engine.step()
                 except Exception as error:  # never leave a client waiting on a dead loop
                     traceback.print_exc()
-                    engine.scheduler.fail_all(f"internal error: {error}")
+                    self.scheduler.fail_all(f"internal error: {error}")
             elif self._stopping and not self._inbox:
                 return
             else:
                 self._wake.wait(0.05)
                 self._wake.clear()
 
-    COUNTERS = ("nanojet_generated_tokens_total", "nanojet_preemptions_total", "nanojet_rounds_total")
-
-    def metrics(self) -> dict[str, float]:
-        """Prometheus samples: gauges, and the counters named in COUNTERS."""
-        scheduler = self.scheduler
-        hist = scheduler.accept_hist
-        rounds = sum(hist.values())
-        return {"nanojet_running_requests": len(scheduler.running),
-                "nanojet_waiting_requests": self.waiting,
-                "nanojet_kv_pages_used": scheduler.kv_pages_used,
-                "nanojet_kv_pages_total": scheduler.kv.num_pages,
-                "nanojet_generated_tokens_total": scheduler.generated_tokens,
-                "nanojet_accept_length": sum(k * n for k, n in hist.items()) / rounds if rounds else 0.0,
-                "nanojet_preemptions_total": scheduler.preemptions,
-                "nanojet_rounds_total": scheduler.rounds}
+    def metrics_text(self) -> str:
+        """/metrics: the scheduler's state now, then the request totals (nanojet.serve.metrics)."""
+        scheduler, used, pages = self.scheduler, self.scheduler.kv_pages_used, self.llm.kv_cache.num_pages
+        now = [("nanojet:num_requests_running", "gauge", "Requests in the decode batch.", len(scheduler.running)),
+               ("nanojet:num_requests_waiting", "gauge", "Requests waiting for a place in the batch.", self.waiting),
+               ("nanojet:kv_cache_usage_perc", "gauge", "Share of KV pages in use (0 to 1).", used / pages),
+               ("nanojet:kv_cache_pages_used", "gauge", "KV pages in use.", used),
+               ("nanojet:kv_cache_pages_total", "gauge", "KV pages in the pool.", pages),
+               ("nanojet:num_preemptions_total", "counter", "Sequences preempted (pages freed, recomputed later).",
+                scheduler.preemptions),
+               ("nanojet:rounds_total", "counter", "Batched rounds (one target forward over every decoding sequence).",
+                scheduler.rounds)]
+        lines = [line for name, kind, description, value in now
+                 for line in family(name, kind, description, [f"{name} {value}"])]
+        return "\n".join(lines + self.metrics.exposition()) + "\n"

@@ -5,30 +5,61 @@ speculative decoding.
     python -m nanojet.serve --model DIR --head DIR --max-num-seqs 16 --budget 8 --width 4 --port 8000
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` sends server-sent
-events ending in `data: [DONE]`), GET /health, GET /metrics (Prometheus text). Errors are OpenAI-style JSON
-`{"error": {"message", "type", "code"}}`: 400 bad parameters or malformed JSON, 404 unknown model, 413 body too
-large, 503 with Retry-After when the queue is full. A client that goes away is cancelled before the next round;
-SIGTERM stops taking requests, lets the running ones finish, and exits 0.
+events ending in `data: [DONE]`), GET /health, GET /metrics (Prometheus text). Errors are OpenAI's error object
+`{"error": {"message", "type", "param", "code"}}`: 400 bad parameters or malformed JSON, 404 unknown model or route,
+405 wrong method, 413 body too large, 503 with Retry-After when the queue is full. A client that goes away is
+cancelled within a round (a whole answer's connection is polled while it generates); SIGTERM or Ctrl-C stops taking
+requests, lets the running ones finish, and exits 0. Bad flags, a port in use included, are one line on stderr and
+exit 2 before the model loads.
 
-This layer only translates: prompts and parameters in, text events out. Decoding lives in nanojet.engine.scheduler and
-nanojet.serve.loop.
+This layer only translates: prompts and parameters in (nanojet.serve.protocol), text events out. Decoding lives in
+nanojet.engine.scheduler and nanojet.serve.loop.
 """
 import argparse
 import asyncio
+import contextlib
 import json
-import random
 import signal
+import socket
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from nanojet.serve.protocol import (
+    APIError,
+    chat_messages,
+    check_fields,
+    completion_prompts,
+    flag,
+    generation_jobs,
+    stop_strings,
+    stream_options,
+)
 from nanojet.tools.cli import ArgumentParser, positive_int
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from nanojet.serve.loop import Generations, ServingLoop
 
 MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 64 << 20
-MAX_STOP_STRINGS = 4
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25
+ROUTES = "GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, GET /metrics"
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {port}")
+    return port
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,11 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="draft head directory, 'none' for plain decoding, or 'auto' (the model's shipped head)")
     parser.add_argument("--ar", action="store_true", help="plain autoregressive decoding (no draft head)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port (0: any free one)")
     parser.add_argument("--max-num-seqs", type=positive_int, default=8, help="sequences decoded together")
-    parser.add_argument("--max-waiting", type=int, default=None,
+    parser.add_argument("--max-waiting", type=positive_int, default=None,
                         help="requests allowed to wait for a place before new ones get 503 (default: 4 x max-num-seqs)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context limit (prompt + generation)")
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="context limit (prompt + generation)")
     parser.add_argument("--budget", type=positive_int, default=None,
                         help="draft tree nodes per round and sequence (default: 64 on CUDA, 8 on CPU)")
     parser.add_argument("--width", type=positive_int, default=4, help="candidates per tree depth")
@@ -58,279 +90,289 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind, self.headers = status, message, code, kind, headers
+async def cancel_on_disconnect(request: "Request", generations: "Generations") -> None:
+    """Poll the connection while a whole answer is generated: a client that has left is told nothing (no chunk
+    fails to send, as a stream's does), so its requests would otherwise run to the end."""
+    while not generations.done:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        if await request.is_disconnected():
+            generations.cancel()
+            return
 
 
-def _number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise APIError(400, f"'{name}' must be {kind} in [{low}, {high}], got {value!r}", "invalid_parameter")
-    return value
+class Routes:
+    """What each endpoint does, over a started `ServingLoop`; `create_app` registers these with FastAPI."""
 
+    def __init__(self, llm, loop: "ServingLoop", model_name: str, max_body_bytes: int):
+        self.llm, self.loop, self.model_name, self.max_body_bytes = llm, loop, model_name, max_body_bytes
 
-def sampling_from(body: dict, prompt_len: int, max_model_len: int, default_max_tokens: int | None):
-    """The request's sampling fields -> (SamplingParams, stop strings); 400 on anything invalid."""
-    from nanojet.engine.sampling import SamplingParams
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise APIError(400, "'n' must be 1", "invalid_parameter")
-    room = max_model_len - prompt_len
-    if room < 1:
-        raise APIError(400, f"the prompt has {prompt_len} tokens but the context holds {max_model_len} (prompt + at "
-                            f"least one new token); shorten the prompt", "context_length_exceeded")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens or room, 1, 2**31,
-                         integer=True)
-    if max_tokens > room:
-        raise APIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
-                            f"of {max_model_len} tokens; shorten the prompt or lower max_tokens",
-                       "context_length_exceeded")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS}",
-                       "invalid_parameter")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", "invalid_parameter")
-    top_k = _number(body, "top_k", 0, -1, 2**31, integer=True)  # vLLM's -1 and OpenAI's absence: no top-k
-    seed = _number(body, "seed", None, 0, 2**31 - 1, integer=True)
-    try:  # SamplingParams says what is wrong with values that pass the range checks above (top_p 0)
-        params = SamplingParams(temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-                                top_p=float(_number(body, "top_p", 1.0, 0, 1)), top_k=max(top_k, 0),
-                                seed=random.randrange(2**31) if seed is None else seed, max_new_tokens=max_tokens,
-                                ignore_eos=ignore_eos)
-    except ValueError as error:
-        raise APIError(400, str(error), "invalid_parameter") from None
-    return params, stop
-
-
-def create_app(llm, engine, model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app over a started `ServingEngine`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
-    from nanojet.serve.loop import QueueFull
-
-    app = FastAPI(title="nanojet")
-
-    @app.exception_handler(APIError)
-    async def api_error(_, error: APIError):
-        return JSONResponse({"error": {"message": error.message, "type": error.kind, "code": error.code}},
-                            status_code=error.status, headers=error.headers)
-
-    async def read_body(request: Request) -> dict:
+    async def read_body(self, request: "Request") -> dict:
+        """The JSON object sent to this endpoint, its fields checked against what it takes."""
         # An oversized body is still read (and dropped) up to DRAIN_BYTES before the 413: a client still sending
         # when the connection closes would see a broken pipe instead of the answer.
         kept, size = [], 0
         async for piece in request.stream():
             size += len(piece)
-            if size <= max_body_bytes:
+            if size <= self.max_body_bytes:
                 kept.append(piece)
             elif size > DRAIN_BYTES:
                 break
-        if size > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", "request_too_large")
-        raw = b"".join(kept)
+        if size > self.max_body_bytes:
+            raise APIError(413, f"request body over {self.max_body_bytes} bytes", "request_too_large")
         try:
-            body = json.loads(raw)
+            body = json.loads(b"".join(kept))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise APIError(400, f"malformed JSON body: {error}", "invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "the JSON body must be an object", "invalid_json")
-        if body.get("model") not in (None, model_name):
-            raise APIError(404, f"model {body['model']!r} does not exist; this server serves {model_name!r}",
-                           "model_not_found")
+        if body.get("model") not in (None, self.model_name):
+            raise APIError(404, f"model {body['model']!r} does not exist; this server serves {self.model_name!r}",
+                           "model_not_found", param="model")
+        check_fields(body, request.url.path)
         return body
 
-    def start(body: dict, prompt_ids: list[int], default_max_tokens: int | None):
-        params, stop = sampling_from(body, len(prompt_ids), llm.max_model_len, default_max_tokens)
+    def submit(self, body: dict, prompts: list[list[int]], default_max_tokens: int | None) -> "Generations":
+        """Every choice the request asks for, queued; the last step, after everything is checked."""
+        from nanojet.serve.loop import QueueFull
+        jobs = generation_jobs(body, prompts, self.llm.max_model_len, default_max_tokens, self.loop.max_waiting)
         try:
-            return engine.submit(prompt_ids, params, stop)
+            return self.loop.submit(jobs, stop_strings(body))
         except ValueError as error:
             raise APIError(400, str(error), "invalid_request") from None
         except QueueFull as error:
             raise APIError(503, f"server busy: {error}; retry shortly", "server_busy", "server_error",
-                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
-    def usage(prompt_ids: list[int], stream) -> dict:
-        done = stream.completion_tokens
-        return {"prompt_tokens": len(prompt_ids), "completion_tokens": done, "total_tokens": len(prompt_ids) + done}
+    @staticmethod
+    def usage(prompts: list[list[int]], choices: "Generations") -> dict:
+        """Each prompt counts once, however many samples it has (as OpenAI counts)."""
+        prompt_tokens, done = sum(len(prompt) for prompt in prompts), choices.completion_tokens()
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
-    async def collect(request: Request, stream) -> tuple[str, str]:
-        """Await the whole text, cancelling the generation if the client goes away meanwhile."""
-        pieces = []
+    @staticmethod
+    async def collect(request: "Request", choices: "Generations") -> list[tuple[str, str]]:
+        """Await every choice's whole text and finish reason, cancelling them if the client goes away meanwhile."""
+        watcher = asyncio.create_task(cancel_on_disconnect(request, choices))
+        pieces, finishes = [[] for _ in choices.streams], [""] * len(choices.streams)
         try:
-            while True:
-                try:  # a cancelled Queue.get loses nothing
-                    event = await asyncio.wait_for(stream.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
-                    continue
-                pieces.append(event.text)
-                if event.finish_reason is not None:
-                    return "".join(pieces), event.finish_reason
+            async for event in choices.events():  # a cancelled request still ends with an event ("abort")
+                pieces[event.index].append(event.text)
+                finishes[event.index] = event.finish_reason or ""
         finally:
-            if not stream.done:
-                stream.request.cancel()
+            watcher.cancel()
+            choices.cancel()
+        return [("".join(texts), finish) for texts, finish in zip(pieces, finishes)]
 
-    @app.get("/health")
-    async def health():
-        if engine.draining:
-            raise APIError(503, "draining: the server is shutting down", "shutting_down", "server_error")
-        return {"status": "ok"}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanojet", "max_model_len": llm.max_model_len}]}
-
-    @app.get("/metrics")
-    async def metrics():
-        lines = []
-        for name, value in engine.metrics().items():
-            lines.append(f"# TYPE {name} {'counter' if name in engine.COUNTERS else 'gauge'}")
-            lines.append(f"{name} {value}")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str) and prompt:
-            prompt_ids = llm.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                         and 0 <= t < llm.model.config.vocab_size for t in prompt):
-            prompt_ids = prompt
-        else:
-            raise APIError(400, "'prompt' must be one non-empty string or one list of token ids", "invalid_parameter")
-        stream = start(body, prompt_ids, default_max_tokens=16)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(text: str, finish: str | None) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-
-        if body.get("stream"):
-            return sse_of(stream, lambda e: chunk(e.text, e.finish_reason), body, prompt_ids, chunk)
-        text, finish = await collect(request, stream)
-        return {**chunk(text, finish), "usage": usage(prompt_ids, stream)}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", "invalid_parameter")
-        try:
-            prompt_ids = llm.tokenizer.encode(llm.tokenizer.apply_chat_template(messages, enable_thinking=False))
-        except (ValueError, AttributeError, TypeError) as error:
-            raise APIError(400, f"'messages': {error}", "invalid_parameter") from None
-        stream = start(body, prompt_ids, default_max_tokens=None)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        if body.get("stream"):
-            return sse_of(stream, lambda e: chunk({"content": e.text} if e.text else {}, e.finish_reason), body,
-                          prompt_ids, chunk, first=chunk({"role": "assistant", "content": ""}, None))
-        text, finish = await collect(request, stream)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish}],
-                "usage": usage(prompt_ids, stream)}
-
-    def sse_of(stream, to_chunk, body: dict, prompt_ids: list[int], chunk, first: dict | None = None):
-        """Server-sent events of a stream: optional first chunk, one chunk per text event, a usage chunk if asked
-        (`stream_options.include_usage`), then `data: [DONE]`. Closing the connection cancels the generation."""
-        options = body.get("stream_options") or {}
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    def event_stream(self, choices: "Generations", head: dict, choice, first: list[dict],
+                     usage_prompts: list[list[int]] | None):
+        """Server-sent events, each chunk `head` with one choice: the `first` ones, then `choice(index, text,
+        finish_reason)` per text event; the usage of `usage_prompts` once every choice has ended (when
+        `stream_options.include_usage` asks for it), then `data: [DONE]`. Closing the connection cancels the
+        generations."""
+        from starlette.responses import StreamingResponse
 
         async def events():
             try:
-                if first is not None:
-                    yield f"data: {json.dumps(first)}\n\n"
-                async for event in stream.events():
-                    yield f"data: {json.dumps(to_chunk(event))}\n\n"
-                if include_usage:
-                    final = {**chunk({} if first is not None else "", None), "choices": [],
-                             "usage": usage(prompt_ids, stream)}
-                    yield f"data: {json.dumps(final)}\n\n"
+                for one in first:
+                    yield f"data: {json.dumps({**head, 'choices': [one]})}\n\n"
+                async for event in choices.events():
+                    chunk = {**head, "choices": [choice(event.index, event.text, event.finish_reason)]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if usage_prompts is not None:
+                    usage = {**head, "choices": [], "usage": self.usage(usage_prompts, choices)}
+                    yield f"data: {json.dumps(usage)}\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also when the client disconnects: the generator is closed mid-stream
-                if not stream.done:
-                    stream.request.cancel()
+                choices.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def completions(self, request: "Request"):
+        body = await self.read_body(request)
+        stream, include_usage = stream_options(body)
+        prompts = completion_prompts(body, self.llm.tokenizer, self.llm.model.config.vocab_size)
+        echo = flag(body, "echo")
+        prompt_ids = [ids for _, ids in prompts]
+        choices = self.submit(body, prompt_ids, default_max_tokens=16)
+        n = len(choices.streams) // len(prompts)
+        echoes = [text if echo else "" for text, _ in prompts for _ in range(n)]  # choice p * n + i: prompt p
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+
+        def choice(index: int, text: str, finish: str | None) -> dict:
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+
+        if stream:
+            first = [choice(i, text, None) for i, text in enumerate(echoes) if text]
+            return self.event_stream(choices, head, choice, first, prompt_ids if include_usage else None)
+        answers = await self.collect(request, choices)
+        return {**head, "choices": [choice(i, echoes[i] + text, finish) for i, (text, finish) in enumerate(answers)],
+                "usage": self.usage(prompt_ids, choices)}
+
+    async def chat_completions(self, request: "Request"):
+        body = await self.read_body(request)
+        stream, include_usage = stream_options(body)
+        template = self.llm.tokenizer.apply_chat_template(chat_messages(body.get("messages")), enable_thinking=False)
+        prompt = self.llm.tokenizer.encode(template)
+        choices = self.submit(body, [prompt], default_max_tokens=None)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        if stream:
+            def delta(index: int, text: str, finish: str | None) -> dict:
+                return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(len(choices.streams))]
+            return self.event_stream(choices, {**head, "object": "chat.completion.chunk"}, delta, first,
+                                     [prompt] if include_usage else None)
+        answers = await self.collect(request, choices)
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                            for i, (text, finish) in enumerate(answers)],
+                "usage": self.usage([prompt], choices)}
+
+    def health(self) -> dict:
+        if self.loop.draining:
+            raise APIError(503, "draining: the server is shutting down", "shutting_down", "server_error")
+        return {"status": "ok"}
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanojet", "max_model_len": self.llm.max_model_len}]}
+
+
+def create_app(llm, loop: "ServingLoop", model_name: str, max_body_bytes: int = MAX_BODY_BYTES):
+    """The FastAPI app over a started `ServingLoop`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+
+    routes = Routes(llm, loop, model_name, max_body_bytes)
+    app = FastAPI(title="nanojet")
+
+    @app.exception_handler(APIError)
+    async def api_error(_, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):  # the routing's own 404 and 405
+        if error.status_code == 404:
+            error = APIError(404, f"no route {request.method} {request.url.path}; this server has {ROUTES}",
+                             "not_found")
+        elif error.status_code == 405:
+            error = APIError(405, f"{request.method} is not allowed on {request.url.path}; use "
+                                  f"{error.headers['Allow']}", "method_not_allowed", headers=error.headers)
+        else:
+            error = APIError(error.status_code, str(error.detail), "http_error", headers=error.headers)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, error: Exception):  # a bug: uvicorn logs it, the client still gets an error object
+        error = APIError(500, f"internal error: {error}", "internal_error", "server_error")
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await routes.completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await routes.chat_completions(request)
+
+    app.get("/health")(routes.health)
+    app.get("/v1/models")(routes.models)
+    app.get("/metrics")(lambda: PlainTextResponse(loop.metrics_text(), media_type="text/plain; version=0.0.4"))
     return app
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a port in use fails at once, as one line."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart past TIME_WAIT
+        listener.bind(address)
+        listener.listen()
+        return listener
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}; choose another --port or "
+                         f"--host") from None
+
+
+def load(args: argparse.Namespace) -> tuple["ServingLoop", str, str]:
+    """The model, its head and the serving loop the flags ask for -> (loop, served model name, how it
+    decodes)."""
+    from nanojet.engine.request import SpeculativeParams
+    from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
+    from nanojet.serve.loop import ServingLoop
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    head = None if args.ar or args.head == "none" else args.head
+    if head == "auto":
+        head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
+    llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              kv_memory_gb=args.kv_memory_gb, max_num_seqs=args.max_num_seqs, step_tokens=args.step_tokens)
+    if args.threads or llm.device.type == "cpu":
+        import torch
+        # On a CPU one core is left to the HTTP loop: torch's spinning worker threads would otherwise hold
+        # every core between ops, and streaming stalls (docs/serving.md).
+        torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
+    budget = args.budget if args.budget is not None else (64 if llm.device.type == "cuda" else 8)
+    spec = SpeculativeParams(budget, args.width) if head else None
+    if spec is not None and budget > llm.max_tree_nodes:
+        raise ValueError(f"--budget {budget} exceeds max_tree_nodes {llm.max_tree_nodes}")
+    max_waiting = args.max_waiting if args.max_waiting is not None else 4 * args.max_num_seqs
+    loop = ServingLoop(llm, spec, max_waiting)
+    return loop, args.served_model_name or model.name, f"speculative, budget {budget}" if spec else "plain decoding"
+
+
+def serve(app, listener: socket.socket, loop: "ServingLoop") -> None:
+    """uvicorn on the bound socket until SIGTERM or Ctrl-C: new requests are refused, uvicorn waits for the
+    running ones, then the loop thread ends."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            loop.drain()
+            super().handle_exit(sig, frame)  # a second Ctrl-C stops at once
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after its graceful shutdown: the process would end with the signal's
+            # status, and Ctrl-C with a KeyboardInterrupt traceback. Drained, it exits 0 instead.
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    loop.start()
+    DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=None)).run([listener])
+    loop.stop()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         import fastapi  # noqa: F401 (create_app imports it; checked here, before the model loads)
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError as error:
         print(f"error: the server needs {error.name or 'fastapi and uvicorn'}: pip install fastapi uvicorn "
               f"(or pip install 'nanojet[serve]')", file=sys.stderr)
         return 2
+    listener = None
     try:
-        from nanojet.engine.request import SpeculativeParams
-        from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, LLM
-        from nanojet.serve.loop import ServingEngine
-        model = Path(args.model) if args.model else DEFAULT_MODEL
-        head = None if args.ar or args.head == "none" else args.head
-        if head == "auto":
-            head = model / DEFAULT_HEAD_NAME if (model / DEFAULT_HEAD_NAME / "config.json").is_file() else None
-        llm = LLM(model, head=head, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                  kv_memory_gb=args.kv_memory_gb, max_num_seqs=args.max_num_seqs, step_tokens=args.step_tokens)
-        if args.threads or llm.device.type == "cpu":
-            import torch
-            # On a CPU one core is left to the HTTP loop: torch's spinning worker threads would otherwise hold
-            # every core between ops, and streaming stalls (HTTP throughput fell to 35-80% of in-process).
-            torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
-        budget = args.budget if args.budget is not None else (64 if llm.device.type == "cuda" else 8)
-        spec = SpeculativeParams(budget, args.width) if head else None
-        if spec is not None and budget > llm.max_tree_nodes:
-            raise ValueError(f"--budget {budget} exceeds max_tree_nodes {llm.max_tree_nodes}")
-        max_waiting = args.max_waiting if args.max_waiting is not None else 4 * args.max_num_seqs
-        engine = ServingEngine(llm, spec, args.max_num_seqs, args.step_tokens, max_waiting)
+        listener = listen(args.host, args.port)
+        loop, model_name, decoding = load(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
+        if listener is not None:
+            listener.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = create_app(llm, engine, args.served_model_name or model.name)
-
-    class DrainingServer(uvicorn.Server):
-        """SIGTERM: refuse new requests, let uvicorn wait for the running ones, and exit 0 (uvicorn would
-        re-raise the signal after its graceful shutdown, ending the process with the signal's status)."""
-
-        def handle_exit(self, sig, frame) -> None:
-            engine.drain()
-            super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM:
-                self._captured_signals.remove(sig)
-
-    engine.start()
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=None))
-    print(f"nanojet: serving {args.served_model_name or model.name} on http://{args.host}:{args.port} "
-          f"({'speculative, budget ' + str(budget) if spec else 'plain decoding'}, max {args.max_num_seqs} "
-          f"sequences)", file=sys.stderr, flush=True)
-    server.run()
-    engine.stop()
+    app = create_app(loop.llm, loop, model_name)
+    host, port = listener.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    print(f"nanojet: serving {model_name} on http://{host}:{port} ({decoding}, max {args.max_num_seqs} sequences)",
+          file=sys.stderr, flush=True)
+    serve(app, listener, loop)
     return 0
-
