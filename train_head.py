@@ -11,8 +11,11 @@ carry `text`, `messages` (chat-templated) or `prompt` (with --regen the target f
 nanojet, which is what the head should imitate).
 
 Output goes to a new directory, runs/head-<kind>-<date>, unless --out names one; replacing an existing head needs
---overwrite. Ctrl-C saves a checkpoint after the step in flight (press it twice to stop at once) and exits 130;
-`--resume --out DIR` continues from it. Bad input prints one line on stderr and exits with 2.
+--overwrite. Ctrl-C (or SIGTERM) saves a checkpoint after the step in flight and exits 130 (143); a second one
+stops at once, except while a checkpoint is being written, which always completes. `--resume --out DIR`
+continues from the checkpoint. A closed or full stdout (`| head -1`) only ends the progress lines: training goes
+on. A loss that turns NaN or infinite stops the run with one line and exit status 1 (the run failed; its flags
+parsed), and the last checkpoint stays as it was. Bad input prints one line on stderr and exits with 2.
 """
 import argparse
 import datetime
@@ -23,7 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from nanojet.tools.cli import INTERRUPTED_EXIT, ArgumentParser, DeferredInterrupt, finite_float, install_exit_handlers
+from nanojet.tools.cli import (
+    ArgumentParser,
+    GracefulStop,
+    finite_float,
+    install_exit_handlers,
+    say,
+    stop_status,
+)
 
 if __name__ == "__main__":
     install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
@@ -39,7 +49,11 @@ from nanojet.model.packed_gemm import available_memory_bytes as host_available_b
 from nanojet.tokenizer import Tokenizer
 from nanojet.train.data import load_corpus
 from nanojet.train.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
-from nanojet.train.state import LEGACY_NAME, load_train_state, save_train_state, state_exists
+from nanojet.train.state import LEGACY_NAME, load_train_state, save_head, save_train_state, state_exists
+
+
+class Diverged(Exception):
+    """The loss (or the weights) stopped being finite: the run failed, and its last checkpoint is kept."""
 
 
 def default_layer_ids(num_target_layers: int, count: int = 3) -> list[int]:
@@ -262,9 +276,11 @@ def build_head(args, target_config: ModelConfig, tokenizer: Tokenizer) -> DraftH
     return head
 
 
-def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
-    """Train (or with --resume continue) a head; returns its directory. `interrupt.requested` (set by Ctrl-C
-    under main) ends the run after the current step with a checkpoint, raising KeyboardInterrupt."""
+def train(args, stop: GracefulStop | None = None) -> Path:
+    """Train (or with --resume continue) a head; returns its directory. `stop` (armed under main) ends the run
+    after the current step with a checkpoint, raising KeyboardInterrupt (Terminated after SIGTERM). A loss or
+    weights that are not finite raise Diverged before anything is saved."""
+    stop = stop or GracefulStop()  # never armed: a plain call trains to the end
     out = args.out or default_out(args.bidirectional)
     check_out(out, args.resume, args.overwrite)
     device = resolve_device(args.device)
@@ -292,9 +308,9 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
         head.draft_vocab = select_draft_vocab(data, target.config.vocab_size, args.draft_vocab,
                                               always=tokenizer.eos_token_ids).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    step = 0
+    step, saved_step = 0, None
     if args.resume:
-        step = load_train_state(out, head, optimizer, rng)  # fp32 master weights: the published file may be bf16
+        step = saved_step = load_train_state(out, head, optimizer, rng)  # fp32 master weights (the head may be bf16)
         if step >= min(args.steps, args.stop_at or args.steps):
             raise ValueError(f"--resume: {out} is at step {step} already; raise --steps (or --stop-at) past it")
 
@@ -303,16 +319,25 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
             return args.lr * (s + 1) / args.warmup
         return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (s - args.warmup) / max(1, args.steps - args.warmup))))
 
+    def diverged(what: str) -> Diverged:
+        kept = (f"the checkpoint of step {saved_step} in {out} is kept (--resume --out {out} continues from it)"
+                if saved_step is not None else "no checkpoint was saved")
+        return Diverged(f"{what} at step {step}: training diverged (try a lower --lr than {args.lr:g}); {kept}")
+
     def save_checkpoint() -> None:
-        head.save(out, DTYPES[args.save_dtype])
-        save_train_state(out, step, head, optimizer, rng, vars(args))
+        nonlocal saved_step
+        if not all(bool(torch.isfinite(param).all()) for param in head.parameters()):
+            raise diverged("the head's weights are not finite")
+        with stop.saving():  # a second Ctrl-C waits for the save to complete
+            save_head(head, out, DTYPES[args.save_dtype])
+            save_train_state(out, step, head, optimizer, rng, vars(args))
+        saved_step = step
 
     eval_prompts = [tokenizer.encode(p) for p in held_out_prompts(args.eval_prompts)] if args.eval_prompts else []
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     start, first_step = time.time(), step
-    print(f"training a head in {out}", flush=True)
-    if interrupt is not None:
-        interrupt.arm()  # from here Ctrl-C ends the run with a checkpoint
+    say(f"training a head in {out}")
+    stop.arm()  # from here Ctrl-C and SIGTERM end the run with a checkpoint
     while step < min(args.steps, args.stop_at or args.steps):
         starts = [rng.randrange(0, len(data) - args.seq) for _ in range(args.batch)]
         tokens = torch.stack([data[s:s + args.seq] for s in starts]).to(device)
@@ -325,39 +350,43 @@ def train(args, interrupt: DeferredInterrupt | None = None) -> Path:
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
         optimizer.step()
         step += 1
+        loss_value = loss.item()  # the step's one read of the loss
+        if not math.isfinite(loss_value):
+            raise diverged(f"the loss is not finite ({loss_value})")
         elapsed = time.time() - start
         rate = (step - first_step) / elapsed
-        info["per_depth_accuracy"] = [round(x, 3) for x in info["per_depth_accuracy"].tolist()]  # the step's read
-        print(f"\rstep {step}/{args.steps} loss {loss.item():.4f} acc@1 {info['per_depth_accuracy'][0]:.3f} "
-              f"acc@{args.block_size - 1} {info['per_depth_accuracy'][-1]:.3f} "
-              f"{rate * args.batch * args.seq:.0f} tok/s ETA {(args.steps - step) / rate / 60:.1f} min",
-              end="", flush=True)
-        saved = step % args.checkpoint_every == 0 or step in (args.steps, args.stop_at)
-        if saved:
+        info["per_depth_accuracy"] = [round(x, 3) for x in info["per_depth_accuracy"].tolist()]
+        say(f"\rstep {step}/{args.steps} loss {loss_value:.4f} acc@1 {info['per_depth_accuracy'][0]:.3f} "
+            f"acc@{args.block_size - 1} {info['per_depth_accuracy'][-1]:.3f} "
+            f"{rate * args.batch * args.seq:.0f} tok/s ETA {(args.steps - step) / rate / 60:.1f} min", end="")
+        if step % args.checkpoint_every == 0 or step in (args.steps, args.stop_at):
             save_checkpoint()
-            print(f"\ncheckpoint at step {step}: loss {loss.item():.4f}, per-depth accuracy "
-                  f"{info['per_depth_accuracy']}", flush=True)
+            say(f"\ncheckpoint at step {step}: loss {loss_value:.4f}, per-depth accuracy {info['per_depth_accuracy']}")
             if eval_prompts:
-                print(json.dumps({"step": step, **evaluate_tau(target, out, eval_prompts)}),
-                      flush=True)
-        if interrupt is not None and interrupt.requested:
-            if not saved:
+                say(json.dumps({"step": step, **evaluate_tau(target, out, eval_prompts)}))
+        if stop.requested:
+            if saved_step != step:
                 save_checkpoint()
-            raise KeyboardInterrupt(f"checkpoint saved at step {step}; continue with --resume --out {out}")
+            stop.stop(f"checkpoint saved at step {step}; continue with --resume --out {out}")
     return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        with DeferredInterrupt() as interrupt:
-            train(args, interrupt)
+        with GracefulStop() as stop:
+            train(args, stop)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:
-        print(f"\ninterrupted{f': {stop}' if str(stop) else ''}", file=sys.stderr)
-        return INTERRUPTED_EXIT
+    except Diverged as error:
+        say()  # end the progress line
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as stopped:  # Ctrl-C or SIGTERM (Terminated)
+        word, status = stop_status(stopped)
+        print(f"\n{word}{f': {stopped}' if str(stopped) else ''}", file=sys.stderr)
+        return status
     return 0
 
 
