@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from nanojet.tools.cli import add_runtime_flags, finite_float, install_exit_handlers
+from nanojet.tools.cli import add_runtime_flags, check_writable, finite_float, install_exit_handlers
 
 if __name__ == "__main__":
     install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
@@ -123,9 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "prefill_tokens", "draft_vocab"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for out in (args.json, args.plot):
-        if out and not Path(out).resolve().parent.is_dir():
-            raise ValueError(f"cannot write {out}: its directory does not exist")
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out:
+            check_writable(out, flag)  # now, not after the whole run
     if args.experts_touched and (args.compile or args.peer):
         raise ValueError("--experts-touched counts experts in eager rounds: drop --compile / --peer")
     if args.peer and (args.temperature > 0 or args.synthetic):
@@ -294,6 +294,16 @@ def aggregate(args, config: dict, per_prompt: list[dict], runs: dict, extra: dic
     return {"config": config, "ar": ar, "budgets": rows, **extra, "per_prompt": per_prompt}
 
 
+def check_plot_format(path: str) -> None:
+    """--plot needs matplotlib, and a file type it writes (named by the extension)."""
+    require("matplotlib", "--plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if Path(path).suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"--plot {path}: matplotlib cannot write {Path(path).suffix or 'extensionless'} files; "
+                         f"end the name in one of {', '.join(f'.{name}' for name in sorted(formats))}")
+
+
 def plot(path: str, rows: list[dict]) -> None:
     matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")
@@ -328,7 +338,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         if args.plot:
-            require("matplotlib", "--plot")  # fail before the run, not after it
+            check_plot_format(args.plot)  # fail before the run, not after it
         if args.threads:
             torch.set_num_threads(args.threads)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -379,4 +389,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()  # here, not at exit, so that a full disk is met under the exit handlers
+    sys.exit(status)

@@ -49,6 +49,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+class HeldBackStream:
+    """`on_text` that prints to stdout, holding the prefill's text back until a round has emitted: the engine
+    checks the speculative settings (--width against the head's draft vocabulary) and builds, or compiles, its
+    round only after the prefill, and nothing may reach stdout before an error. `finish()` prints what is held."""
+
+    def __init__(self) -> None:
+        self.held: list[str] | None = []  # None once streaming
+
+    def __call__(self, text: str) -> None:
+        if self.held == []:
+            self.held.append(text)
+            return
+        self.finish(text)
+
+    def finish(self, text: str = "") -> None:
+        print("".join(self.held or []) + text, end="", flush=True)
+        self.held = None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # nanojet (and torch) are imported here, after parsing, so --help stays instant
@@ -81,8 +100,10 @@ def main(argv=None) -> int:
         spec = SpeculativeParams(budget, 4 if args.width is None else args.width, args.depth) if head else None
         chat = llm.tokenizer.has_chat_template if args.chat is None else args.chat
         healing = llm.generation_defaults.token_healing if args.token_healing is None else args.token_healing
-        stream = None if args.json else (lambda text: print(text, end="", flush=True))
+        stream = None if args.json else HeldBackStream()
         out = llm.generate(args.prompt, params, spec, chat=chat, on_text=stream, token_healing=healing)
+        if stream:
+            stream.finish()
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -116,4 +137,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     install_exit_handlers()
-    sys.exit(main())
+    status = main()
+    sys.stdout.flush()  # here, not at exit, so that a full disk is met under the exit handlers
+    sys.exit(status)

@@ -30,7 +30,9 @@ def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
         code = run.main(args)
     except SystemExit as stop:  # argparse refusals exit from inside parse_args
         code = stop.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    assert code == 0 or captured.out == ""  # nothing reaches stdout before an error (not even the prefill's token)
+    return code, captured.err.strip().splitlines()
 
 
 @pytest.mark.parametrize("flags, word", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
