@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import random_head
 
-import bench
 from nanojet.engine.engine import Engine, GenerationStats
 from nanojet.engine.round import StaticRound
 from nanojet.model.config import ModelConfig
+from nanojet.tools import bench
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import sys
 import pytest
 from conftest import ROOT, random_head
 
-import run
 from nanojet.llm import DEFAULT_MODEL
 from nanojet.model.config import ModelConfig
+from nanojet.tools import run
 
 EMBEDDED = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="embedded model not built")
 

@@ -3,7 +3,7 @@ path as the command line, without a Python start per case)."""
 import pytest
 import torch
 
-import run
+from nanojet.tools import run
 
 # flag values -> a word the one-line message must contain (what is wrong, so the user knows what to fix)
 BAD_FLAGS = [

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import make_engine, random_head, write_hf_moe_model
 
-import bench
 from nanojet.bench.device_stats import weight_bytes_per_step
 from nanojet.bench.moe_stats import ExpertRecorder, expert_touch_curve, uniform_routing_experts
 from nanojet.bench.synthetic import SHAPES, synthetic_models
 from nanojet.model.config import ModelConfig
+from nanojet.tools import bench
 
 
 @pytest.fixture(scope="module")

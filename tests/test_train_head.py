@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import ROOT, draft_after, make_engine, random_head
 
-import train_head
 from nanojet.engine.engine import SpeculativeParams
 from nanojet.engine.kv_cache import Sequence
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 from nanojet.model.head import load_head
+from nanojet.tools import train_head
 
 
 def test_training_forward_equals_inference_draft(hf_model_dir):
@@ -319,7 +319,7 @@ def test_resume_state_is_safetensors_and_json_never_pickle(tmp_path, hf_model_di
 
 
 def test_every_flag_has_help():
-    import run
+    from nanojet.tools import run
     for parser in (train_head.build_parser(), run.build_parser()):
         assert [a.option_strings for a in parser._actions if not a.help] == []
 
@@ -361,7 +361,7 @@ SIGNALS_WHILE_SAVING = """
 import signal, sys
 import safetensors.torch
 sys.path.insert(0, sys.argv.pop(1))
-import train_head
+from nanojet.tools import train_head
 write = safetensors.torch.save_file
 
 def save_file(tensors, path, metadata=None):

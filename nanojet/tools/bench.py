@@ -1,4 +1,5 @@
-"""Benchmark nanojet: plain (AR) against speculative decoding on one engine, prompt by prompt.
+"""Benchmark nanojet: plain (AR) against speculative decoding on one engine, prompt by prompt (`nanojet-bench`
+installed, `python bench.py` in a checkout).
 
     python bench.py --budget 64                                    # embedded model, held-out stdlib prompts
     python bench.py --budgets 1,8,16,32,64,128,256 --json out.json --plot out.png --profile
@@ -25,11 +26,6 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from nanojet.tools.cli import add_runtime_flags, check_writable, finite_float, install_exit_handlers
-
-if __name__ == "__main__":
-    install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
-
 import torch
 
 from nanojet.bench import serving as serving_bench
@@ -49,6 +45,7 @@ from nanojet.engine.round import synced_clock
 from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, DTYPES, LLM, resolve_device, resolve_dtype
 from nanojet.model.config import ModelConfig
+from nanojet.tools.cli import add_runtime_flags, check_writable, finite_float
 
 MAX_BUDGET = 512  # LLM's max_tree_nodes
 SYNTHETIC_PROMPT_TOKENS = 128
@@ -387,8 +384,3 @@ def main(argv=None) -> int:
         plot(args.plot, result["budgets"])
     return 0
 
-
-if __name__ == "__main__":
-    status = main()
-    sys.stdout.flush()  # here, not at exit, so that a full disk is met under the exit handlers
-    sys.exit(status)

@@ -1,4 +1,5 @@
-"""Distill a JetFlow draft head from a frozen Qwen3 target: `python train_head.py` trains the embedded model's.
+"""Distill a JetFlow draft head from a frozen Qwen3 target: `nanojet-train` (`python train_head.py` in a checkout)
+trains the embedded model's.
 
 For random anchor positions a of a training sequence, the head sees `[x_a, MASK x (B-1)]` at positions a..a+B-1
 and the target's taps of positions < a; block row j learns the target's distribution at position a+j-1 (the
@@ -26,18 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-from nanojet.tools.cli import (
-    ArgumentParser,
-    GracefulStop,
-    finite_float,
-    install_exit_handlers,
-    say,
-    stop_status,
-)
-
-if __name__ == "__main__":
-    install_exit_handlers()  # before torch loads: Ctrl-C during the imports below is one line too
-
 import torch
 
 from nanojet.bench.synthetic import SHAPES, synthetic_target
@@ -47,6 +36,7 @@ from nanojet.model.draft_vocab import select_draft_vocab
 from nanojet.model.head import DraftHead, HeadConfig, load_head
 from nanojet.model.packed_gemm import available_memory_bytes as host_available_bytes
 from nanojet.tokenizer import Tokenizer
+from nanojet.tools.cli import ArgumentParser, GracefulStop, finite_float, say, stop_status
 from nanojet.train.data import load_corpus
 from nanojet.train.distill import head_loss, training_mask  # noqa: F401 (training_mask: part of this script's API)
 from nanojet.train.state import LEGACY_NAME, load_train_state, save_head, save_train_state, state_exists
@@ -395,6 +385,3 @@ def held_out_prompts(count: int) -> list[str]:
     from nanojet.weights.build_tiny import held_out_prompts as prompts
     return prompts(count)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Generate text with nanojet: `python run.py --prompt "def fibonacci(n):"`.
+"""Generate text with nanojet: `nanojet-run --prompt "def fibonacci(n):"` (`python run.py` in a checkout).
 
 Streams the completion to stdout and a one-line summary to stderr; `--json` prints one JSON object instead.
 Sampling flags left unset take the model's generation_config.json values (a `note:` line on stderr names them).
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 # Light: torch is imported in main, after parsing.
-from nanojet.tools.cli import ArgumentParser, add_runtime_flags, finite_float, install_exit_handlers
+from nanojet.tools.cli import ArgumentParser, add_runtime_flags, finite_float
 
 SPECULATIVE_FLAGS = ("budget", "width", "depth")
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "max_new_tokens")
@@ -134,9 +134,3 @@ def main(argv=None) -> int:
         print(f"\n{summary}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    install_exit_handlers()
-    status = main()
-    sys.stdout.flush()  # here, not at exit, so that a full disk is met under the exit handlers
-    sys.exit(status)
