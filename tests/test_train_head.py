@@ -357,39 +357,53 @@ def test_a_stop_signal_saves_a_checkpoint_that_resume_continues(tmp_path, hf_mod
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == step + 1
 
 
-SIGNALS_WHILE_SAVING = """
+TWO_CTRL_C = """
 import signal, sys
 import safetensors.torch
 sys.path.insert(0, sys.argv.pop(1))
 from nanojet.tools import train_head
-write = safetensors.torch.save_file
+where = sys.argv.pop(1)
 
+def ctrl_c_twice():
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+
+write = safetensors.torch.save_file
 def save_file(tensors, path, metadata=None):
     write(tensors, path, metadata=metadata)
-    if path.endswith(".tmp"):  # the resume state is written, not yet renamed into place
-        signal.raise_signal(signal.SIGINT)  # Ctrl-C ...
-        signal.raise_signal(signal.SIGINT)  # ... and Ctrl-C again, in the middle of the save
+    if where == "saving" and path.endswith(".tmp"):  # the resume state is written, not yet renamed into place
+        ctrl_c_twice()
 
-safetensors.torch.save_file = save_file
+loss, steps = train_head.head_loss, []
+def head_loss(*args):
+    steps.append(None)
+    if where == "stepping" and len(steps) == 3:  # inside step 3; step 2 was saved
+        ctrl_c_twice()
+    return loss(*args)
+
+safetensors.torch.save_file, train_head.head_loss = save_file, head_loss
 sys.exit(train_head.main(sys.argv[1:]))
 """
 
 
-def test_a_second_ctrl_c_while_saving_lets_the_save_finish(tmp_path, hf_model_dir):
-    """Ctrl-C twice in a row, the second while a checkpoint is being written: the save completes (no temporary
-    file survives, the state resumes), then the run stops with one line and exit status 130."""
+@pytest.mark.parametrize("where, line, step", [
+    ("saving", "interrupted: checkpoint saved at step 2; continue with --resume --out {out}", 2),
+    ("stepping", "interrupted: stopped at once, without saving the steps since the last checkpoint", 2),
+])
+def test_a_second_ctrl_c(tmp_path, hf_model_dir, where, line, step):
+    """Ctrl-C twice in a row. The second one while a checkpoint is being written lets the save complete (no
+    temporary file survives, the state resumes) and then stops; during a step it stops at once, losing that step
+    only. Either way: one line, exit status 130, no traceback."""
     directory, _ = hf_model_dir
     data = write_data(tmp_path / "data.jsonl")
     out = tmp_path / "head"
-    result = subprocess.run([sys.executable, "-c", SIGNALS_WHILE_SAVING, str(ROOT), *train_argv(directory, out, data)],
+    result = subprocess.run([sys.executable, "-c", TWO_CTRL_C, str(ROOT), where, *train_argv(directory, out, data)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 130 and lines == [
-        f"interrupted: checkpoint saved at step 2; continue with --resume --out {out}"], result.stderr
+    assert result.returncode == 130 and result.stderr.strip().splitlines() == [line.format(out=out)], result.stderr
     assert leftovers(out) == []
-    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 2
-    train_head.train(train_args(directory, out, data, resume=True, steps=3))
-    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 3
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == step
+    train_head.train(train_args(directory, out, data, resume=True, steps=step + 1))
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == step + 1
 
 
 @pytest.mark.parametrize("reader", ["gone", "full disk"])

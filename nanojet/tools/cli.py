@@ -196,7 +196,7 @@ class GracefulStop:
             _write_raw(1, f"\n{name}: stopping after this step (Ctrl-C again stops at once)\n")
         elif not self._saving:  # outside a save nothing is half-written: only the step in flight is lost
             word = "terminated" if number == signal.SIGTERM else "interrupted"
-            _write_raw(2, f"\n{word}: stopped at once; the last checkpoint saved is kept\n")
+            _write_raw(2, f"\n{word}: stopped at once, without saving the steps since the last checkpoint\n")
             os._exit(128 + number)
 
     def __exit__(self, *exc) -> None:
