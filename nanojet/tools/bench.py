@@ -16,7 +16,8 @@ AR and speculative decoding emit the same ids, so speedup = AR decode time / spe
 what users wait for. Every speculative output is compared with AR token for token; a mismatch exits 1 naming
 the prompt and budget (not with --synthetic: random weights are full of near-ties, and that mode measures
 latency, not output).
-Bad input prints one line on stderr and exits 2; Ctrl-C prints one line and exits 130.
+Bad input (an unwritable --json or --plot too: both are checked before measuring) prints one line on stderr
+and exits 2; Ctrl-C prints one line and exits 130.
 """
 import argparse
 import importlib

@@ -153,9 +153,9 @@ class GracefulStop:
     Once armed (inside `with`), the first signal only sets `requested`, for the loop to call `stop(message)` at
     its next safe point. A second signal ends the program at once (one line on stderr, exit 128 + its number),
     except inside `saving()`: a save always runs to its end, then the loop stops. The handler neither raises nor
-    prints through Python's streams: an exception raised at an arbitrary point can land in a `__del__` (printed
-    as 'Exception ignored', then lost) and a print can interrupt a print ('reentrant call'); a quick second Ctrl-C
-    once printed such a traceback. Before `arm()`, signals act as install_exit_handlers set them."""
+    prints through Python's streams, either of which can end in a traceback: an exception raised at an arbitrary
+    point can land in a `__del__` ('Exception ignored', and the exception is lost), and a print that interrupts a
+    print fails ('reentrant call'). Before `arm()`, signals act as install_exit_handlers set them."""
 
     def __init__(self) -> None:
         self.requested = False
