@@ -219,6 +219,7 @@ class LLM:
         if token_healing is None:
             token_healing = self.generation_defaults.token_healing
         ids = self._check_token_ids(prompt) if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
+        self.engine.check(Request(ids, params, spec))  # the prompt as given must fit, healed or not
         if token_healing and isinstance(prompt, str) and not chat and len(ids) > 1:
             tail = self.tokenizer.decode_bytes(ids[-1:])
             candidates = self.tokenizer.ids_starting_with(tail)

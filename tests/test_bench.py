@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import random_head
 
-import bench
 from nanojet.engine.engine import Engine
 from nanojet.engine.request import GenerationStats
 from nanojet.engine.round import StaticRound
 from nanojet.model.config import ModelConfig
+from nanojet.tools import bench
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_compiled_sweep_reports_compile_time_apart(bench_inputs, tmp_path, capsy
     assert "graphs built while measuring: 0" in capsys.readouterr().out
 
 
-def test_corrupted_speculative_output_fails_loudly(bench_inputs, monkeypatch, capsys):
+def test_corrupted_speculative_output_fails_loudly(bench_inputs, tmp_path, monkeypatch, capsys):
     generate = Engine.generate
 
     def corrupted(self, prompt_ids, params, spec=None, *args, **kwargs):
@@ -84,9 +84,11 @@ def test_corrupted_speculative_output_fails_loudly(bench_inputs, monkeypatch, ca
         return out
 
     monkeypatch.setattr(Engine, "generate", corrupted)
-    assert bench.main(bench_inputs + ["--budgets", "1,8"]) == 1
+    out = tmp_path / "bench.json"
+    assert bench.main(bench_inputs + ["--budgets", "1,8", "--json", str(out)]) == 1
     error = capsys.readouterr().err
     assert "not lossless: prompt 0, budget 8: token 3 differs" in error
+    assert not out.exists()  # checked writable up front, without leaving an empty file behind
 
 
 def test_synthetic_shape_runs_on_cpu(tmp_path, capsys):
@@ -125,6 +127,27 @@ def test_bad_flags_exit_2_with_one_line(args, message, capsys):
     assert bench.main(args) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and message in error
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--json", "/proc/nanojet-bench.json", "cannot write /proc/nanojet-bench.json"),
+    ("--json", "DIR", "is a directory"),
+    ("--plot", "/proc/nanojet-bench.png", "cannot write /proc/nanojet-bench.png"),
+    ("--plot", "OUT.txt", "--plot OUT.txt: matplotlib cannot write .txt files"),
+])
+def test_unwritable_outputs_are_refused_before_measuring(bench_inputs, tmp_path, monkeypatch, capsys, flag, path,
+                                                         message):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+
+    def measure(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its output paths were checked")
+    monkeypatch.setattr(bench, "measure", measure)
+    path = {"DIR": str(tmp_path), "OUT.txt": str(tmp_path / "out.txt")}.get(path, path)
+    assert bench.main(bench_inputs + [flag, path]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message.replace("OUT.txt", path) in error, error
+    assert not (tmp_path / "out.txt").exists()
 
 
 def test_top_k_reaches_the_sampler(bench_inputs, tmp_path, monkeypatch):

@@ -10,9 +10,9 @@ import sys
 import pytest
 from conftest import ROOT, random_head
 
-import run
 from nanojet.llm import DEFAULT_MODEL
 from nanojet.model.config import ModelConfig
+from nanojet.tools import run
 
 EMBEDDED = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="embedded model not built")
 
@@ -118,13 +118,30 @@ def test_run_into_a_closed_pipe_ends_quietly():
 
 
 def test_bench_ctrl_c_is_one_line_and_exit_130(hf_model_dir, tmp_path):
-    random_head(ModelConfig.from_dir(hf_model_dir[0])).save(tmp_path / "head")
-    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "abc"}) + "\n")
-    process = start("bench.py", "--model", str(hf_model_dir[0]), "--head", str(tmp_path / "head"), "--prompts",
-                    str(tmp_path / "prompts.jsonl"), "--budgets", "8", "--max-new-tokens", "500", "--ignore-eos",
-                    "--device", "cpu")
+    process = start("bench.py", *bench_argv(hf_model_dir, tmp_path), "--budgets", "8", "--max-new-tokens", "500",
+                    "--ignore-eos")
     wait_for(process.stderr, b"bench: prompt 1/")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and err.decode().splitlines()[-1] == "interrupted"
     assert b"Traceback" not in err
+
+
+def bench_argv(hf_model_dir, tmp_path) -> list[str]:
+    random_head(ModelConfig.from_dir(hf_model_dir[0])).save(tmp_path / "head")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "abc"}) + "\n")
+    return ["--model", str(hf_model_dir[0]), "--head", str(tmp_path / "head"), "--prompts",
+            str(tmp_path / "prompts.jsonl"), "--device", "cpu"]
+
+
+@pytest.mark.parametrize("script", ["run.py", "bench.py"])
+def test_a_full_disk_is_one_line_and_exit_2(hf_model_dir, tmp_path, script):
+    """`run.py ... > /dev/full`: the write fails with ENOSPC, which is one line on stderr and exit status 2, not a
+    traceback (nor the interpreter's 'Exception ignored' when the failing write is its last flush)."""
+    argv = (["--model", str(hf_model_dir[0]), "--prompt", "abc", "--raw", "--max-new-tokens", "3"] if script == "run.py"
+            else bench_argv(hf_model_dir, tmp_path) + ["--budgets", "4", "--samples", "1", "--max-new-tokens", "3"])
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(ROOT / script), *argv], stdout=full, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: cannot write the output: No space left on device"

@@ -3,7 +3,7 @@ path as the command line, without a Python start per case)."""
 import pytest
 import torch
 
-import run
+from nanojet.tools import run
 
 # flag values -> a word the one-line message must contain (what is wrong, so the user knows what to fix)
 BAD_FLAGS = [
@@ -22,6 +22,7 @@ BAD_FLAGS = [
     (["--chat", "--raw"], "--raw"),
     (["--prefill-chunk", "-4"], "--prefill-chunk"),
     (["--max-new-tokens", "x"], "--max-new-tokens"),
+    (["--max-model-len", "4"], "context holds 4"),  # the prompt fills the context (token healing would shorten it)
 ]
 
 
@@ -30,7 +31,9 @@ def run_main(args: list[str], capsys) -> tuple[int, list[str]]:
         code = run.main(args)
     except SystemExit as stop:  # argparse refusals exit from inside parse_args
         code = stop.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    assert code == 0 or captured.out == ""  # nothing reaches stdout before an error (not even the prefill's token)
+    return code, captured.err.strip().splitlines()
 
 
 @pytest.mark.parametrize("flags, word", BAD_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list) else None)

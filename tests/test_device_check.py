@@ -5,8 +5,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import bench
-import train_head
+from nanojet.tools import bench, train_head
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "device_check.sh"

@@ -96,8 +96,8 @@ def test_train_head_on_a_synthetic_target_evaluates_with_that_target(tmp_path, m
     the tau eval at a checkpoint reuses it: no second model is loaded."""
     import json
 
-    import train_head
     from nanojet.bench import synthetic
+    from nanojet.tools import train_head
     monkeypatch.setitem(synthetic.SHAPES, "tiny-test", dict(
         hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         intermediate_size=96, vocab_size=8300, tie_word_embeddings=True))

@@ -127,8 +127,8 @@ def test_the_vocabulary_file_round_trips_and_old_loaders_ignore_it(tmp_path, hf_
 def test_train_head_writes_the_most_frequent_tokens_of_its_data(tmp_path, hf_model_dir):
     from test_train_head import train_args, write_data
 
-    import train_head
     from nanojet.tokenizer import Tokenizer
+    from nanojet.tools import train_head
     from nanojet.train.data import load_corpus
     directory = hf_model_dir[0]
     data = write_data(tmp_path / "data.jsonl")

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import make_engine, random_head, write_hf_moe_model
 
-import bench
 from nanojet.bench.device_stats import weight_bytes_per_step
 from nanojet.bench.moe_stats import (
     ExpertRecorder,
@@ -15,6 +14,7 @@ from nanojet.bench.moe_stats import (
 )
 from nanojet.bench.synthetic import SHAPES, synthetic_models
 from nanojet.model.config import ModelConfig
+from nanojet.tools import bench
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """pyproject.toml builds a wheel whose one top-level import name is `nanojet` (kernels and the embedded model
-inside it), and README's Python snippet runs from that install in another directory (not only from the
-repository root)."""
+inside it) and whose commands (nanojet-run, nanojet-bench, nanojet-train) are installed, and README's Python
+snippet and the commands run from that install in another directory (not only from the repository root)."""
+import configparser
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -16,6 +18,10 @@ from nanojet.llm import DEFAULT_MODEL
 
 setuptools = pytest.importorskip("setuptools")
 pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="embedded model not built")
+
+
+# The installed commands, each with a flag its --help names.
+COMMANDS = {"nanojet-run": "--max-new-tokens", "nanojet-bench": "--budgets", "nanojet-train": "--resume"}
 
 
 def readme_snippet() -> str:
@@ -45,20 +51,33 @@ def test_wheel_installs_and_the_readme_snippet_runs_elsewhere(tmp_path):
                      "nanojet/weights/qwen3-stdlib-tiny/generation_config.json",
                      "nanojet/weights/qwen3-stdlib-tiny/head-causal/model.safetensors"):
         assert expected in names, expected
+    entry_points = configparser.ConfigParser()
+    entry_points.read_string(next(zipfile.Path(wheel, name).read_text() for name in names
+                                  if name.endswith(".dist-info/entry_points.txt")))
+    assert set(entry_points["console_scripts"]) == set(COMMANDS)
     site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel)], check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    for command, help_word in COMMANDS.items():
+        result = subprocess.run([str(site / "bin" / command), "--help"], cwd=elsewhere, capture_output=True,
+                                text=True, timeout=300, env=env)
+        assert result.returncode == 0 and help_word in result.stdout, (command, result.stderr)
+    result = subprocess.run([str(site / "bin" / "nanojet-run"), "--prompt", "def f(x):", "--max-new-tokens", "3",
+                             "--ignore-eos", "--json"], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0 and json.loads(result.stdout)["new_tokens"] == 3, result.stderr
     code = readme_snippet() + "\nimport nanojet\nprint(nanojet.__file__)\n"
     result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+                            timeout=300, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(site / "nanojet" / "__init__.py")
     if importlib.util.find_spec("transformers") is not None:  # installed, transformers still loads its models
         result = subprocess.run([sys.executable, "-c", LOAD_WITH_TRANSFORMERS,
                                  str(site / "nanojet" / "weights" / "qwen3-stdlib-tiny")], cwd=elsewhere,
-                                capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
+                                capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr
 
 

@@ -368,6 +368,19 @@ def test_full_queue_answers_503_and_dropped_streams_free_their_pages(server):
     assert after["nanojet:generation_tokens_total"] < during["nanojet:generation_tokens_total"] + 16 * 400
 
 
+def test_the_stop_token_is_not_part_of_the_text(server):
+    """This seed ends at <|endoftext|> after 3 tokens: the text stops before it, streamed or whole."""
+    _, url = server
+    body = {"model": "qwen3-stdlib-tiny", "prompt": "import os", "max_tokens": 16, "temperature": 1, "seed": 43}
+    status, _, whole = http(f"{url}/v1/completions", json.dumps(body).encode())
+    whole = json.loads(whole)
+    assert status == 200 and whole["usage"]["completion_tokens"] == 3
+    assert whole["choices"][0]["finish_reason"] == "stop" and "<|endoftext|>" not in whole["choices"][0]["text"]
+    status, _, events = http(f"{url}/v1/completions", json.dumps({**body, "stream": True}).encode())
+    chunks = [json.loads(line[6:]) for line in events.decode().splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]
+
+
 def test_a_whole_answer_whose_client_leaves_is_cancelled(server):
     """A non-streaming request gets no chunk to fail on when its client goes; the server notices the closed
     connection while the request decodes (sampled, so several seconds of rounds) and frees it within a second."""
@@ -427,15 +440,3 @@ def test_missing_server_packages_are_one_line(monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install fastapi uvicorn" in lines[0] and "uvicorn" in lines[0].split(":")[1]
 
-
-def test_the_stop_token_is_not_part_of_the_text(server):
-    """This seed ends at <|endoftext|> after 3 tokens: the text stops before it, streamed or whole."""
-    _, url = server
-    body = {"model": "qwen3-stdlib-tiny", "prompt": "import os", "max_tokens": 16, "temperature": 1, "seed": 43}
-    status, _, whole = http(f"{url}/v1/completions", json.dumps(body).encode())
-    whole = json.loads(whole)
-    assert status == 200 and whole["usage"]["completion_tokens"] == 3
-    assert whole["choices"][0]["finish_reason"] == "stop" and "<|endoftext|>" not in whole["choices"][0]["text"]
-    status, _, events = http(f"{url}/v1/completions", json.dumps({**body, "stream": True}).encode())
-    chunks = [json.loads(line[6:]) for line in events.decode().splitlines() if line.startswith("data: {")]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["choices"][0]["text"]

@@ -143,6 +143,9 @@ class Engine:
                              f"(prompt + at least one new token); shorten it or raise max_model_len")
         if request.spec is not None and self.head is None:
             raise ValueError("speculative decoding needs a draft head; load one or decode plainly")
+        if request.spec is not None and request.spec.width > self.draft_vocab_size:
+            raise ValueError(f"width {request.spec.width} exceeds the head's draft vocabulary "
+                             f"({self.draft_vocab_size} tokens); lower the width")
         scratch = self.scratch_slots(request.spec)
         # The last round starts with at most min(n + new_tokens, max_model_len) - 1 committed slots.
         pages = self.scheduler.pages(min(n + new_tokens, self.max_model_len) - 1 + scratch)
@@ -151,6 +154,12 @@ class Engine:
                              f"({scratch} slots) need {pages} KV pages of {self.kv.kv_page_size} tokens, but the "
                              f"KV pool has {self.kv.num_pages}; raise --kv-memory-gb (LLM kv_memory_gb), or leave "
                              f"it unset to size the pool for --max-model-len, or ask for fewer new tokens")
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """Tokens the head can draft: its draft vocabulary, or the target's whole vocabulary."""
+        vocab = self.head.draft_vocab
+        return self.target.config.vocab_size if vocab is None else len(vocab)
 
     def add(self, request: Request) -> Request:
         """Queue a request; raises ValueError when it could never run (`check`)."""

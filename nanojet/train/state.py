@@ -4,11 +4,15 @@
 program. Here the head's fp32 master weights, the optimizer's moment tensors and the torch RNG state go to
 `<head>/train_state/tensors.safetensors`; the step, the optimizer's hyperparameters, the Python RNG state and the
 arguments go to `<head>/train_state/state.json`. A folder of its own, because loaders (nanojet's, vLLM's) read
-every *.safetensors beside a head's config.json. Both files are written to temporary names and renamed into
-place, so Ctrl-C while saving leaves the previous state whole."""
+every *.safetensors beside a head's config.json.
+
+Every file of a checkpoint (these two and the published head's, `save_head`) is written under a temporary name
+and renamed into place, and the temporary files are removed on every way out, so a save cut short (an error, a
+signal) leaves the previous checkpoint whole and no half-written file behind."""
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -42,10 +46,28 @@ def save_train_state(out: Path, step: int, head: torch.nn.Module, optimizer: tor
             "optimizer_extra_state": extra_state, "python_rng": [version, list(internal), gauss],
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}}
     (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / f"{TENSORS_NAME}.tmp"), metadata={"format": FORMAT, "step": str(step)})
-    (out / f"{META_NAME}.tmp").write_text(json.dumps(meta) + "\n")
-    os.replace(out / f"{TENSORS_NAME}.tmp", out / TENSORS_NAME)
-    os.replace(out / f"{META_NAME}.tmp", out / META_NAME)
+    staged_tensors, staged_meta = out / f"{TENSORS_NAME}.tmp", out / f"{META_NAME}.tmp"
+    try:
+        save_file(tensors, str(staged_tensors), metadata={"format": FORMAT, "step": str(step)})
+        staged_meta.write_text(json.dumps(meta) + "\n")
+        os.replace(staged_tensors, out / TENSORS_NAME)
+        os.replace(staged_meta, out / META_NAME)
+    finally:
+        staged_tensors.unlink(missing_ok=True)
+        staged_meta.unlink(missing_ok=True)
+
+
+def save_head(head: torch.nn.Module, out: Path, dtype: torch.dtype) -> None:
+    """Publish the head in `out` (config.json, model.safetensors, ...): written whole into `out/checkpoint.tmp/`,
+    then each file renamed into place, so a loader never reads a half-written head."""
+    staging = out / "checkpoint.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed (SIGKILL) while saving
+    try:
+        head.save(staging, dtype)
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_train_state(out: Path, head: torch.nn.Module, optimizer: torch.optim.Optimizer,
