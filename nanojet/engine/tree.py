@@ -37,9 +37,8 @@ def tree_size(budget: int, width: int, depth: int) -> int:
 def tree_from_candidates(anchor: torch.Tensor, top_logprobs: torch.Tensor, top_tokens: torch.Tensor, budget: int,
                          depth: int | None = None, pad_to: int | None = None) -> DraftTree:
     """The `tree_size(budget, width, depth limit)` best nodes by cumulative log-prob, anchor included, from each
-    depth's candidates: `top_logprobs`, `top_tokens` `[B-1, width]`, the `width` likeliest tokens of each draft row,
-    best first; depth limit `min(depth, B-1)`. Nodes are ordered by depth, then score (parents first; siblings carry
-    distinct tokens). `pad_to`: the tree `pad_tree(tree, pad_to)` returns, built without packing twice.
+    depth's candidates (`top_logprobs`, `top_tokens` `[B-1, width]`, best first; depth limit `min(depth, B-1)`),
+    ordered by depth, then score (parents first, siblings distinct); `pad_to`: padded as `pad_tree` pads, in one go.
 
     Nodes are ranked by score, ties going to the shallower node (so a parent always outranks its children),
     then to the better-ranked parent, then to the better candidate rank. Under this order the result is exact

@@ -66,6 +66,29 @@ def _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row_ptr
 
 # Runtime sizes that only enter address arithmetic are not specialised on (== 1, multiple of 16): one compiled
 # variant per tile configuration serves every tree size, split count and table width.
+@triton.jit
+def _attend_prefix(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row_ptr, prefix, split, num_splits,
+                   kv_head, dims, dim_valid, qk_scale, stride_k_page, stride_k_slot, stride_k_head,
+                   stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE: tl.constexpr, COMPUTE_FP32: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The committed prefix, every key visible to every row: all of it, or this split's chunk of it."""
+    if not SPLIT_K:
+        key_begin = 0
+        key_end = prefix
+    else:
+        chunk = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
+        key_begin = split * chunk
+        key_end = tl.minimum(prefix, key_begin + chunk)
+    for start in range(key_begin, key_end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_valid = keys < key_end
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row_ptr, keys,
+                                     key_valid, key_valid[None, :], kv_head, dims, dim_valid, qk_scale,
+                                     stride_k_page, stride_k_slot, stride_k_head,
+                                     stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE, COMPUTE_FP32)
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=["num_tokens", "num_q_heads", "blocks_per_sequence", "num_splits",
                                "stride_block_table", "stride_visibility"])
 def _paged_attention_kernel(
@@ -108,20 +131,10 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
 
-    if not SPLIT_K:
-        key_begin = 0
-        key_end = prefix
-    else:
-        chunk = tl.cdiv(tl.cdiv(prefix, num_splits), BLOCK_N) * BLOCK_N
-        key_begin = split * chunk
-        key_end = tl.minimum(prefix, key_begin + chunk)
-    for start in range(key_begin, key_end, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_valid = keys < key_end
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row_ptr, keys,
-                                     key_valid, key_valid[None, :], kv_head, dims, dim_valid, qk_scale,
-                                     stride_k_page, stride_k_slot, stride_k_head,
-                                     stride_v_page, stride_v_slot, stride_v_head, PAGE_SIZE, COMPUTE_FP32)
+    m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_table_row_ptr, prefix, split,
+                                   num_splits, kv_head, dims, dim_valid, qk_scale,
+                                   stride_k_page, stride_k_slot, stride_k_head, stride_v_page, stride_v_slot,
+                                   stride_v_head, PAGE_SIZE, COMPUTE_FP32, SPLIT_K, BLOCK_N)
 
     if split == num_splits - 1:  # the step's new tokens, each row seeing those its visibility bits allow
         for start in range(0, num_new, BLOCK_N):
