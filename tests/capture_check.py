@@ -120,8 +120,9 @@ def _as_custom_ops() -> dict:
     def paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale, plan=None):
         return ops.paged_attention(q, k_cache, v_cache, block_tables, prefix_lens, query_starts, visibility, scale)
 
-    return dict(store_kv=store_kv, paged_attention=paged_attention, move_kv=ops.move_kv, fused_moe=ops.fused_moe,
-                plan_forward=lambda *args, **kwargs: None, plan_context=lambda *args, **kwargs: None)
+    return {"store_kv": store_kv, "paged_attention": paged_attention, "move_kv": ops.move_kv,
+            "fused_moe": ops.fused_moe, "plan_forward": lambda *args, **kwargs: None,
+            "plan_context": lambda *args, **kwargs: None}
 
 
 @contextlib.contextmanager

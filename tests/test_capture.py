@@ -107,9 +107,8 @@ def accept_before_issue_26(tree, target_tokens):
 def test_a_python_scalar_written_into_a_device_tensor_is_refused(dense_meta_models, num_sequences, monkeypatch):
     monkeypatch.setattr(round_module, "accept", accept_before_issue_26)
     r = meta_round(*dense_meta_models, (8, 4), False, num_sequences)
-    with pytest.raises(CaptureViolation, match=r"copy_.*writes a Python scalar.*matches\[0\] = True"):
-        with capture_check():
-            run_step(r.step, r)
+    with pytest.raises(CaptureViolation, match=r"copy_.*writes a Python scalar.*matches\[0\] = True"), capture_check():
+        run_step(r.step, r)
 
 
 def test_a_python_scalar_written_in_the_compiled_round_is_refused(dense_meta_models, monkeypatch):
@@ -126,14 +125,13 @@ def test_a_host_tensor_handed_to_a_kernel_is_refused(dense_meta_models):
     other op: the launch itself is refused."""
     r = meta_round(*dense_meta_models, (8, 4), False, 1)
     host_slots = torch.zeros(r.path_len, dtype=torch.int64)
-    with pytest.raises(CaptureViolation, match=r"nanojet\.move_kv.* is given a CPU tensor"):
-        with capture_check():
-            launch = kernels.move_kv  # the custom op the check routes the kernel to
-            kernels.move_kv = lambda pool, src, dst: launch(pool, src, host_slots)
-            try:
-                run_step(r.step, r)
-            finally:
-                kernels.move_kv = launch
+    with pytest.raises(CaptureViolation, match=r"nanojet\.move_kv.* is given a CPU tensor"), capture_check():
+        launch = kernels.move_kv  # the custom op the check routes the kernel to
+        kernels.move_kv = lambda pool, src, dst: launch(pool, src, host_slots)
+        try:
+            run_step(r.step, r)
+        finally:
+            kernels.move_kv = launch
     assert kernels.move_kv.__module__ == "nanojet.kernels"  # the check put the kernel back
 
 
@@ -141,9 +139,8 @@ def test_a_copy_to_the_host_is_refused(dense_meta_models, monkeypatch):
     r = meta_round(*dense_meta_models, None, False, 1)
     original = StaticRound._slots
     monkeypatch.setattr(StaticRound, "_slots", lambda self, table, logical: original(self, table, logical).cpu())
-    with pytest.raises(CaptureViolation, match=r"_to_copy.*makes a CPU tensor"):
-        with capture_check():
-            run_step(r.step, r)
+    with pytest.raises(CaptureViolation, match=r"_to_copy.*makes a CPU tensor"), capture_check():
+        run_step(r.step, r)
 
 
 @pytest.mark.parametrize("read", ["item", "bool", "tolist"])
@@ -161,21 +158,27 @@ def test_a_hidden_read_of_a_device_value_is_refused(dense_meta_models, read, mon
             choices.tolist()
         return choices
     monkeypatch.setattr(StaticRound, "_choose", choose_and_peek)
-    with pytest.raises(CaptureViolation, match=r"reads a device value on the host.*choose_and_peek"):
-        with capture_check():
-            run_step(r.step, r)
+    with pytest.raises(CaptureViolation, match=r"reads a device value on the host.*choose_and_peek"), capture_check():
+        run_step(r.step, r)
 
 
 def test_a_tensor_built_from_host_data_and_a_data_dependent_shape_are_refused():
     device_tensor = torch.zeros(4, device=META)
-    with pytest.raises(CaptureViolation, match=r"torch\.tensor\(\) builds a tensor from host data"):
-        with capture_check():
-            torch.tensor([1, 2, 3], device=META)
-    with pytest.raises(CaptureViolation, match=r"nonzero.*reads device values"):
-        with capture_check():
-            device_tensor.nonzero()
-    with pytest.raises(CaptureViolation, match=r"index.*reads device values"):
-        with capture_check():
-            device_tensor[device_tensor > 0]  # a bool mask index runs nonzero
+    with pytest.raises(CaptureViolation, match=r"torch\.tensor\(\) builds a tensor from host data"), capture_check():
+        torch.tensor([1, 2, 3], device=META)
+    with pytest.raises(CaptureViolation, match=r"nonzero.*reads device values"), capture_check():
+        device_tensor.nonzero()
+    with pytest.raises(CaptureViolation, match=r"index.*reads device values"), capture_check():
+        device_tensor[device_tensor > 0]  # a bool mask index runs nonzero
     with capture_check():  # what the round does instead: static shapes, scalars as kernel arguments
         torch.where(device_tensor > 0, device_tensor, 1.0)[torch.arange(2, device=META)].add_(1)
+
+
+def test_the_triton_moe_routing_glue_passes_the_capture_check():
+    """The torch ops around the Triton MoE kernels (grouping pairs by expert) are capturable too: static shapes,
+    no count read on the host (the launches themselves cannot run on meta)."""
+    pytest.importorskip("triton")
+    from nanojet.kernels.triton_moe import sort_pairs_by_expert
+    with capture_check():
+        sorted_pairs, _ = sort_pairs_by_expert(torch.zeros(12, 2, dtype=torch.int64, device=META), 8, 16)
+    assert sorted_pairs.device == META and sorted_pairs.numel() % 16 == 0
