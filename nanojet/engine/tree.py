@@ -188,8 +188,9 @@ def accept(tree: DraftTree, target_tokens: torch.Tensor) -> tuple[torch.Tensor, 
     """
     num_nodes = tree.tokens.numel()
     node_index = torch.arange(num_nodes, device=tree.tokens.device)
-    matches = tree.tokens == target_tokens[tree.parents.clamp(min=0)]
-    matches[0] = True  # the anchor is committed already
+    # The anchor is committed already, so node 0 always matches. Written as an op, not `matches[0] = True`: on a
+    # GPU that assignment copies a host scalar to the device, which a CUDA graph cannot capture.
+    matches = (tree.tokens == target_tokens[tree.parents.clamp(min=0)]) | (node_index == 0)
     ancestors = unpack_visibility(tree.visibility, num_nodes)  # [N, N]
     accepted = (matches[None, :] | ~ancestors).all(dim=-1)  # [N]
     last = torch.where(accepted, node_index, 0).max()
