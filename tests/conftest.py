@@ -136,12 +136,15 @@ def oracle_drafter(reference: list[int], vocab_size: int, shift: int = 0, wrong_
     does not have there (so exactly the shallower depths can be accepted). Tensor ops only: it runs inside the
     static round eagerly, compiled or graphed."""
     padded = torch.tensor(reference + [0] * 64)
+    on_device = {}  # the reference per device, copied on the first call (a graph's uncaptured warmup), not in a capture
 
     def draft_candidates(round_, pool, anchor, length, block_table, scratch=None):
+        if length.device not in on_device:
+            on_device[length.device] = padded.to(length.device)
         rows = round_.head.config.block_size - 1
         depth = torch.arange(1, rows + 1, device=length.device)
         index = (length[:, None] + depth + shift).clamp(max=padded.numel() - 1)  # [S, B-1]
-        tokens = padded.to(length.device)[index]
+        tokens = on_device[length.device][index]
         if wrong_from_depth is not None:
             tokens = torch.where(depth >= wrong_from_depth, (tokens + 1) % vocab_size, tokens)
         logprobs = torch.full((*index.shape, vocab_size), -30.0, device=length.device)
