@@ -250,3 +250,29 @@ def test_prefill_chunks_interleave_with_rounds_under_the_step_budget(engine, alo
     assert any(entry["chunks"] and entry["ready"] for entry in steps)  # prefill in a step that also runs a round
     chunks_per_request = Counter(request.arrival for entry in steps for request, _ in entry["chunks"])
     assert max(chunks_per_request.values()) > 1  # a prompt split over several steps
+
+
+def test_a_tight_pool_waits_preempts_or_refuses_but_never_fails_a_request(engine, alone):
+    """The pool shrinks from ample to one page short of the largest request alone: at every size each request
+    either completes with exactly its ids alone (waiting for pages or preempted on the way) or is refused up
+    front by `Engine.check`; no admitted request ends in an error, and every page comes back."""
+    spec = SpeculativeParams(8, 4)
+    largest = max(engine.scheduler.pages(len(r.prompt_ids) + r.params.max_new_tokens - 1 + engine.scratch_slots(spec))
+                  for r in random_requests(0, 7))
+    for num_pages in (400, 4 * largest, 2 * largest, largest + 1, largest, largest - 1):
+        small = make_engine_like(engine, num_pages=num_pages)
+        small.scheduler = Scheduler(small.kv, max_num_seqs=7, step_tokens=48)
+        admitted, expected = [], []
+        for request, ids in zip(random_requests(0, 7), alone):
+            request.spec = spec
+            try:
+                small.check(request)
+            except ValueError as error:
+                assert num_pages < largest + 1 and "KV pool has" in str(error)
+                continue
+            admitted.append(request)
+            expected.append(ids)
+        small.run(admitted)
+        assert [r.output_ids for r in admitted] == expected, num_pages
+        assert all(r.error is None for r in admitted) and all_pages_free(small)
+        assert (len(admitted) == 7) == (num_pages >= largest), num_pages

@@ -78,6 +78,8 @@ class Scheduler:
         budget = max(self.step_tokens - round_tokens, self.step_tokens // 4)
         chunks = []
         for request in [r for r in self.running if not r.ready]:
+            if request not in self.running:
+                continue  # preempted by an earlier reservation of this step: it holds no pages and must take none
             end = min(len(request.context), request.prefilled + budget, request.prefilled + self.prefill_chunk)
             if end <= request.prefilled:
                 break
