@@ -54,7 +54,8 @@ def test_triton_round_accepts_full_paths_and_equals_the_dense_reference(hf_model
 
     from nanojet.engine.round import StaticRound
     directory, _ = hf_model_dir
-    engine = make_engine(directory, page_size=4, head=random_head(ModelConfig.from_dir(directory), seed=7))
+    head = random_head(ModelConfig.from_dir(directory), seed=7).to(DEVICE)
+    engine = make_engine(directory, page_size=4, head=head, device=DEVICE)  # CUDA tensors unless interpreted
     prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=2, max_new_tokens=17, ignore_eos=True)
     expected = dense_reference(engine.target, prompt, params, params.max_new_tokens)
