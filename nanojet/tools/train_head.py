@@ -1,22 +1,17 @@
 """Distill a JetFlow draft head from a frozen Qwen3 target: `nanojet-train` (`python train_head.py` in a checkout)
 trains the embedded model's.
 
-For random anchor positions a of a training sequence, the head sees `[x_a, MASK x (B-1)]` at positions a..a+B-1
-and the target's taps of positions < a; block row j learns the target's distribution at position a+j-1 (the
-token at depth j), by forward KL (optionally tempered) or cross-entropy on the target's argmax. Many anchors of
-many sequences go through one head forward under a block-sparse mask. The anchor row has no loss; depth j can
-be weighted by exp(-(j-1)/gamma). Output: a JetSpec / DFlash-format head directory.
+The loss (block row j learns the target's distribution at depth j, many anchors per forward) is
+nanojet/train/distill.py's. Output: a JetSpec / DFlash-format head directory.
 
-Data (--data): `builtin` (the embedded model's training split of the CPython stdlib), or a jsonl file whose rows
-carry `text`, `messages` (chat-templated) or `prompt` (with --regen the target first writes the response with
-nanojet, which is what the head should imitate).
+Data (--data): `builtin` (the embedded model's stdlib training split) or a jsonl file of `text`, `messages` or
+`prompt` rows (with --regen the target first writes the response, which is what the head should imitate).
 
 Output goes to a new directory, runs/head-<kind>-<date>, unless --out names one; replacing an existing head needs
 --overwrite. Ctrl-C (or SIGTERM) saves a checkpoint after the step in flight and exits 130 (143); a second one
 stops at once, except while a checkpoint is being written, which always completes. `--resume --out DIR`
-continues from the checkpoint. A closed or full stdout (`| head -1`) only ends the progress lines: training goes
-on. A loss that turns NaN or infinite stops the run with one line and exit status 1 (the run failed; its flags
-parsed), and the last checkpoint stays as it was. Bad input prints one line on stderr and exits with 2.
+continues from the checkpoint. A closed or full stdout (`| head -1`) only ends the progress lines. A loss that
+turns NaN or infinite stops the run with one line and exit 1, keeping the last checkpoint. Bad input: exit 2.
 """
 import argparse
 import datetime
