@@ -165,7 +165,7 @@ def test_inert_rows_touch_only_their_idle_pages(engine):
     """A round of 4 rows with 1 live sequence: the 3 padding rows draft, verify and commit into the round's idle
     pages; every other page of the pool is left exactly as it was."""
     sequence = Sequence()
-    engine.prefill(sequence, [5, 9, 200, 31, 7], tuple(engine.head.config.target_layer_ids))
+    engine.prefill(sequence, [5, 9, 200, 31, 7], extend_head=True)
     runner = engine.runner(SpeculativeParams(8, 4), True, 4)
     runner.round.begin(0, sequence, 11, SamplingParams(temperature=0.8, seed=4))
     for row in (1, 2, 3):

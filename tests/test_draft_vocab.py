@@ -46,8 +46,7 @@ def test_candidates_are_the_top_of_the_full_log_softmax(engine, subset):
     try:
         sequence = Sequence()
         with torch.no_grad():
-            taps = tuple(engine.head.config.target_layer_ids)
-            anchor = int(engine.prefill(sequence, PROMPT, taps).argmax(-1)[0])
+            anchor = int(engine.prefill(sequence, PROMPT, extend_head=True).argmax(-1)[0])
             full = draft_after(engine, sequence, anchor)  # [B-1, V]
             logprobs, tokens = candidates_after(engine, sequence, anchor, width=5, depth=4)
         engine.kv.free(sequence)

@@ -69,7 +69,7 @@ def test_paged_draft_equals_naive_dense(hf_model_dir, causal):
     prompt = [4, 8, 15, 16, 23, 42, 100, 7, 9, 200, 3, 5, 1]
     sequence = Sequence()
     with torch.no_grad():
-        anchor = engine.prefill(sequence, prompt, tuple(head.config.target_layer_ids)).argmax(-1)[0]
+        anchor = engine.prefill(sequence, prompt, extend_head=True).argmax(-1)[0]
         ours = draft_after(engine, sequence, int(anchor))
         reference = naive_draft_logprobs(engine.target, head, prompt + [int(anchor)])
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
@@ -87,7 +87,7 @@ def test_causal_rows_ignore_later_block_rows(hf_model_dir, causal):
         head.config.block_size = block_size
         sequence = Sequence()
         with torch.no_grad():
-            anchor = engine.prefill(sequence, [11, 12, 13, 14, 15], (0, 1)).argmax(-1)[0]
+            anchor = engine.prefill(sequence, [11, 12, 13, 14, 15], extend_head=True).argmax(-1)[0]
             drafts.append(draft_after(engine, sequence, int(anchor)))
         engine.kv.free(sequence)
     assert torch.allclose(drafts[0][:3], drafts[1], atol=1e-5) == causal

@@ -20,7 +20,7 @@ def test_draft_fit_matches_the_inference_draft_at_every_anchor(hf_model_dir):
     rows = {name: [] for name in ("top1", "best_path", "in_top4_path", "draft_logp", "target_logp", "kl")}
     for anchor in range(len(prompt), len(text) - head.config.block_size + 1):
         sequence = Sequence()
-        engine.prefill(sequence, text[:anchor], tuple(head.config.target_layer_ids))
+        engine.prefill(sequence, text[:anchor], extend_head=True)
         draft = draft_after(engine, sequence, text[anchor])  # [B-1, V]: depth j drafts position anchor + j
         engine.kv.free(sequence)
         teacher = target_logp[anchor:anchor + head.config.block_size - 1]

@@ -10,11 +10,11 @@ from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 
 
-def prefill_state(engine, prompt: list[int], taps: tuple[int, ...]):
+def prefill_state(engine, prompt: list[int], extend_head: bool):
     """Logits after the prompt and the K/V the prefill wrote (target and head layers) for its slots."""
     sequence = Sequence()
     with torch.inference_mode():
-        logits = engine.prefill(sequence, prompt, taps)
+        logits = engine.prefill(sequence, prompt, extend_head)
     slots = engine.kv.slots(sequence, 0, len(prompt))
     pool = engine.kv.pool
     written = pool.view(*pool.shape[:2], -1, *pool.shape[4:])[:, :, slots].clone()
@@ -27,9 +27,9 @@ def test_chunk_size_changes_nothing(hf_model_dir):
     head = random_head(ModelConfig.from_dir(directory), seed=4)
     prompt = torch.randint(0, 300, (157,), generator=torch.Generator().manual_seed(1)).tolist()
     engines = {chunk: make_engine(directory, page_size=4, head=head, prefill_chunk=chunk) for chunk in (157, 64, 33, 5)}
-    whole_logits, whole_kv = prefill_state(engines[157], prompt, tuple(head.config.target_layer_ids))
+    whole_logits, whole_kv = prefill_state(engines[157], prompt, True)
     for chunk in (64, 33, 5):  # 33 cuts inside a 32-bit visibility word and across pages
-        logits, kv = prefill_state(engines[chunk], prompt, tuple(head.config.target_layer_ids))
+        logits, kv = prefill_state(engines[chunk], prompt, True)
         torch.testing.assert_close(logits, whole_logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(kv, whole_kv, atol=1e-5, rtol=1e-5)  # head context included
     params = SamplingParams(temperature=0.7, seed=9, max_new_tokens=12, ignore_eos=True)
@@ -43,7 +43,7 @@ def test_prefill_of_6k_tokens_matches_hf(tmp_path):
     prompt = torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(2))
     engine = make_engine(tmp_path, page_size=16, max_model_len=n + 8)  # default chunk: 512 -> 12 chunks
     assert engine.prefill_chunk == 512
-    logits, _ = prefill_state(engine, prompt.tolist(), ())
+    logits, _ = prefill_state(engine, prompt.tolist(), False)
     with torch.no_grad():
         expected = hf(prompt[None], logits_to_keep=1).logits[0]
     torch.testing.assert_close(logits, expected.float(), atol=1e-4, rtol=1e-4)

@@ -44,7 +44,7 @@ def test_training_forward_equals_inference_draft(hf_model_dir):
             training = torch.log_softmax(engine.target.logits(hidden.view(4, 8, -1)[:, 1:]), -1)
             for i, (s, a) in enumerate((s, a) for s in range(2) for a in anchors[s]):
                 sequence = Sequence()
-                engine.prefill(sequence, sequences[s][:a], (0, 1))
+                engine.prefill(sequence, sequences[s][:a], extend_head=True)
                 inference = draft_after(engine, sequence, sequences[s][a])
                 engine.kv.free(sequence)
                 torch.testing.assert_close(training[i], inference, atol=1e-4, rtol=1e-4)

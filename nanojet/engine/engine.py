@@ -249,13 +249,13 @@ class Engine:
             sequence.length = start + n
         return hidden, [end - 1 for end in itertools.accumulate(counts)]
 
-    def prefill(self, sequence: Sequence, prompt_ids: list[int], tap_layers: tuple[int, ...] = ()) -> torch.Tensor:
+    def prefill(self, sequence: Sequence, prompt_ids: list[int], extend_head: bool = False) -> torch.Tensor:
         """A prompt prefilled alone in chunks of `prefill_chunk` through `forward_chunks` (the head's context too
-        when `tap_layers` are the head's taps); returns the logits `[1, V]` after its last token."""
+        when `extend_head`); returns the logits `[1, V]` after its last token."""
         self.kv.reserve(sequence, len(prompt_ids))
         for start in range(0, len(prompt_ids), self.prefill_chunk):
             chunk = prompt_ids[start:start + self.prefill_chunk]
-            hidden, _ = self.forward_chunks([(sequence, chunk, start)], [bool(tap_layers)])
+            hidden, _ = self.forward_chunks([(sequence, chunk, start)], [extend_head])
         return self.target.logits(hidden[-1:])
 
     def _round(self, spec: SpeculativeParams | None) -> None:
