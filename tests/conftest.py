@@ -157,7 +157,7 @@ def dense_reference(target, prompt: list[int], params, count: int) -> list[int]:
     """Plain decoding from scratch, the definition the engine must reproduce: every token recomputes a dense
     causal forward over the whole sequence (no KV cache, no tree, no round), and token i is
     `argmax(filter(logits / T) + gumbel_noise(seed, position))` at its absolute position (argmax when greedy)."""
-    from nanojet.engine.sampling import filter_logits, gumbel_noise
+    from nanojet.engine.sampling import gumbel_noise
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(count):
@@ -207,3 +207,19 @@ def step_metadata(cache, sequences: list, positions: list[torch.Tensor], visibil
         query_starts=torch.tensor([0] + counts, dtype=torch.int32).cumsum(0).to(torch.int32).to(device),
         visibility=torch.cat(padded).to(device),
     )
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf: the definition the engine's
+    batched filters (`sampling.sample_rows`) are checked against, written for one setting at a time."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits

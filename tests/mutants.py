@@ -134,11 +134,8 @@ MUTANTS = [
            'return tokens[:i + 1 - (self.stats.finish_reason == "eos")]',
            ("tests/test_speculative.py", "tests/test_errors_and_cli.py")),
     # sampling filters
-    Mutant("sampling/top-k-one-more", "nanojet/engine/sampling.py", "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",
-           "kth = torch.topk(logits, top_k + 1, dim=-1).values[..., -1:]",
-           ("tests/test_sampling.py", "tests/test_round.py")),
-    Mutant("sampling/top-p-drops-boundary", "nanojet/engine/sampling.py", "drop_sorted = probs.cumsum(-1) - probs >= top_p",
-           "drop_sorted = probs.cumsum(-1) >= top_p", ("tests/test_sampling.py", "tests/test_round.py")),
+    Mutant("sampling/rows-top-k-one-more", "nanojet/engine/sampling.py", ".values.gather(-1, (k - 1)[:, None])",
+           ".values.gather(-1, k.clamp(max=vocab_size - 1)[:, None])", ("tests/test_sampling.py", "tests/test_round.py")),
     Mutant("sampling/rows-top-p-drops-boundary", "nanojet/engine/sampling.py",
            "drop_sorted = (probs.cumsum(-1) - probs >= top_p[:, None])",
            "drop_sorted = (probs.cumsum(-1) >= top_p[:, None])",

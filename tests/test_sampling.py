@@ -1,9 +1,9 @@
 """Sampling: greedy, seeded Gumbel-max keyed by (seed, position), top-k / top-p filtering."""
 import pytest
 import torch
-from conftest import make_engine
+from conftest import filter_logits, make_engine
 
-from nanojet.engine.sampling import SamplingParams, filter_logits, gumbel_noise, sample
+from nanojet.engine.sampling import SamplingParams, gumbel_noise, sample
 
 
 def test_noise_depends_only_on_seed_and_position():
@@ -94,7 +94,8 @@ def test_same_seed_same_tokens_different_seed_differs(hf_model_dir):
 
 def test_per_row_parameters_choose_what_sample_chooses():
     """Batched rounds sample every sequence with its own parameters (`sample_rows`); each row must pick exactly
-    the token `sample` picks alone, greedy rows included, and top_p 1 / top_k 0 must filter nothing."""
+    the token the one-setting definition picks (conftest.filter_logits, then Gumbel-max at its position), greedy
+    rows included, and top_p 1 / top_k 0 must filter nothing; `sample` (one setting for all rows) agrees."""
     from nanojet.engine.sampling import sample_rows
     torch.manual_seed(0)
     settings = [SamplingParams(), SamplingParams(temperature=0.7, seed=3), SamplingParams(temperature=1.3, top_k=5),
@@ -110,6 +111,12 @@ def test_per_row_parameters_choose_what_sample_chooses():
 
     batched = sample_rows(logits, positions, column("temperature", torch.float32), column("top_k", torch.int64),
                           column("top_p", torch.float32), column("seed", torch.int64))
+    def defined(i: int, p: SamplingParams) -> int:
+        if p.greedy:
+            return int(logits[i].argmax())
+        filtered = filter_logits(logits[i:i + 1] / p.temperature, p.top_k, p.top_p)
+        return int((filtered + gumbel_noise(p.seed, positions[i:i + 1], logits.shape[-1])).argmax())
+    assert batched.tolist() == [defined(i, settings[r]) for i, r in enumerate(rows.tolist())]
     alone = torch.cat([sample(logits[i:i + 1], positions[i:i + 1], settings[r]) for i, r in enumerate(rows.tolist())])
     assert torch.equal(batched, alone)
     assert len(set(batched.tolist())) > 20  # the sampled rows really sample

@@ -81,41 +81,28 @@ def gumbel_noise(seed: int | torch.Tensor, positions: torch.Tensor, vocab_size: 
     return noise
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k and outside the smallest top-p nucleus to -inf."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop_sorted = probs.cumsum(-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits `[N, V]` of the rows that choose the tokens at `positions` `[N]` -> token ids `[N]` int64, every row
+    with `params`: `sample_rows` with the same parameters on each row (one implementation of the filters)."""
+    rows = logits.shape[0]
 
-
-def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams,
-           seed: torch.Tensor | None = None) -> torch.Tensor:
-    """logits `[N, V]` fp32 of the rows that choose the tokens at `positions` `[N]` -> token ids `[N]` int64.
-    `seed` (a 0-dim tensor) overrides `params.seed`."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    filtered = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
-    noise = gumbel_noise(params.seed if seed is None else seed, positions, logits.shape[-1])
-    return noise.add_(filtered).argmax(dim=-1)  # in place: one [N, V] fp32 buffer fewer
+    def each(value, dtype):
+        return torch.full((rows,), value, dtype=dtype, device=logits.device)
+    return sample_rows(logits, positions, each(params.temperature, torch.float32), each(params.top_k, torch.int64),
+                       each(params.top_p, torch.float32), each(params.seed, torch.int64))
 
 
 def sample_rows(logits: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                 top_p: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """`sample` with parameters per row (`[N]` tensors each; temperature 0: greedy), so sequences with different
-    sampling parameters share one batched round and one graph. Row i chooses exactly the token `sample` would
-    choose with row i's parameters: the same ops in the same order, only broadcast over rows."""
+    """logits `[N, V]` -> token ids `[N]` int64, with parameters per row (`[N]` tensors each; temperature 0:
+    greedy), so sequences with different sampling parameters share one batched round and one graph: temperature,
+    then top-k (the k-th largest logit is the threshold; 0: off), then top-p (a token is dropped when the tokens
+    ranked above it already reach top_p; the first always stays), then Gumbel-max with noise keyed by (seed,
+    position)."""
     sampled = temperature > 0
     scaled = logits.float() / torch.where(sampled, temperature, 1.0)[:, None]
     vocab_size = logits.shape[-1]
-    # top-k as `filter_logits` does it, with k per row: the k-th largest value is the threshold (0: no filter).
+    # top-k, with k per row: the k-th largest value is the threshold (0: no filter).
     k = torch.where((top_k > 0) & (top_k < vocab_size), top_k, vocab_size)
     kth = scaled.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
     scaled = scaled.masked_fill(scaled < kth, float("-inf"))
