@@ -102,7 +102,6 @@ class LLM:
         sequences unless `kv_memory_gb` sizes it) and `step_tokens` target tokens per step."""
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an integer >= 1, got {max_num_seqs!r}")
-        self.max_num_seqs, self.step_tokens = max_num_seqs, step_tokens
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         head = resolve_head(model, head)
