@@ -69,6 +69,16 @@ def tree_fields(tree: DraftTree) -> tuple:
     return tree.tokens, tree.parents, tree.depths, tree.visibility
 
 
+def bias_buffers(num_sequences: int, device: torch.device) -> tuple:
+    """A biased round's per-row logit bias, sparse: ids `[S, 300]` int64 and values fp32, unused entries (0, 0.0)
+    (a dense `[S, V]` bias would be a vocabulary-wide add per verified row; an unbiased round, as its key says,
+    has none), and their host staging (pinned on CUDA, written through numpy as the pages are)."""
+    ids = torch.zeros(num_sequences, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)
+    values = torch.zeros(num_sequences, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
+    staging = [torch.zeros_like(t, device="cpu") for t in (ids, values)]
+    return ids, values, [t.pin_memory() for t in staging] if device.type == "cuda" else staging
+
+
 class StaticRound:
     def __init__(self, target, head, kv: KVCache, spec, sampled: bool, num_sequences: int = 1, biased: bool = False,
                  logprobs: int | None = None):
@@ -117,15 +127,8 @@ class StaticRound:
         self.temperature = torch.zeros(num_sequences, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.top_p = torch.ones(num_sequences, dtype=torch.float32, device=device)
-        # The bias is sparse, ids and values padded with (0, 0.0): a [S, V] dense bias would be a vocabulary-wide
-        # add per verified row, and an unbiased round (the key says which) carries neither. Staged on the host as
-        # the pages are (below).
-        self.bias_ids = self.bias_values = self._host_bias = None
-        if biased:
-            self.bias_ids = torch.zeros(num_sequences, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)
-            self.bias_values = torch.zeros(num_sequences, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
-            self._host_bias = [torch.zeros_like(t, device="cpu").pin_memory() if device.type == "cuda" else
-                               torch.zeros_like(t, device="cpu") for t in (self.bias_ids, self.bias_values)]
+        self.bias_ids, self.bias_values, self._host_bias = bias_buffers(num_sequences, device) if biased else (
+            None, None, None)
         self.logit_starts = torch.arange(num_sequences, device=device)[:, None] * nodes  # each tree's first logit row
         self.idle = Sequence()  # the pages inert rows write into, held only during a round that has such rows
         self.block_table = torch.zeros(num_sequences, kv.max_pages_per_sequence, dtype=torch.int32, device=device)
