@@ -11,6 +11,7 @@ import torch
 
 from nanojet.engine.engine import Engine, default_execution
 from nanojet.engine.kv_cache import KVCache
+from nanojet.engine.logprobs import TokenLogprobs
 from nanojet.engine.request import GenerationStats, Request, SpeculativeParams
 from nanojet.engine.round import pages_per_sequence
 from nanojet.engine.sampling import SamplingParams
@@ -86,6 +87,7 @@ class Output:
     prompt_token_ids: list[int]
     stats: GenerationStats
     token_healed: bool = False  # the last prompt token was taken back and regenerated (token healing)
+    logprobs: list[TokenLogprobs] | None = None  # one per token id when SamplingParams.logprobs asks
 
 
 class LLM:
@@ -178,7 +180,7 @@ class LLM:
         if on_text:
             on_text(detokenizer.flush())
         return Output(text=self._text(result.token_ids, params, healed), token_ids=result.token_ids, prompt_token_ids=ids,
-                      stats=result.stats, token_healed=bool(healed))
+                      stats=result.stats, token_healed=bool(healed), logprobs=result.logprobs)
 
     def generate_batch(self, prompts: list[str | list[int]],
                        params: SamplingParams | list[SamplingParams] | None = None,
@@ -197,7 +199,8 @@ class LLM:
         if failed is not None:
             raise RuntimeError(f"prompt {requests.index(failed)}: {failed.error}")
         return [Output(text=self._text(r.output_ids, r.params, healed), token_ids=r.output_ids, prompt_token_ids=ids,
-                       stats=r.stats, token_healed=bool(healed)) for r, (ids, healed, _) in zip(requests, prepared)]
+                       stats=r.stats, token_healed=bool(healed), logprobs=r.logprobs)
+                for r, (ids, healed, _) in zip(requests, prepared)]
 
     def _check_params(self, params: SamplingParams | None, spec: SpeculativeParams | None) -> SamplingParams:
         params = params or SamplingParams(**self.generation_defaults.sampling)

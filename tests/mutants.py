@@ -41,11 +41,25 @@ MUTANTS = [
     # label alignment: block row j is taught the target's distribution after position a+j-1
     Mutant("labels/shifted", "nanojet/train/distill.py", "label_positions = anchors[:, :, None] + offsets[:-1]",
            "label_positions = anchors[:, :, None] + offsets[1:]", ("tests/test_train_head.py",)),
-    # graph keys: a round is built for a tree shape and a sampling mode
-    Mutant("graph-key/sampled", "nanojet/engine/engine.py", "(spec.budget, spec.width, spec.depth), sampled, num_sequences",
-           "(spec.budget, spec.width, spec.depth), num_sequences", ("tests/test_round.py", "tests/test_compiled.py")),
-    Mutant("graph-key/rows", "nanojet/engine/engine.py", "(spec.budget, spec.width, spec.depth), sampled, num_sequences",
-           "(spec.budget, spec.width, spec.depth), sampled", ("tests/test_batching.py",)),
+    # graph keys: a round is built for a tree shape, a sampling mode, a batch bucket, a bias and log-prob count
+    Mutant("graph-key/sampled", "nanojet/engine/engine.py", "return tree, sampled, num_sequences, biased, logprobs",
+           "return tree, num_sequences, biased, logprobs", ("tests/test_round.py", "tests/test_compiled.py")),
+    Mutant("graph-key/rows", "nanojet/engine/engine.py", "return tree, sampled, num_sequences, biased, logprobs",
+           "return tree, sampled, biased, logprobs", ("tests/test_batching.py",)),
+    Mutant("graph-key/biased", "nanojet/engine/engine.py", "return tree, sampled, num_sequences, biased, logprobs",
+           "return tree, sampled, num_sequences, logprobs", ("tests/test_logprobs.py",)),
+    Mutant("graph-key/logprobs", "nanojet/engine/engine.py", "return tree, sampled, num_sequences, biased, logprobs",
+           "return tree, sampled, num_sequences, biased", ("tests/test_logprobs.py",)),
+    # logit bias and log-probs: only the target's choice is biased, on every row; log-probs follow the path
+    Mutant("bias/tree-rows-unbiased", "nanojet/engine/round.py", "        if self.biased:\n            logits = bias_logits(",
+           "        if self.biased and rows_per_sequence == 1:\n            logits = bias_logits(",
+           ("tests/test_logprobs.py",)),
+    Mutant("logprobs/path-rows-shifted", "nanojet/engine/round.py", "logits[(paths + self.logit_starts).flatten()]",
+           "logits[(paths.roll(1, 1) + self.logit_starts).flatten()]", ("tests/test_logprobs.py",)),
+    Mutant("logprobs/first-sequence-rows", "nanojet/engine/round.py", "logits[(paths + self.logit_starts).flatten()]",
+           "logits[paths.flatten()]", ("tests/test_logprobs.py",)),
+    Mutant("logprobs/stream-sends-the-stop-token", "nanojet/serve/loop.py", "sum(offset < self.sent for",
+           "sum(offset <= self.sent for", ("tests/test_serve_logprobs.py",)),
     Mutant("graph-key/shape", "nanojet/engine/engine.py", "(spec.budget, spec.width, spec.depth)",
            "(spec.budget, spec.width)", ("tests/test_round.py",)),
     # path length: the longest path a tree allows

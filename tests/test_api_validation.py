@@ -25,6 +25,16 @@ from nanojet.model.generation_config import GenerationDefaults
     ({"max_new_tokens": 8.0}, "max_new_tokens must be an integer"),
     ({"seed": None}, "seed must be an integer"),
     ({"temperature": -0.1}, "temperature must be >= 0"),
+    ({"logprobs": 21}, "logprobs must be None or an integer in 0..20"),
+    ({"logprobs": True}, "logprobs must be None or an integer in 0..20"),
+    ({"logprobs": 2.0}, "logprobs must be None or an integer in 0..20"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {-1: 1.0}}, "logit_bias keys must be token ids"),
+    ({"logit_bias": {5: 100.5}}, r"logit_bias values must be numbers in \[-100, 100\], got 100.5 for token 5"),
+    ({"logit_bias": {5: math.nan}}, "logit_bias values must be numbers"),
+    ({"logit_bias": {5: True}}, "logit_bias values must be numbers"),
+    ({"logit_bias": [(5, 1.0)]}, "logit_bias must be a dict of at most 300"),
+    ({"logit_bias": {i: 1.0 for i in range(301)}}, "logit_bias must be a dict of at most 300"),
 ])
 def test_sampling_params_refuse_what_would_fail_later(fields, message):
     with pytest.raises(ValueError, match=f"SamplingParams: {message}"):
@@ -32,9 +42,12 @@ def test_sampling_params_refuse_what_would_fail_later(fields, message):
 
 
 def test_sampling_params_take_numpy_numbers_as_plain_ones():
-    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_new_tokens=np.int32(4))
-    assert (params.temperature, params.top_k, params.max_new_tokens) == (0.5, 3, 4)
-    assert type(params.top_k) is int and type(params.temperature) is float
+    params = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(3), max_new_tokens=np.int32(4),
+                            logprobs=np.int8(2), logit_bias={np.int64(7): np.float32(-2.5), 9: 100})
+    assert (params.temperature, params.top_k, params.max_new_tokens, params.logprobs) == (0.5, 3, 4, 2)
+    assert type(params.top_k) is int and type(params.temperature) is float and type(params.logprobs) is int
+    assert params.logit_bias == {7: -2.5, 9: 100.0} and all(type(k) is int for k in params.logit_bias)
+    assert SamplingParams(logit_bias={}).logit_bias is None  # an empty bias biases nothing
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The round refuses nothing a CUDA graph capture refuses: `StaticRound.step` runs on meta tensors under
 `capture_check` (tests/capture_check.py) for plain decoding, small and beam-search trees, greedy and sampled,
-batched, dense and MoE targets, eagerly and as the graph torch.compile traces; and the check catches the faults
-it exists for (a Python scalar written into a device tensor, a host tensor handed to a kernel, a hidden read)."""
+with a logit bias and log-probs, batched, dense and MoE targets, eagerly and as the graph torch.compile traces; and
+the check catches the faults it exists for (a Python scalar written into a device tensor, a host tensor handed to a kernel, a hidden read)."""
 import pytest
 import torch
 from capture_check import CaptureViolation, capture_check
@@ -33,18 +33,19 @@ def meta_models(request, tmp_path_factory):
     return load_target(directory, torch.float32, META), random_head(config, seed=2).to(META)
 
 
-def meta_round(target, head, shape, sampled: bool, num_sequences: int) -> StaticRound:
+def meta_round(target, head, shape, sampled: bool, num_sequences: int, biased: bool = False,
+               logprobs: int | None = None) -> StaticRound:
     """A round over a meta KV pool, its persistent buffers on meta too."""
     config, page_size = target.config, 4
     pages = pages_per_sequence(256, 512, head.config.block_size, page_size)
     kv = KVCache(config.num_hidden_layers + head.config.layers.num_hidden_layers, config.num_key_value_heads,
                  config.head_dim, pages * num_sequences, page_size, pages, torch.float32, META)
     spec = None if shape is None else SpeculativeParams(*shape)
-    return StaticRound(target, head, kv, spec, sampled, num_sequences)
+    return StaticRound(target, head, kv, spec, sampled, num_sequences, biased, logprobs)
 
 
 def run_step(step, r: StaticRound) -> torch.Tensor:
-    return step(r.kv.pool, r.anchor, r.length, r.block_table, r.seed, r.temperature, r.top_k, r.top_p)
+    return step(*r.inputs(r.block_table))
 
 
 @pytest.mark.parametrize("num_sequences", [1, 4])
@@ -58,6 +59,21 @@ def test_the_round_passes_the_capture_check(meta_models, shape, sampled, num_seq
     assert outcome.device == META and outcome.shape == (num_sequences, 1 + 2 * path_len)
 
 
+@pytest.mark.parametrize("num_sequences", [1, 4])
+@pytest.mark.parametrize("logprobs", [0, 5])
+@pytest.mark.parametrize("shape", [None, (8, 4), (128, 8)], ids=str)
+def test_a_biased_round_with_logprobs_passes_the_capture_check(meta_models, shape, logprobs, num_sequences):
+    """The bias added to the target's logits and the log-prob words gathered along the path and packed into the
+    outcome: no host data, no read."""
+    r = meta_round(*meta_models, shape, True, num_sequences, biased=True, logprobs=logprobs)
+    with capture_check():
+        outcome = run_step(r.step, r)
+    path_len = 1 if shape is None else r.path_len
+    assert outcome.device == META and outcome.dtype == torch.int64
+    assert outcome.shape == (num_sequences, 1 + 2 * path_len + path_len * (1 + 2 * logprobs)) == (
+        num_sequences, r.outcome_width)
+
+
 def checked_backend(graphs: list):
     """A torch.compile backend that runs the traced graph once under the capture check, then runs it as is."""
     def backend(graph_module, example_inputs):
@@ -68,11 +84,12 @@ def checked_backend(graphs: list):
     return backend
 
 
+@pytest.mark.parametrize("options", [(False, None), (True, 3)], ids=["plain", "biased-logprobs"])
 @pytest.mark.parametrize("shape", [None, (8, 4)], ids=str)
-def test_the_compiled_round_passes_the_capture_check(meta_models, shape):
+def test_the_compiled_round_passes_the_capture_check(meta_models, shape, options):
     """The graph dynamo traces (fullgraph: a `.item()` would be a graph break, an error) holds no host tensor and
     no host read either; the pool kernels are in it as their custom ops."""
-    r = meta_round(*meta_models, shape, sampled=True, num_sequences=4)
+    r = meta_round(*meta_models, shape, True, 4, *options)
     graphs = []
     step = torch.compile(r.step, fullgraph=True, dynamic=False, backend=checked_backend(graphs))
     assert run_step(step, r).device == META
@@ -112,6 +129,7 @@ def test_a_python_scalar_written_into_a_device_tensor_is_refused(dense_meta_mode
 
 
 def test_a_python_scalar_written_in_the_compiled_round_is_refused(dense_meta_models, monkeypatch):
+    torch._dynamo.reset()  # the graphs other tests compiled of `step` count against dynamo's limit per code object
     monkeypatch.setattr(round_module, "accept", accept_before_issue_26)
     r = meta_round(*dense_meta_models, (8, 4), False, 4)
     step = torch.compile(r.step, fullgraph=True, dynamic=False, backend=checked_backend([]))

@@ -71,6 +71,20 @@ def test_compiled_equals_eager_without_steady_state_recompiles(hf_model_dir, hea
     assert len(compiled._runners) == 4
 
 
+def test_a_compiled_round_with_a_bias_and_logprobs_equals_eager(hf_model_dir, head, eager):
+    """The biased choice and the log-prob words bit-cast into the outcome, compiled by inductor: the same ids as
+    eager execution, and its log-probs to fp32 rounding (inductor fuses the logsumexp its own way), in one graph."""
+    compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled")
+    params = SamplingParams(**{**SAMPLED.__dict__, "logprobs": 2, "logit_bias": {5: 1.5, 193: -100.0}})
+    expected = eager.generate(PROMPT, params, spec_of((8, 4, None)))
+    got = compiled.generate(PROMPT, params, spec_of((8, 4, None)))
+    assert got.token_ids == expected.token_ids
+    for a, b in zip(got.logprobs, expected.logprobs, strict=True):
+        assert (a.token_id, [i for i, _ in a.top]) == (b.token_id, [i for i, _ in b.top])
+        assert [a.logprob, *(v for _, v in a.top)] == pytest.approx([b.logprob, *(v for _, v in b.top)], abs=1e-5)
+    assert got.stats.compiles == 1 and got.stats.recompiles == 0
+
+
 @pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(), reason="the embedded model is not built")
 def test_run_py_compile_on_the_embedded_model():
     """A trained head accepts long paths, so the fixed-size commit moves real rows: compiled == eager through the
@@ -161,7 +175,7 @@ class CPUGraphedRunner(GraphedRunner):
         return contextlib.nullcontext()
 
     def _record(self, step):
-        output = torch.full((self.round.num_sequences, 1 + 2 * self.round.path_len), -7, dtype=torch.int64)
+        output = torch.full((self.round.num_sequences, self.round.outcome_width), -7, dtype=torch.int64)
         return RecordedGraph(step, output), output
 
 
@@ -273,7 +287,8 @@ def test_compiled_batched_rounds_equal_eager(hf_model_dir, head, eager):
     compiled.scheduler = Scheduler(compiled.kv, max_num_seqs=2)
     requests = compiled.run([Request(p, q, spec_of((8, 4, None))) for p, q in zip(prompts, params)])
     assert [r.output_ids for r in requests] == expected
-    assert sorted(compiled._runners) == [((8, 4, None), True, 1), ((8, 4, None), True, 2)]  # both buckets ran
+    assert sorted(compiled._runners) == [((8, 4, None), True, 1, False, None),
+                                         ((8, 4, None), True, 2, False, None)]  # both buckets ran
     assert all(r.compiles == 1 for r in compiled._runners.values())  # one graph each, no recompile
 
 
@@ -285,12 +300,12 @@ def test_graphed_batched_rounds_on_cpu_stand_ins(hf_model_dir, head, eager, monk
     engine = make_engine(hf_model_dir[0], page_size=4, head=head, num_pages=200)
     build = Engine.runner
 
-    def graphed_runner(self, spec, sampled, num_sequences=1):
-        key = Engine.runner_key(spec, sampled, num_sequences)
+    def graphed_runner(self, spec, sampled, num_sequences=1, *options):
+        key = Engine.runner_key(spec, sampled, num_sequences, *options)
         if key not in self._runners:
-            static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences)
+            static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences, *options)
             self._runners[key] = CPUGraphedRunner(EagerRunner(static_round), None)
-        return build(self, spec, sampled, num_sequences)
+        return build(self, spec, sampled, num_sequences, *options)
 
     monkeypatch.setattr(Engine, "runner", graphed_runner)
     params = [SAMPLED, SamplingParams(max_new_tokens=12, ignore_eos=True),

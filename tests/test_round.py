@@ -81,11 +81,18 @@ class HostTraffic(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("extra", [{}, {"logit_bias": {5: 1.5, 40: -100.0}, "logprobs": 3}],
+                         ids=["", "biased-logprobs"])
 @pytest.mark.parametrize("shape", [None, (8, 4, None)], ids=["plain", "speculative"])
-def test_a_round_builds_nothing_from_host_data_and_reads_once(setup, shape, monkeypatch):
+def test_a_round_builds_nothing_from_host_data_and_reads_once(setup, shape, extra, monkeypatch):
+    """Counted from the second generation on: building a round (once per shape) copies its constants. The
+    log-prob words travel in the outcome's one read; the bias reaches the round through staging rows."""
     from nanojet.engine.engine import Engine
     from nanojet.kernels import reference
     engine, _ = setup
+    params = SamplingParams(temperature=0.8, seed=3, max_new_tokens=40, ignore_eos=True, **extra)
+    spec = None if shape is None else SpeculativeParams(*shape)
+    engine.generate(PROMPT, params, spec)
     traffic = HostTraffic()
     for name in ("paged_attention", "store_kv", "move_kv", "plan_forward", "plan_context"):
         def wrapped(*args, _kernel=getattr(reference, name), **kwargs):
@@ -102,8 +109,6 @@ def test_a_round_builds_nothing_from_host_data_and_reads_once(setup, shape, monk
             return original_round(self, *args)
 
     monkeypatch.setattr(Engine, "_round", watched_round)
-    params = SamplingParams(temperature=0.8, seed=3, max_new_tokens=40, ignore_eos=True)
-    spec = None if shape is None else SpeculativeParams(*shape)
     out = engine.generate(PROMPT, params, spec)
     assert traffic.built_from_host == []
     assert traffic.reads == out.stats.rounds  # the outcome read, once per round

@@ -1,8 +1,9 @@
 """`python -m nanojet.serve` through the official `openai` client (and plain HTTP where the client hides what is
 sent): a server started on a free loopback port with the embedded model and its head. Models, a completion, a
 streamed chat, 8 concurrent requests equal to the same requests one by one (greedy and seeded), every bad request
-and flag, refused and supported OpenAI fields (echo, n, prompt lists, text parts), Prometheus metrics, a full queue,
-dropped streams and whole answers, SIGTERM and Ctrl-C. Skipped where the `serve` extra is not installed."""
+and flag, refused and supported OpenAI fields (echo, n, prompt lists, text parts; log-probs and logit_bias are in
+tests/test_serve_logprobs.py), Prometheus metrics, a full queue, dropped streams and whole answers, SIGTERM and
+Ctrl-C. Skipped where the `serve` extra is not installed."""
 import json
 import signal
 import socket
@@ -215,11 +216,10 @@ def test_unsupported_fields_are_refused_by_name_and_their_defaults_accepted(serv
     _, url = server
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     completion = {"prompt": "hi", "max_tokens": 2}
-    refused = [("completions", completion, "logprobs", 2), ("completions", completion, "logit_bias", {"50": 10}),
-               ("completions", completion, "presence_penalty", 0.5), ("completions", completion, "suffix", "x"),
+    refused = [("completions", completion, "presence_penalty", 0.5), ("completions", completion, "suffix", "x"),
                ("completions", completion, "frequency_penalty", -1.0), ("completions", completion, "best_of", 3),
-               ("completions", completion, "no_such_field", 1), ("chat/completions", chat, "logprobs", True),
-               ("chat/completions", chat, "top_logprobs", 2), ("chat/completions", chat, "tool_choice", "auto"),
+               ("completions", completion, "no_such_field", 1), ("completions", completion, "top_logprobs", 2),
+               ("chat/completions", chat, "tool_choice", "auto"),
                ("chat/completions", chat, "tools", [{"type": "function", "function": {"name": "f"}}]),
                ("chat/completions", chat, "response_format", {"type": "json_object"}),
                ("chat/completions", chat, "echo", True)]
@@ -232,8 +232,8 @@ def test_unsupported_fields_are_refused_by_name_and_their_defaults_accepted(serv
     status, body = post(url, "chat/completions", **chat, **off, top_logprobs=0, tools=[], tool_choice="none",
                         response_format={"type": "text"})
     assert status == 200, body
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client(url, max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client(url, max_retries=0).completions.create(model=MODEL, prompt="hi", max_tokens=2, presence_penalty=1)
 
 
 def test_echo_n_choices_and_prompt_lists(server):

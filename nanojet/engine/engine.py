@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from nanojet.engine.kv_cache import KVCache, KVCacheExhausted, Sequence
+from nanojet.engine.logprobs import TokenLogprobs, logprob_words, read_logprobs
 from nanojet.engine.request import Generation, Request, SpeculativeParams
 from nanojet.engine.round import StaticRound, round_scratch_slots, round_tree
 from nanojet.engine.runners import (
@@ -26,7 +27,7 @@ from nanojet.engine.runners import (
     GraphedRunner,
     RoundRunner,
 )
-from nanojet.engine.sampling import SamplingParams, sample
+from nanojet.engine.sampling import SamplingParams, bias_logits, sample
 from nanojet.engine.scheduler import (
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_STEP_TOKENS,
@@ -113,7 +114,7 @@ class Engine:
         self.run([request])
         if request.error:
             raise RuntimeError(request.error)
-        return Generation(request.output_ids, request.stats)
+        return Generation(request.output_ids, request.stats, request.logprobs)
 
     @torch.inference_mode()
     def run(self, requests: list[Request]) -> list[Request]:
@@ -141,6 +142,10 @@ class Engine:
         if n >= self.max_model_len:
             raise ValueError(f"the prompt has {n} tokens but the context holds {self.max_model_len} "
                              f"(prompt + at least one new token); shorten it or raise max_model_len")
+        vocab = self.target.config.vocab_size
+        outside = [token for token in request.params.logit_bias or {} if token >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token id {outside[0]} is outside the vocabulary (0..{vocab - 1})")
         if request.spec is not None and self.head is None:
             raise ValueError("speculative decoding needs a draft head; load one or decode plainly")
         if request.spec is not None and request.spec.width > self.draft_vocab_size:
@@ -209,16 +214,30 @@ class Engine:
             request.stats.target_forwards += 1
             if end == len(request.prompt_ids) and not request.output_ids:  # a fresh prompt is done
                 logits = self.target.logits(hidden[last:last + 1])
-                self._emit(request, [int(self.first_token(logits, request))])
+                token = self.first_token(logits, request)
+                self._emit(request, [int(token)], self._first_logprobs(logits, token, request))
 
     def first_token(self, logits: torch.Tensor, request: Request) -> torch.Tensor:
-        """The token after the prompt, sampled as any other at its position (limited to `first_token_ids`)."""
+        """The token after the prompt, sampled as any other at its position (after the logit bias; limited to
+        `first_token_ids`)."""
+        bias = request.params.logit_bias
+        if bias:
+            logits = bias_logits(logits, torch.tensor([list(bias)], device=self.device),
+                                 torch.tensor([list(bias.values())], dtype=torch.float32, device=self.device))
         if request.first_token_ids:
             allowed = torch.zeros_like(logits, dtype=torch.bool)
             allowed[:, request.first_token_ids] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
         position = torch.full((1,), len(request.prompt_ids), device=self.device)
         return sample(logits, position, request.params)[0]
+
+    @staticmethod
+    def _first_logprobs(logits: torch.Tensor, token: torch.Tensor, request: Request) -> list[TokenLogprobs] | None:
+        """The first token's log-probs from the prefill's raw logits `[1, V]`, as a round computes them."""
+        top = request.params.logprobs
+        if top is None:
+            return None
+        return read_logprobs(logprob_words(logits, token.reshape(1), top)[0].tolist(), [int(token)], top, top)
 
     def forward_chunks(self, chunks: list[tuple[Sequence, list[int], int]],
                        drafting: list[bool]) -> tuple[torch.Tensor, list[int]]:
@@ -265,7 +284,8 @@ class Engine:
             if not batch:
                 return
             rows = next(b for b in sequence_buckets(self.scheduler.max_num_seqs) if b >= len(batch))
-            runner = self.runner(spec, any(not r.params.greedy for r in batch), rows)
+            sampled, biased, logprobs = self.round_options(batch)
+            runner = self.runner(spec, sampled, rows, biased, logprobs)
             sequences = self._bind_rows(runner, batch)
             try:
                 table = runner.round.table(sequences)
@@ -275,13 +295,13 @@ class Engine:
         timed = len(batch) == 1 and self.execution == "eager" and (self.profile or self.device.type == "cpu")
         runner.round.time_split = batch[0].stats.time_split if timed else None
         compiles, start = runner.compiles, time.perf_counter()
-        outcome = runner(table).tolist()  # the round's one host read, [rows, 1 + 2P]
+        outcome = runner(table).tolist()  # the round's one host read, [rows, outcome_width]
         built = runner.compiles - compiles
         compile_s = time.perf_counter() - start if built else 0.0
-        counts, emitted = zip(*(read_outcome(row) for row in outcome[:len(batch)]))
-        runner.round.finish(sequences, [*counts] + [0] * (rows - len(batch)))
+        results = [self._read_row(runner.round, row, request) for row, request in zip(outcome, batch)]
+        runner.round.finish(sequences, [count for count, _, _ in results] + [0] * (rows - len(batch)))
         self.scheduler.rounds += 1
-        for request, count, tokens in zip(batch, counts, emitted):
+        for request, (count, tokens, logprobs) in zip(batch, results):
             stats = request.stats
             stats.rounds += 1
             stats.target_forwards += 1
@@ -292,7 +312,24 @@ class Engine:
                 stats.recompiles += runner.calls > 1  # the first call builds the graph; any later build is a miss
             self.scheduler.accept_hist[count] += 1
             request.prefilled += count
-            self._emit(request, tokens)
+            self._emit(request, tokens, logprobs)
+
+    @staticmethod
+    def round_options(batch: list[Request]) -> tuple[bool, bool, int | None]:
+        """(sampled, biased, log-prob alternatives) of a round over `batch`: what any of its requests needs."""
+        asked = [r.params.logprobs for r in batch if r.params.logprobs is not None]
+        return (any(not r.params.greedy for r in batch), any(r.params.logit_bias for r in batch),
+                max(asked) if asked else None)
+
+    @staticmethod
+    def _read_row(static_round: StaticRound, row: list[int], request: Request) -> tuple:
+        """One row of a round's outcome -> (accepted count, emitted tokens, their log-probs or None)."""
+        width = 1 + 2 * static_round.path_len
+        count, tokens = read_outcome(row[:width])
+        wanted = request.params.logprobs
+        if wanted is None:
+            return count, tokens, None
+        return count, tokens, read_logprobs(row[width:], tokens, static_round.logprobs, wanted)
 
     def _bind_rows(self, runner: RoundRunner, batch: list[Request]) -> list[Sequence | None]:
         """Point the runner's rows at the batch (inert rows past it), re-binding only rows that changed owner."""
@@ -312,13 +349,16 @@ class Engine:
             sequences.append(None if request is None else request.sequence)
         return sequences
 
-    def _emit(self, request: Request, tokens: list[int]) -> None:
-        """Cut at the request's stop conditions, hand the ids over, retire it when it is done."""
+    def _emit(self, request: Request, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> None:
+        """Cut at the request's stop conditions, hand the ids (and their log-probs) over, retire it when it is
+        done."""
         tokens = request.cut(tokens, self.eos_token_ids, self.max_model_len)
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter()
             request.stats.prefill_s = request.first_token_s - request.arrival_s
         request.output_ids += tokens
+        if request.logprobs is not None:
+            request.logprobs += logprobs[:len(tokens)]
         request.stats.new_tokens = len(request.output_ids)
         self.scheduler.generated_tokens += len(tokens)
         if request.on_update and tokens:
@@ -328,12 +368,14 @@ class Engine:
 
     # --- round runners ---------------------------------------------------------------------------------------
 
-    def runner(self, spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1) -> RoundRunner:
-        """The runner of static rounds for this tree shape, greedy or sampled, over `num_sequences` rows (built
-        once, reused)."""
-        key = self.runner_key(spec, sampled, num_sequences)
+    def runner(self, spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1, biased: bool = False,
+               logprobs: int | None = None) -> RoundRunner:
+        """The runner of static rounds for this tree shape, greedy or sampled, over `num_sequences` rows, biased or
+        not, with `logprobs` alternatives (None: no log-probs) (built once, reused)."""
+        key = self.runner_key(spec, sampled, num_sequences, biased, logprobs)
         if key not in self._runners:
-            static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences)
+            static_round = StaticRound(self.target, self.head, self.kv, spec, sampled, num_sequences, biased,
+                                       logprobs)
             if self.execution == "eager":
                 static_round.pack_weights()
             runner = CompiledRunner(static_round) if self.execution == "compiled" else EagerRunner(static_round)
@@ -345,7 +387,10 @@ class Engine:
         return self._runners[key]
 
     @staticmethod
-    def runner_key(spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1) -> tuple:
-        """What a compiled round is specialised on: the tree shape, whether it samples (not the sampling
-        parameters, which are per-row tensors) and the number of rows."""
-        return None if spec is None else (spec.budget, spec.width, spec.depth), sampled, num_sequences
+    def runner_key(spec: SpeculativeParams | None, sampled: bool, num_sequences: int = 1, biased: bool = False,
+                   logprobs: int | None = None) -> tuple:
+        """What a compiled round is specialised on: the tree shape, whether it samples, the number of rows, whether
+        it biases (not the sampling parameters or the biases, which are per-row tensors) and the log-prob
+        alternatives."""
+        tree = None if spec is None else (spec.budget, spec.width, spec.depth)
+        return tree, sampled, num_sequences, biased, logprobs

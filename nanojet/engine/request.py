@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from nanojet.engine.kv_cache import Sequence
+from nanojet.engine.logprobs import TokenLogprobs
 from nanojet.engine.sampling import SamplingParams
 
 
@@ -48,6 +49,7 @@ class GenerationStats:
 class Generation:
     token_ids: list[int]
     stats: GenerationStats
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when `SamplingParams.logprobs` asked
 
 
 @dataclass(eq=False)
@@ -65,6 +67,7 @@ class Request:
     round_tokens: int = 1
     scratch_slots: int = 1
     output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None  # one per output id when params.logprobs is set ([] until then)
     stats: GenerationStats = field(default_factory=GenerationStats)
     sequence: Sequence = field(default_factory=Sequence)
     arrival: int = -1       # admission order: the newest is preempted first
@@ -80,6 +83,8 @@ class Request:
     def __post_init__(self) -> None:
         if self.spec is not None and self.spec.budget == 1:
             self.spec = None  # a one-node tree is plain decoding
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def context(self) -> list[int]:

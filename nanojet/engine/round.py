@@ -2,13 +2,14 @@
 
 Eager execution runs `StaticRound.step` as Python; torch.compile and CUDA graphs build graphs of the same code.
 Every shape in `step` is fixed by Python ints chosen when the round is built (sequences per round S, the tree
-bucket, the head's block, whether any row samples); what changes from round to round lives in persistent device
-tensors:
+bucket, the head's block, whether any row samples, whether any row is biased, the log-prob alternatives K); what
+changes from round to round lives in persistent device tensors:
 
     anchor       [S]             int64  each sequence's last emitted token (its K/V is not written yet)
     length       [S]             int64  committed K/V slots, which is also the anchor's position
     block_table  [S, max_pages]  int32  each sequence's pages, full width; the host writes new ones between rounds
     seed, temperature, top_k, top_p [S]  each sequence's sampling parameters (tensors: one graph serves them all)
+    bias_ids, bias_values [S, 300]      each sequence's logit bias, sparse (biased rounds only)
 
 A row without a live sequence (a batch padded up to its size bucket) is inert: it points at the round's own idle
 pages with length 0, so whatever it drafts, verifies and commits lands there and never in a live sequence's pages.
@@ -16,7 +17,8 @@ pages with length 0, so whatever it drafts, verifies and commits lands there and
 `step` runs draft -> tree -> verify -> accept -> commit for all S sequences (one head forward over their draft
 blocks, one verify forward over their trees laid along a varlen axis, accept and commit per sequence), advances
 `anchor` and `length` in place and returns `[S, 1 + 2P]`, the round's single host read (`tree.round_outcome`,
-P = the longest path the tree allows). Commit always moves P rows (identity moves past the accepted count), so
+P = the longest path the tree allows), widened by `P * (1 + 2K)` log-prob words when the round computes log-probs
+(nanojet/engine/logprobs.py). Commit always moves P rows (identity moves past the accepted count), so
 the pool is touched the same way every round. Pages stay on the host: `table` reserves scratch for the tree and
 the draft block before a step, `finish` trims what the round did not keep after it.
 """
@@ -28,7 +30,8 @@ import torch
 from nanojet import kernels
 from nanojet.engine.candidates import candidate_table, tree_from_table
 from nanojet.engine.kv_cache import KVCache, KVCacheExhausted, Sequence
-from nanojet.engine.sampling import SamplingParams, sample_rows
+from nanojet.engine.logprobs import logprob_words
+from nanojet.engine.sampling import MAX_LOGIT_BIAS, SamplingParams, bias_logits, sample_rows
 from nanojet.engine.tree import (
     DraftTree,
     accept,
@@ -66,11 +69,25 @@ def tree_fields(tree: DraftTree) -> tuple:
     return tree.tokens, tree.parents, tree.depths, tree.visibility
 
 
+def bias_buffers(num_sequences: int, device: torch.device) -> tuple:
+    """A biased round's per-row logit bias, sparse: ids `[S, 300]` int64 and values fp32, unused entries (0, 0.0)
+    (a dense `[S, V]` bias would be a vocabulary-wide add per verified row; an unbiased round, as its key says,
+    has none), and their host staging (pinned on CUDA, written through numpy as the pages are)."""
+    ids = torch.zeros(num_sequences, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)
+    values = torch.zeros(num_sequences, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
+    staging = [torch.zeros_like(t, device="cpu") for t in (ids, values)]
+    return ids, values, [t.pin_memory() for t in staging] if device.type == "cuda" else staging
+
+
 class StaticRound:
-    def __init__(self, target, head, kv: KVCache, spec, sampled: bool, num_sequences: int = 1):
+    def __init__(self, target, head, kv: KVCache, spec, sampled: bool, num_sequences: int = 1, biased: bool = False,
+                 logprobs: int | None = None):
         """`spec` None: plain decoding (a one-node tree, no head). `sampled` False: every row is greedy (no noise
-        is drawn); True: each row samples with its own parameters (greedy where its temperature is 0)."""
+        is drawn); True: each row samples with its own parameters (greedy where its temperature is 0). `biased`:
+        rows may carry a logit bias. `logprobs` None: none are computed; K: every row's emitted tokens get their
+        log-probs and K alternatives (the host keeps what each request asked for)."""
         self.target, self.head, self.kv, self.spec, self.sampled = target, head, kv, spec, sampled
+        self.biased, self.logprobs = biased, logprobs
         self.num_target_layers = target.config.num_hidden_layers
         self.num_sequences = num_sequences
         device = kv.pool.device
@@ -110,6 +127,9 @@ class StaticRound:
         self.temperature = torch.zeros(num_sequences, dtype=torch.float32, device=device)
         self.top_k = torch.zeros(num_sequences, dtype=torch.int64, device=device)
         self.top_p = torch.ones(num_sequences, dtype=torch.float32, device=device)
+        self.bias_ids, self.bias_values, self._host_bias = bias_buffers(num_sequences, device) if biased else (
+            None, None, None)
+        self.logit_starts = torch.arange(num_sequences, device=device)[:, None] * nodes  # each tree's first logit row
         self.idle = Sequence()  # the pages inert rows write into, held only during a round that has such rows
         self.block_table = torch.zeros(num_sequences, kv.max_pages_per_sequence, dtype=torch.int32, device=device)
         # Staging for new page ids: pinned, so the copy to the device is truly asynchronous (never a host sync);
@@ -130,12 +150,25 @@ class StaticRound:
         params = params or SamplingParams()
         if not self.sampled and not params.greedy:
             raise ValueError("a greedy round cannot run a sampled sequence; build the round with sampled=True")
+        if not self.biased and params.logit_bias:
+            raise ValueError("an unbiased round cannot run a sequence with a logit bias; build it with biased=True")
         self.anchor[row].fill_(anchor)
         self.length[row].fill_(0 if sequence is None else sequence.length)
         for buffer, value in ((self.seed, params.seed), (self.temperature, params.temperature),
                               (self.top_k, params.top_k), (self.top_p, params.top_p)):
             buffer[row].fill_(value)
+        if self.biased:
+            self._write_bias(row, params.logit_bias or {})
         self._pages_written[row] = 0
+
+    def _write_bias(self, row: int, bias: dict[int, float]) -> None:
+        """Row `row`'s sparse bias: its entries, then (0, 0.0), through the pinned staging rows (not in flight: the
+        last copy of this row finished before the host read the round that used it)."""
+        for staged, buffer, values in zip(self._host_bias, (self.bias_ids, self.bias_values), (bias, bias.values())):
+            view = staged.numpy()
+            view[row] = 0
+            view[row, :len(bias)] = list(values)
+            buffer[row].copy_(staged[row], non_blocking=True)
 
     def table(self, sequences: list[Sequence | None]) -> torch.Tensor:
         """Reserve the round's scratch and write new pages into the persistent block table; returns the table.
@@ -182,13 +215,26 @@ class StaticRound:
             pack_rows(packed, weight, rows * self.path_len)  # commit: their K/V, every head layer in one product
             pack_rows(self.draft_packed, self.draft_weight, rows * (1 + self.depth))  # draft logits
 
+    @property
+    def outcome_width(self) -> int:
+        """Columns of `step`'s outcome: `1 + 2P`, then `P * (1 + 2K)` log-prob words when it computes them."""
+        width = 1 + 2 * self.path_len
+        return width if self.logprobs is None else width + self.path_len * (1 + 2 * self.logprobs)
+
+    def inputs(self, table: torch.Tensor) -> tuple:
+        """`step`'s arguments: the pool and the persistent buffers, with block table `table`."""
+        return (self.kv.pool, self.anchor, self.length, table, self.seed, self.temperature, self.top_k, self.top_p,
+                self.bias_ids, self.bias_values)
+
     # --- device side: one round, static shapes ----------------------------------------------------------
 
     def step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
-             seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+             seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+             bias_ids: torch.Tensor | None = None, bias_values: torch.Tensor | None = None) -> torch.Tensor:
         self._mark(None)
+        sampling = seed, temperature, top_k, top_p, bias_ids, bias_values
         if self.spec is None:
-            return self._decode_step(pool, anchor, length, block_table, seed, temperature, top_k, top_p)
+            return self._decode_step(pool, anchor, length, block_table, sampling)
         num_sequences, bucket, path_len = self.num_sequences, self.bucket, self.path_len
         # Per-sequence work (tree, acceptance) is written for one sequence and vmapped over the S rows (one batch of
         # ops for the whole round instead of S of them), or called directly in a batch-1 round (`_per_row`).
@@ -212,21 +258,25 @@ class StaticRound:
         if nodes < bucket:
             real_rows = hidden.view(num_sequences, bucket, -1)[:, :nodes].flatten(0, 1)  # [S * nodes, H]
             real_positions = positions.view(num_sequences, bucket)[:, :nodes].flatten()
-        choices = self._choose(self.target.logits(real_rows), real_positions, nodes, seed, temperature, top_k,
-                               top_p)  # [S * nodes]
+        logits = self.target.logits(real_rows)  # [S * nodes, V]
+        choices = self._choose(logits, real_positions, nodes, *sampling)  # [S * nodes]
         if nodes < bucket:
             choices = torch.nn.functional.pad(choices.view(num_sequences, nodes), (0, bucket - nodes)).flatten()
         self._mark("verify")
 
         paths, counts, outcomes = self._per_row(self._row_accept, *trees, choices.view(num_sequences, bucket))
-        self._mark("accept")  # paths [S, P], counts [S], outcomes [S, 1 + 2P]
+        path_rows = paths + self.tree_starts  # [S, P] rows of the verify forward
+        if self.logprobs is not None:  # the emitted tokens' log-probs: each path row's logits and choice
+            words = logprob_words(logits[(paths + self.logit_starts).flatten()], choices[path_rows.flatten()],
+                                  self.logprobs)  # [S * P, 1 + 2K]
+            outcomes = torch.cat([outcomes, words.view(num_sequences, -1)], dim=1)
+        self._mark("accept")  # paths [S, P], counts [S], outcomes [S, outcome_width]
 
         rows = self.path_offsets
         kept = torch.where(rows < counts[:, None], paths, rows)  # identity moves past the count: nothing changes
         committed = scratch[:, :path_len].flatten()  # [S * P]
         kernels.move_kv(pool[:self.num_target_layers], scratch.gather(1, kept).flatten(), committed)
         # Rows past the count write head context into slots the next round rewrites.
-        path_rows = paths + self.tree_starts  # [S, P] rows of the verify forward
         self.head.extend_context(taps[path_rows.flatten()], (length[:, None] + rows).flatten(), committed,
                                  pool[self.num_target_layers:])
         anchor.copy_(choices[path_rows[:, -1]])  # the bonus: the target's token after the last accepted node
@@ -235,28 +285,37 @@ class StaticRound:
         return outcomes
 
     def _decode_step(self, pool: torch.Tensor, anchor: torch.Tensor, length: torch.Tensor, block_table: torch.Tensor,
-                     seed: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                     top_p: torch.Tensor) -> torch.Tensor:
+                     sampling: tuple) -> torch.Tensor:
         """The round with a one-node tree, written out: the anchor is verified alone at its own slot, so there is no
         tree to build, no path to walk and no K/V to move (its scratch slot is its committed slot). Same outcome
-        layout as `step` (P = 1): `[1, anchor, chosen token]` per sequence."""
+        layout as `step` (P = 1): `[1, anchor, chosen token]` per sequence, then its log-prob words."""
         slots = self._slots(block_table, length[:, None]).flatten()  # [S]
         meta = AttentionMetadata(positions=length, slot_mapping=slots, block_tables=block_table,
                                  prefix_lens=length.to(torch.int32), query_starts=self.query_starts[1],
                                  visibility=self.one_node_visibility)
         hidden, _ = self.target(anchor, meta, pool)
-        choices = self._choose(self.target.logits(hidden), length, 1, seed, temperature, top_k, top_p)  # [S]
+        logits = self.target.logits(hidden)  # [S, V]
+        choices = self._choose(logits, length, 1, *sampling)  # [S]
         self._mark("verify")
-        outcomes = torch.cat([self.one_node_accepted, anchor[:, None], choices[:, None]], dim=1)  # [S, 3]
+        parts = [self.one_node_accepted, anchor[:, None], choices[:, None]]  # [S, 3]
+        if self.logprobs is not None:
+            parts.append(logprob_words(logits, choices, self.logprobs))  # [S, 1 + 2K]
+        outcomes = torch.cat(parts, dim=1)
         anchor.copy_(choices)
         length.add_(1)
         self._mark("commit")
         return outcomes
 
     def _choose(self, logits: torch.Tensor, positions: torch.Tensor, rows_per_sequence: int, seed: torch.Tensor,
-                temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+                temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, bias_ids: torch.Tensor | None,
+                bias_values: torch.Tensor | None) -> torch.Tensor:
         """The target's token after each row (at `positions + 1`): argmax in a greedy round (no noise is built),
-        else each row samples with its sequence's parameters."""
+        else each row samples with its sequence's parameters; in a biased round, after its sequence's logit bias
+        (only the target's choice sees it: a draft is accepted when it equals that choice, so what is emitted is
+        what plain decoding with the bias emits)."""
+        if self.biased:
+            logits = bias_logits(logits, bias_ids.repeat_interleave(rows_per_sequence, dim=0),
+                                 bias_values.repeat_interleave(rows_per_sequence, dim=0))
         if not self.sampled:
             # max's indices, not argmax: the same first maximum, and faster on the CPU
             return logits.max(dim=-1).indices

@@ -20,8 +20,7 @@ class RoundRunner:
         return self._run(table)
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
-        r = self.round
-        return r.step(r.kv.pool, r.anchor, r.length, table, r.seed, r.temperature, r.top_k, r.top_p)
+        return self.round.step(*self.round.inputs(table))
 
 
 class EagerRunner(RoundRunner):
@@ -49,8 +48,7 @@ class CompiledRunner(RoundRunner):
         return compile_fx(graph_module, example_inputs)
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
-        r = self.round
-        return self._step(r.kv.pool, r.anchor, r.length, table, r.seed, r.temperature, r.top_k, r.top_p)
+        return self._step(*self.round.inputs(table))
 
 
 class GraphedRunner(RoundRunner):

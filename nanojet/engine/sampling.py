@@ -13,16 +13,24 @@ import torch
 
 _MASK32 = 0xFFFFFFFF
 NOISE_CHUNK_ELEMENTS = 1 << 21  # int64 temporaries of at most 16 MB while hashing noise
+MAX_LOGIT_BIAS = 300  # biased tokens per request (OpenAI's limit); a biased round holds this many per row
+MAX_LOGPROBS = 20     # alternatives per generated token (OpenAI's top_logprobs limit)
 
 
 @dataclass
 class SamplingParams:
+    """How a request's tokens are chosen. `logit_bias` ({token id: -100..100}) is added to the target's logits
+    before anything else (temperature, top-k, top-p, greedy); ids must lie in the model's vocabulary (checked
+    when the request is added). `logprobs` None returns none; k returns each generated token's log-probability
+    and the k likeliest alternatives (0..20), under the target's raw distribution (nanojet/engine/logprobs.py)."""
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
     max_new_tokens: int = 128
     ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         # Checked here, not where they are used: a NaN temperature or a float top_k would otherwise sample
@@ -47,10 +55,43 @@ class SamplingParams:
             raise ValueError(f"SamplingParams: max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.seed < 2**31:
             raise ValueError(f"SamplingParams: seed must be in [0, 2^31), got {self.seed}")
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, numbers.Integral) or not (
+                    0 <= self.logprobs <= MAX_LOGPROBS):
+                raise ValueError(f"SamplingParams: logprobs must be None or an integer in 0..{MAX_LOGPROBS} (the "
+                                 f"alternatives returned per token), got {self.logprobs!r}")
+            self.logprobs = int(self.logprobs)
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _checked_logit_bias(bias) -> dict[int, float] | None:
+    """{token id: bias} with plain ints and floats, or None when there is none (an empty dict biases nothing)."""
+    if not bias:
+        return None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"SamplingParams: logit_bias must be a dict of at most {MAX_LOGIT_BIAS} {{token id: bias}} "
+                         f"entries, got {bias!r:.80}")
+    checked = {}
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(f"SamplingParams: logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not -100 <= value <= 100):
+            raise ValueError(f"SamplingParams: logit_bias values must be numbers in [-100, 100], got {value!r} for "
+                             f"token {token}")
+        checked[int(token)] = float(value)
+    return checked
+
+
+def bias_logits(logits: torch.Tensor, token_ids: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+    """logits `[N, V]` -> fp32 logits with `biases` `[N, M]` fp32 added at `token_ids` `[N, M]` int64 (the one
+    definition of the logit bias: a request's first token and every round's rows go through it). Unused entries
+    are id 0 with bias 0.0, which adds nothing: x + 0.0 is x, in any order."""
+    return logits.float().scatter_add(-1, token_ids, biases)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

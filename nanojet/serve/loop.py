@@ -14,6 +14,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 
+from nanojet.engine.logprobs import TokenLogprobs
 from nanojet.engine.request import Request, SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.llm import LLM
@@ -34,17 +35,22 @@ class TextEvent:
     index: int  # the choice it belongs to
     text: str
     finish_reason: str | None = None  # set on the choice's last event
+    # When asked: the log-probs of the tokens whose text starts in `text`, each with that start's offset in the
+    # choice's whole text (the stop token that ends a generation has no text, so none).
+    logprobs: list[tuple[TokenLogprobs, int]] | None = None
 
 
 class TextStream:
     """One request's generated text as events on a queue; `stop` strings end it early (the stop string itself is
-    not emitted, and text that may be the start of one is held back until it is not)."""
+    not emitted, and text that may be the start of one is held back until it is not). A token's log-probs go out
+    with the event that sends the start of its text; tokens that start after a stop string are dropped with it."""
 
     def __init__(self, request: Request, index: int, llm: LLM, stop: list[str], queue: asyncio.Queue,
                  event_loop: asyncio.AbstractEventLoop, metrics: ServingMetrics):
         self.request, self.index, self.stop, self.queue, self.event_loop = request, index, stop, queue, event_loop
         self.metrics = metrics
         self.text, self.sent, self.finish_reason = "", 0, None
+        self._logprobs = None if request.params.logprobs is None else []  # (entry, text offset) not sent yet
         self._detokenizer = IncrementalDetokenizer(llm.tokenizer)
         self._text_ids = llm.text_ids  # the stop token that ends a generation is not text
         request.on_update = self._on_update
@@ -63,7 +69,11 @@ class TextStream:
 
     def _send(self, request: Request, tokens: list[int]) -> None:
         searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
-        self.text += "".join(self._detokenizer.push(t) for t in self._text_ids(tokens, request.params))
+        entries = None if self._logprobs is None else request.logprobs[len(request.logprobs) - len(tokens):]
+        for i, token in enumerate(self._text_ids(tokens, request.params)):
+            if entries is not None:
+                self._logprobs.append((entries[i], len(self.text)))
+            self.text += self._detokenizer.push(token)
         if request.finished:
             self.text += self._detokenizer.flush()
         finish = None
@@ -78,11 +88,21 @@ class TextStream:
         delta = self.text[self.sent:len(self.text) - held]
         self.sent += len(delta)
         self.finish_reason = finish
-        if delta or finish:
+        logprobs = self._sent_logprobs(everything=request.finished and not cuts)
+        if delta or finish or logprobs:
             try:
-                self.event_loop.call_soon_threadsafe(self.queue.put_nowait, TextEvent(self.index, delta, finish))
+                self.event_loop.call_soon_threadsafe(self.queue.put_nowait,
+                                                     TextEvent(self.index, delta, finish, logprobs))
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 request.cancel()
+
+    def _sent_logprobs(self, everything: bool) -> list[tuple[TokenLogprobs, int]] | None:
+        """The held log-probs of tokens whose text starts in what has been sent (`everything`: all of them)."""
+        if self._logprobs is None:
+            return None
+        ready = len(self._logprobs) if everything else sum(offset < self.sent for _, offset in self._logprobs)
+        sent, self._logprobs = self._logprobs[:ready], self._logprobs[ready:]
+        return sent
 
 
 class Generations:

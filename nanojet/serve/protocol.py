@@ -2,10 +2,10 @@
 wrong is an `APIError`, which the server answers as OpenAI's error object `{"error": {"message", "type", "param",
 "code"}}`.
 
-Nothing is silently ignored: a field the server does not implement (logprobs, penalties, logit_bias, suffix, tools,
-response_format, ...) is refused with a 400 naming it unless it holds its "off" value (which OpenAI clients send),
-and so is a field it does not know. `n` samples of a prompt are n generations whose seeds are seed, seed + 1, ...
-(mod 2^31), so choice 0 is what n = 1 gives with the same seed."""
+Nothing is silently ignored: a field the server does not implement (penalties, suffix, tools, response_format, ...)
+is refused with a 400 naming it unless it holds its "off" value (which OpenAI clients send), and so is a field it
+does not know, and `echo` with `logprobs` (the prompt's log-probs are not computed). `n` samples of a prompt are n
+generations whose seeds are seed, seed + 1, ... (mod 2^31), so choice 0 is what n = 1 gives with the same seed."""
 import random
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -19,13 +19,13 @@ CHAT_ROLES = ("system", "user", "assistant")
 # What each endpoint reads. `user` is accepted and unused: it names the end user for OpenAI's abuse monitoring and
 # changes nothing generated.
 COMMON_FIELDS = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                 "ignore_eos", "n", "stream", "stream_options", "user"}
+                 "ignore_eos", "n", "stream", "stream_options", "user", "logprobs", "logit_bias"}
 FIELDS = {"/v1/completions": COMMON_FIELDS | {"prompt", "echo", "best_of"},
-          "/v1/chat/completions": COMMON_FIELDS | {"messages"}}
+          "/v1/chat/completions": COMMON_FIELDS | {"messages", "top_logprobs"}}
 # Fields this server does not implement, accepted only at a value that means "off" (OpenAI clients send them so).
-OFF_VALUES = {"logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "presence_penalty": (0,),
-              "frequency_penalty": (0,), "suffix": ("",), "tools": ([],), "tool_choice": ("none",),
-              "response_format": ({"type": "text"},)}
+OFF_VALUES = {"presence_penalty": (0,), "frequency_penalty": (0,), "suffix": ("",), "tools": ([],),
+              "tool_choice": ("none",), "response_format": ({"type": "text"},)}
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` (OpenAI's limit); chat's `top_logprobs` goes to 20
 
 
 class APIError(Exception):
@@ -98,11 +98,48 @@ def choice_count(body: dict) -> int:
     return n
 
 
+def logprob_count(body: dict, endpoint: str) -> int | None:
+    """The alternatives per token a request asks for, or None when it asks for no log-probs. Completions:
+    `logprobs`, an integer 0..5, not with `echo`. Chat: `logprobs: true`, with `top_logprobs` 0..20 (which needs
+    it)."""
+    from nanojet.engine.sampling import MAX_LOGPROBS
+    if endpoint == "/v1/completions":
+        count = number(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS, integer=True)
+        if count is not None and flag(body, "echo"):
+            raise APIError(400, "'echo' with 'logprobs' is not supported by this server (the prompt's log-probs are "
+                                "not computed); leave one of them out", "unsupported_parameter", param="echo")
+        return count
+    top = number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+    if not flag(body, "logprobs"):
+        if top:
+            raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        return None
+    return top or 0
+
+
+def logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    """`logit_bias`: an object of at most 300 {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+    from nanojet.engine.sampling import MAX_LOGIT_BIAS
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+        raise invalid("logit_bias", f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} {{\"token id\": "
+                                    f"bias}} entries, got {bias!r:.80}")
+    checked = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdecimal() and int(key) < vocab_size):
+            raise invalid("logit_bias", f"'logit_bias' keys must be token ids in 0..{vocab_size - 1}, got {key!r}")
+        checked[int(key)] = number({"logit_bias": value}, "logit_bias", None, -100, 100)
+    return checked
+
+
 def generation_jobs(body: dict, prompts: list[list[int]], max_model_len: int, default_max_tokens: int | None,
-                    max_choices: int) -> list[tuple[list[int], "SamplingParams"]]:
+                    max_choices: int, vocab_size: int,
+                    logprobs: int | None = None) -> list[tuple[list[int], "SamplingParams"]]:
     """(prompt ids, SamplingParams) per choice: sample i of prompt p is choice p * n + i and has seed
     (seed + i) mod 2^31 (`seed` drawn at random when absent). At most `max_choices` in all (what the server can
-    queue at once); 400 on anything invalid."""
+    queue at once); `logprobs` alternatives per token (None: no log-probs); 400 on anything invalid."""
     from nanojet.engine.sampling import (
         SamplingParams,  # torch: not needed for `--help` or a bad flag
     )
@@ -116,7 +153,8 @@ def generation_jobs(body: dict, prompts: list[list[int]], max_model_len: int, de
     try:  # SamplingParams says what is wrong with values that pass the range checks (top_p 0)
         base = SamplingParams(temperature=float(number(body, "temperature", 1.0, 0, 2)),
                               top_p=float(number(body, "top_p", 1.0, 0, 1)), top_k=max(top_k, 0), seed=seed,
-                              ignore_eos=flag(body, "ignore_eos"))
+                              ignore_eos=flag(body, "ignore_eos"), logprobs=logprobs,
+                              logit_bias=logit_bias(body, vocab_size))
     except ValueError as error:
         raise APIError(400, str(error), "invalid_parameter") from None
     return [(prompt, replace(base, max_new_tokens=max_new_tokens(body, len(prompt), max_model_len, default_max_tokens),

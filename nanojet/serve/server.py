@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nanojet.serve.logprobs import chat_logprobs, completion_logprobs
 from nanojet.serve.protocol import (
     APIError,
     chat_messages,
@@ -34,6 +35,7 @@ from nanojet.serve.protocol import (
     completion_prompts,
     flag,
     generation_jobs,
+    logprob_count,
     stop_strings,
     stream_options,
 )
@@ -131,10 +133,12 @@ class Routes:
         check_fields(body, request.url.path)
         return body
 
-    def submit(self, body: dict, prompts: list[list[int]], default_max_tokens: int | None) -> "Generations":
+    def submit(self, body: dict, prompts: list[list[int]], default_max_tokens: int | None,
+               logprobs: int | None) -> "Generations":
         """Every choice the request asks for, queued; the last step, after everything is checked."""
         from nanojet.serve.loop import QueueFull
-        jobs = generation_jobs(body, prompts, self.llm.max_model_len, default_max_tokens, self.loop.max_waiting)
+        jobs = generation_jobs(body, prompts, self.llm.max_model_len, default_max_tokens, self.loop.max_waiting,
+                               self.llm.model.config.vocab_size, logprobs)
         try:
             return self.loop.submit(jobs, stop_strings(body))
         except ValueError as error:
@@ -150,23 +154,26 @@ class Routes:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
     @staticmethod
-    async def collect(request: "Request", choices: "Generations") -> list[tuple[str, str]]:
-        """Await every choice's whole text and finish reason, cancelling them if the client goes away meanwhile."""
+    async def collect(request: "Request", choices: "Generations") -> list[tuple[str, str, list]]:
+        """Await every choice's whole text, finish reason and log-probs (`TextEvent.logprobs`, [] when not asked),
+        cancelling them if the client goes away meanwhile."""
         watcher = asyncio.create_task(cancel_on_disconnect(request, choices))
         pieces, finishes = [[] for _ in choices.streams], [""] * len(choices.streams)
+        logprobs = [[] for _ in choices.streams]
         try:
             async for event in choices.events():  # a cancelled request still ends with an event ("abort")
                 pieces[event.index].append(event.text)
                 finishes[event.index] = event.finish_reason or ""
+                logprobs[event.index] += event.logprobs or []
         finally:
             watcher.cancel()
             choices.cancel()
-        return [("".join(texts), finish) for texts, finish in zip(pieces, finishes)]
+        return [("".join(texts), finish, entries) for texts, finish, entries in zip(pieces, finishes, logprobs)]
 
     def event_stream(self, choices: "Generations", head: dict, choice, first: list[dict],
                      usage_prompts: list[list[int]] | None):
         """Server-sent events, each chunk `head` with one choice: the `first` ones, then `choice(index, text,
-        finish_reason)` per text event; the usage of `usage_prompts` once every choice has ended (when
+        finish_reason, logprobs)` per text event; the usage of `usage_prompts` once every choice has ended (when
         `stream_options.include_usage` asks for it), then `data: [DONE]`. Closing the connection cancels the
         generations."""
         from starlette.responses import StreamingResponse
@@ -176,7 +183,8 @@ class Routes:
                 for one in first:
                     yield f"data: {json.dumps({**head, 'choices': [one]})}\n\n"
                 async for event in choices.events():
-                    chunk = {**head, "choices": [choice(event.index, event.text, event.finish_reason)]}
+                    chunk = {**head, "choices": [choice(event.index, event.text, event.finish_reason,
+                                                        event.logprobs)]}
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if usage_prompts is not None:
                     usage = {**head, "choices": [], "usage": self.usage(usage_prompts, choices)}
@@ -191,22 +199,24 @@ class Routes:
         body = await self.read_body(request)
         stream, include_usage = stream_options(body)
         prompts = completion_prompts(body, self.llm.tokenizer, self.llm.model.config.vocab_size)
-        echo = flag(body, "echo")
+        echo, count = flag(body, "echo"), logprob_count(body, "/v1/completions")
         prompt_ids = [ids for _, ids in prompts]
-        choices = self.submit(body, prompt_ids, default_max_tokens=16)
+        choices = self.submit(body, prompt_ids, default_max_tokens=16, logprobs=count)
         n = len(choices.streams) // len(prompts)
         echoes = [text if echo else "" for text, _ in prompts for _ in range(n)]  # choice p * n + i: prompt p
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
-        def choice(index: int, text: str, finish: str | None) -> dict:
-            return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+        def choice(index: int, text: str, finish: str | None, logprobs: list | None = None) -> dict:
+            shown = None if count is None else completion_logprobs(logprobs or [], self.llm.tokenizer)
+            return {"index": index, "text": text, "finish_reason": finish, "logprobs": shown}
 
         if stream:
             first = [choice(i, text, None) for i, text in enumerate(echoes) if text]
             return self.event_stream(choices, head, choice, first, prompt_ids if include_usage else None)
         answers = await self.collect(request, choices)
-        return {**head, "choices": [choice(i, echoes[i] + text, finish) for i, (text, finish) in enumerate(answers)],
+        return {**head, "choices": [choice(i, echoes[i] + text, finish, logprobs)
+                                    for i, (text, finish, logprobs) in enumerate(answers)],
                 "usage": self.usage(prompt_ids, choices)}
 
     async def chat_completions(self, request: "Request"):
@@ -214,20 +224,26 @@ class Routes:
         stream, include_usage = stream_options(body)
         template = self.llm.tokenizer.apply_chat_template(chat_messages(body.get("messages")), enable_thinking=False)
         prompt = self.llm.tokenizer.encode(template)
-        choices = self.submit(body, [prompt], default_max_tokens=None)
+        count = logprob_count(body, "/v1/chat/completions")
+        choices = self.submit(body, [prompt], default_max_tokens=None, logprobs=count)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
-        if stream:
-            def delta(index: int, text: str, finish: str | None) -> dict:
-                return {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
 
-            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(len(choices.streams))]
+        def shown(logprobs: list | None) -> dict | None:
+            return None if count is None else chat_logprobs(logprobs or [], self.llm.tokenizer)
+
+        if stream:
+            def delta(index: int, text: str, finish: str | None, logprobs: list | None) -> dict:
+                return {"index": index, "delta": {"content": text} if text else {}, "logprobs": shown(logprobs),
+                        "finish_reason": finish}
+
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(len(choices.streams))]
             return self.event_stream(choices, {**head, "object": "chat.completion.chunk"}, delta, first,
                                      [prompt] if include_usage else None)
         answers = await self.collect(request, choices)
         return {**head, "object": "chat.completion",
-                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                            for i, (text, finish) in enumerate(answers)],
+                "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": shown(logprobs),
+                             "finish_reason": finish} for i, (text, finish, logprobs) in enumerate(answers)],
                 "usage": self.usage([prompt], choices)}
 
     def health(self) -> dict:
