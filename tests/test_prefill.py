@@ -56,9 +56,12 @@ def test_prefill_chunk_must_be_positive(hf_model_dir):
 
 def test_prompt_lengths_do_not_specialise_the_attention_kernel():
     """Prefill chunks and trees of every length must reuse a few compiled attention variants: the lengths and the
-    split count are runtime arguments of the Triton kernel, never specialisation keys (only "split or not" is)."""
+    split size and count are runtime arguments of the Triton kernels, never specialisation keys (only "split or
+    not" is)."""
     from nanojet.kernels import triton_attention
-    for kernel in (triton_attention._paged_attention_kernel, triton_attention._combine_splits_kernel):
+    for kernel, runtime in ((triton_attention._paged_attention_kernel, {"num_tokens", "split_keys"}),
+                            (triton_attention._combine_splits_kernel, {"num_tokens", "num_splits"}),
+                            (triton_attention._visible_order_kernel, {"blocks_per_sequence", "stride_order"})):
         # (a JITFunction keeps the list; under TRITON_INTERPRET the interpreted function keeps its jit kwargs)
         names = kernel.do_not_specialize if hasattr(kernel, "do_not_specialize") else kernel.kwargs["do_not_specialize"]
-        assert {"num_tokens", "num_splits"} <= set(names)
+        assert runtime <= set(names)

@@ -53,8 +53,8 @@ PREFILL_CHUNK = DEFAULT_PREFILL_CHUNK
 PROMPT_TAIL = 300                    # a prefill (or a last chunk) whose length is not a multiple of 16
 PATH_LENGTHS = (1, 7, 16)            # accepted rows a commit moves: plain decoding, a short path, block 16
 TRAINING_BATCH = (4, 256)            # train_head.py's default batch x sequence length
-# Keys a block table can address: Qwen3's context plus the widest tree (the engine's split-K regime), and a
-# table too short to split (what a GPU with more multiprocessors, or batched rounds, launch).
+# Keys a block table can address: Qwen3's context plus the widest tree (split into chunks of fixed logical
+# positions), and a table too short to split.
 BLOCK_TABLE_KEYS = {"40960-token context": 40960 + 512, "256-key table": 256}
 
 
