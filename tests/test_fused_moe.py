@@ -17,7 +17,7 @@ from nanojet.kernels.triton_moe import moe_block_sizes, sort_pairs_by_expert  # 
 
 
 def moe_case(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int, dtype: torch.dtype,
-             device: str, experts_used: list[int] | None = None, seed: int = 0) -> dict:
+             device: str, experts_used: list[int] | None = None, seed: int = 0) -> dict:  # noqa: F811
     """Random inputs; each token's k distinct experts are drawn from `experts_used` (default: all)."""
     generator = torch.Generator().manual_seed(seed)
     pool = torch.tensor(experts_used if experts_used is not None else range(num_experts))
@@ -43,7 +43,7 @@ CASES = {  # (tokens, experts, top_k, hidden, inter, experts tokens may pick)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", CASES)
-def test_kernel_matches_reference(device, name, dtype):
+def test_kernel_matches_reference(device, name, dtype):  # noqa: F811 (the fixture imported above)
     tokens, experts, top_k, hidden, inter, used = CASES[name]
     case = moe_case(tokens, experts, top_k, hidden, inter, dtype, device, used)
     got = triton_ops.fused_moe(**case)
@@ -56,7 +56,23 @@ def test_kernel_matches_reference(device, name, dtype):
 def test_several_tiles_per_expert_really_happen():
     """The last case above must span several BLOCK_M tiles of one expert in both dtypes, or it tests nothing."""
     for fp32 in (True, False):
-        assert 70 > moe_block_sizes(70, 2, fp32)[0]
+        assert 70 > moe_block_sizes(fp32)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_routing_matches_reference(device, dtype, renormalize):  # noqa: F811
+    """The router's softmax / top-k kernel: top-8 of 128 and top-2 of 6 (E not a power of two). The logits are
+    distinct multiples of 1/8 (exact in bf16), so no two experts tie and both must pick the same ids."""
+    generator = torch.Generator().manual_seed(1)
+    for experts, top_k in ((128, 8), (6, 2)):
+        ranks = torch.stack([torch.randperm(experts, generator=generator) for _ in range(9)])
+        logits = ((ranks - experts / 2) / 8).to(dtype=dtype, device=device)
+        weights, ids = triton_ops.topk_routing(logits, top_k, renormalize)
+        expected_weights, expected_ids = reference.topk_routing(logits.cpu(), top_k, renormalize)
+        assert weights.dtype == dtype and ids.dtype == torch.int64
+        assert torch.equal(ids.cpu(), expected_ids)
+        torch.testing.assert_close(weights.cpu(), expected_weights, **TOLERANCE[dtype])
 
 
 def test_reference_equals_a_per_token_loop():

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CAPABILITIES = (80, 90)
 ALL_KERNELS = {"_paged_attention_kernel", "_visible_order_kernel", "_combine_splits_kernel", "_rms_norm_kernel",
                "_qk_norm_rope_kernel", "_silu_and_mul_kernel", "_store_kv_kernel", "_move_kv_kernel",
-               "_moe_gate_up_kernel", "_moe_down_kernel", "_moe_sum_kernel"}
+               "_moe_gate_up_kernel", "_moe_down_kernel", "_moe_sum_kernel", "_topk_routing_kernel",
+               "_linear_kernel", "_split_k_sum_kernel"}
 
 
 def run_gates() -> dict[int, tuple[int, dict | None, str]]:
@@ -48,8 +49,13 @@ def test_every_kernel_specialisation_compiles_for_sm80_and_sm90_without_spills()
         assert {(c["SPLIT_K"], c["COMPUTE_FP32"]) for c in constants} == {(a, b) for a in (0, 1) for b in (0, 1)}
         assert {(c["COMPUTE_FP32"], c["BLOCK_R"]) for c in constants} == {(0, 64), (1, 16)}
         assert {c["GROUP"] for c in constants} == {2, 4}
+        linear = [r for r in records if r["kernel"] == "_linear_kernel"]
+        # One specialisation per weight shape and dtype, whatever the row count; split K and one K range each.
+        assert {(r["constants"]["PARTIAL"], r["constants"]["COMPUTE_FP32"]) for r in linear} == \
+            {(a, b) for a in (0, 1) for b in (0, 1)}
         launched_by = {w for r in records for w in r["launched_by"]}
         for workload in ("tree verify qwen3-8b bfloat16 n=512", "draft block qwen3-0.6b float32 n=16",
                          "prefill qwen3-8b bfloat16 n=512", "commit qwen3-8b float32 n=1",
-                         "training step qwen3-0.6b bfloat16 n=1024"):
+                         "training step qwen3-0.6b bfloat16 n=1024",
+                         "projections qwen3-30b-a3b qwen3-0.6b bfloat16 n=1"):
             assert workload in launched_by

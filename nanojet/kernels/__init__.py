@@ -5,14 +5,22 @@ imported); `set_backend("torch")` forces the reference; `set_backend(None)` rest
 A call whose inputs need gradients (training the draft head) always runs the reference: the Triton kernels have
 no backward.
 
-Under torch.compile the elementwise kernels are traced from their torch reference (the compiler writes its own
-fused kernels, Triton ones on CUDA), and the three kernels that touch the KV pool are opaque custom ops
-(`torch.ops.nanojet.*`, dispatching to Triton or the reference when they run): the compiler fuses the glue
-around them but never traces into them. Traced, a write into a view of the pool becomes a functional copy of the
-whole pool (O(context) per step, for a few rows), and the reference attention's per-sequence host loop would
-break the graph. Their data dependencies (each write consumes what the previous read produced) keep them in
-program order. `fused_moe` is an opaque custom op too: grouping tokens by expert is data-dependent (the
-reference reads expert counts on the host), which a full-graph compile cannot trace."""
+Row invariance: on the Triton path every op of the target forward (`linear`, `rms_norm`, `qk_norm_rope`,
+`silu_and_mul`, `topk_routing`, `fused_moe`, the attention and KV kernels) computes a row's bits from that row alone,
+whatever the number and order of the rows sharing the launch, so a tree node verified among many rows and the same
+token decoded alone agree in bf16 (kernels/README.md, *Row invariance*). The reference makes no such promise
+(cuBLAS and MKL choose by row count); on the CPU it is the runtime path, where fp32 keeps decoding lossless.
+
+Under torch.compile the kernels are opaque custom ops (`torch.ops.nanojet.*`, dispatching to Triton or the
+reference when they run) wherever the Triton kernels would run eagerly: the compiler fuses the glue around them but
+never traces into them. Traced, inductor would write its own matmuls, norms and reductions, with tiles and
+reduction splits chosen from sizes that include the row count, and compiled rounds would no longer round like
+eager prefill. (On the CPU the elementwise kernels and `linear` are traced from the reference as before: there the
+compiler's choices cost no losslessness in fp32.) The three kernels that touch the KV pool and `fused_moe` are
+opaque on every device: traced, a write into a view of the pool becomes a functional copy of the whole pool
+(O(context) per step, for a few rows), the reference attention's per-sequence host loop would break the graph, and
+grouping tokens by expert is data-dependent (the reference reads expert counts on the host). The pool kernels'
+data dependencies (each write consumes what the previous read produced) keep them in program order."""
 import torch
 
 from . import reference
@@ -31,14 +39,55 @@ def _impl(tensor: torch.Tensor, *operands: torch.Tensor | None):
     """The module that runs a kernel on `tensor` (and the other differentiable `operands`)."""
     if not (_forced_backend == "triton" or (_forced_backend is None and tensor.is_cuda)):
         return reference  # decided first: on the CPU this runs for every kernel call of a decode step
-    if torch.compiler.is_compiling():
-        return reference  # traced: the compiler generates its own fused kernels from the torch code
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (tensor, *operands)):
         return reference  # training: the Triton kernels define no backward, the torch ops do
+    if torch.compiler.is_compiling():
+        return _Opaque  # traced: the row-invariant kernels stay kernels (the module's docstring)
     from . import (
         triton_ops,  # lazy: importing triton is slow and needs TRITON_INTERPRET set first on CPU
     )
     return triton_ops
+
+
+class _Opaque:
+    """The row-invariant kernels as torch.compile sees them on the Triton path: custom ops, with the signatures of
+    `reference` and `triton_ops` (a custom op cannot return one of its inputs, so `rms_norm` without a residual
+    returns x itself from here)."""
+
+    @staticmethod
+    def linear(x, weight, bias=None, out_dtype=None):
+        return torch.ops.nanojet.linear(x, weight, bias, out_dtype)
+
+    @staticmethod
+    def rms_norm(x, weight, eps, residual=None):
+        if residual is None:
+            return torch.ops.nanojet.rms_norm(x, weight, eps), x
+        normed, total = torch.ops.nanojet.add_rms_norm(x, residual, weight, eps)
+        return normed, total
+
+    @staticmethod
+    def qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps):
+        q_out, k_out = torch.ops.nanojet.qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
+        return q_out, k_out
+
+    @staticmethod
+    def silu_and_mul(gate_up):
+        return torch.ops.nanojet.silu_and_mul(gate_up)
+
+    @staticmethod
+    def topk_routing(logits, top_k, renormalize):
+        weights, ids = torch.ops.nanojet.topk_routing(logits, top_k, renormalize)
+        return weights, ids
+
+
+def linear(x, weight, bias=None, out_dtype=None):
+    """`x @ weight^T + bias` `[..., N]` in `out_dtype` (default x's dtype); row-invariant on the Triton path."""
+    return _impl(x, weight, bias).linear(x, weight, bias, out_dtype)
+
+
+def topk_routing(logits, top_k: int, renormalize: bool):
+    """A MoE router's (weights `[T, k]`, expert ids `[T, k]`) from its logits `[T, E]` (`reference.topk_routing`)."""
+    return _impl(logits).topk_routing(logits, top_k, renormalize)
 
 
 def rms_norm(x, weight, eps, residual=None):
@@ -144,3 +193,74 @@ def _fused_moe_op(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tenso
 @_fused_moe_op.register_fake
 def _(hidden, gate_up, down, topk_weights, topk_ids):
     return hidden.new_empty(hidden.shape)
+
+
+# The row-invariant kernels while compiling for the Triton path (`_Opaque`). Each runs eagerly when the graph runs.
+
+
+def _promoted(tensor: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return tensor.new_empty(tensor.shape, dtype=torch.promote_types(weight.dtype, dtype or tensor.dtype))
+
+
+@torch.library.custom_op("nanojet::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype | None) -> torch.Tensor:
+    return _impl(x).linear(x, weight, bias, out_dtype)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, out_dtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op("nanojet::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _impl(x).rms_norm(x, weight, eps)[0]
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return _promoted(x, weight)
+
+
+@torch.library.custom_op("nanojet::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(x).rms_norm(x, weight, eps, residual)
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    total_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return _promoted(x, weight, total_dtype), x.new_empty(x.shape, dtype=total_dtype)
+
+
+@torch.library.custom_op("nanojet::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                     positions: torch.Tensor, inv_freq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(q).qk_norm_rope(q, k, q_weight, k_weight, positions, inv_freq, eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, q_weight, k_weight, positions, inv_freq, eps):
+    return _promoted(q, q_weight), _promoted(k, k_weight)
+
+
+@torch.library.custom_op("nanojet::silu_and_mul", mutates_args=())
+def _silu_and_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
+    return _impl(gate_up).silu_and_mul(gate_up)
+
+
+@_silu_and_mul_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@torch.library.custom_op("nanojet::topk_routing", mutates_args=())
+def _topk_routing_op(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(logits).topk_routing(logits, top_k, renormalize)
+
+
+@_topk_routing_op.register_fake
+def _(logits, top_k, renormalize):
+    return logits.new_empty((logits.shape[0], top_k)), logits.new_empty((logits.shape[0], top_k), dtype=torch.int64)

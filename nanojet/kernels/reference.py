@@ -24,6 +24,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * normed.to(x.dtype), x
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x @ weight^T + bias` in x's dtype, then converted to `out_dtype` if given (the Triton kernel rounds its fp32
+    sum once, straight to `out_dtype`)."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
+
+
 def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and *signed* sin `[T, 1, D]` (rotate-half layout, fp32) at integer positions, broadcast over heads.
 
@@ -261,6 +269,16 @@ def _attend_batched(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
                                                              scale=scale, enable_gqa=True)  # [S, Hq, n, D]
     out = mixed.transpose(1, 2).reshape(q.shape)
     return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+def topk_routing(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A MoE router's choice from its logits `[T, E]`, as transformers computes it: softmax in fp32, the top k,
+    renormalised to sum 1 when `renormalize`, then cast to the logits' dtype. Returns (weights `[T, k]`, ids int64)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
 
 
 def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,

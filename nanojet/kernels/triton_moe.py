@@ -1,4 +1,4 @@
-"""Fused mixture-of-experts MLP in Triton: the contract of `kernels.reference.fused_moe`.
+"""Fused mixture-of-experts MLP in Triton: the contract of `kernels.reference.fused_moe`, and the router's top-k.
 
 Each token picks k experts, so there are P = T * k (token, slot) pairs. The pairs are sorted by expert and each
 expert's run is padded to a multiple of BLOCK_M, so every BLOCK_M-row tile of the sorted list belongs to one expert
@@ -8,12 +8,18 @@ expert's run is padded to a multiple of BLOCK_M, so every BLOCK_M-row tile of th
    then SiLU(gate) * up, written to an activation buffer `[P, I]` at each pair's row;
 2. `_moe_down_kernel`: the down projection of those rows by the same expert, times the pair's routing weight,
    written to `[P, H]`;
-3. `_moe_sum_kernel`: the sum over the k slots of each token, in fp32, rounded once.
+3. `_moe_sum_kernel`: the sum over the k slots of each token, in slot order, in fp32, rounded once.
 
 Everything is sized from shapes only (the padded list has room for the worst case, and tiles past the last
-expert's run exit at once), so there is no host sync and the launches can be captured in a CUDA graph. A pair's
-row never depends on the other rows of its tile, so a token's output is the same whether it is decoded alone or
-verified among a tree's nodes (reduction order over H and I is fixed by the block sizes).
+expert's run exit at once), so there is no host sync and the launches can be captured in a CUDA graph.
+
+Row invariance (a token's output bits do not depend on which other tokens share the step, how many, or how the
+pairs sort): the tiles (`moe_block_sizes`) depend on the dtype only, not on the number of pairs, so every pair row
+goes through the same tile shapes and the same reduction order over H and I wherever it lands in its tile; the
+pair count is a runtime argument Triton does not specialise on; and a token's k rows are summed in slot order
+0..k-1, whatever order the sort put them in. So a tree node verified among many and a token decoded alone agree.
+
+`topk_routing` is the router after its projection: softmax in fp32, top k, renormalised, one program per token.
 """
 import torch
 import triton
@@ -54,7 +60,7 @@ def _tile_rows(sorted_pairs_ptr, block_experts_ptr, num_pairs, num_experts, BLOC
     return expert, pairs, pairs < num_pairs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts_ptr, act_ptr,
                         num_pairs, num_experts, hidden_size, inter, top_k,
                         stride_hidden, stride_gu_expert, stride_gu_row, stride_act,
@@ -96,7 +102,7 @@ def _moe_gate_up_kernel(hidden_ptr, gate_up_ptr, sorted_pairs_ptr, block_experts
              mask=valid[:, None] & col_valid[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_down_kernel(act_ptr, down_ptr, sorted_pairs_ptr, block_experts_ptr, weights_ptr, rows_ptr,
                      num_pairs, num_experts, hidden_size, inter,
                      stride_act, stride_down_expert, stride_down_row, stride_rows,
@@ -139,17 +145,16 @@ def _moe_sum_kernel(rows_ptr, out_ptr, hidden_size, stride_rows, stride_out, TOP
     tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# 8 warps: with 4, the 32- and 64-row bf16 tiles spill registers on sm_80 and sm_90 (two accumulators and the
-# transposed weight tiles); with 8 no configuration spills (Triton's compiler + ptxas -v, checked without a GPU).
+# 8 warps: with 4, 32- and 64-row bf16 tiles spilled registers on sm_80 and sm_90 (two accumulators and the
+# transposed weight tiles); 8 spill nowhere (Triton's compiler + ptxas -v, checked without a GPU).
 GEMM_WARPS = 8
 
 
-def moe_block_sizes(num_pairs: int, num_experts: int, fp32: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K) from shapes only. BLOCK_M follows the expected rows per expert: decode and small
-    trees give each expert a row or two, so 16 (tl.dot's minimum) wastes least; prefill fills 64-row tiles."""
-    rows_per_expert = num_pairs / num_experts
-    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
-    return (min(block_m, 32), 32, 32) if fp32 else (block_m, 64, 64)
+def moe_block_sizes(fp32: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) from the dtype only, never from the number of pairs (row invariance). BLOCK_M is
+    tl.dot's minimum, 16: in decode and tree verify each expert gets a row or a few, so larger tiles would be padding;
+    prefill's fuller experts take several tiles, each reading the expert's weights (mostly from L2)."""
+    return (16, 32, 32) if fp32 else (16, 64, 64)
 
 
 def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
@@ -166,7 +171,7 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
     weights = topk_weights.flatten().contiguous()
     num_pairs = num_tokens * top_k
     fp32 = hidden.dtype == torch.float32
-    block_m, block_n, block_k = moe_block_sizes(num_pairs, num_experts, fp32)
+    block_m, block_n, block_k = moe_block_sizes(fp32)
     sorted_pairs, block_experts = sort_pairs_by_expert(topk_ids, num_experts, block_m)
     # The interpreter multiplies bf16 tl.dot operands as raw bits: compute in fp32 there.
     compute_fp32 = fp32 or _interpreted(_moe_gate_up_kernel)
@@ -186,6 +191,56 @@ def fused_moe(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
         rows, out, hidden_size, rows.stride(0), out.stride(0), TOP_K=top_k, BLOCK=block,
         num_warps=max(1, min(8, block // 256)))
     return out
+
+
+@triton.jit
+def _topk_routing_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_logits, stride_weights, stride_ids,
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """One token: softmax over its experts' logits in fp32, the k largest (ties to the lower expert id), optionally
+    renormalised to sum 1, stored in the logits' dtype with int64 ids. Every reduction spans one token's row."""
+    token = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BLOCK_E)
+    valid = experts < num_experts
+    logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=float("-inf")).to(tl.float32)
+    shifted = tl.exp(logits - tl.max(logits, axis=0))
+    probs = tl.where(valid, shifted / tl.sum(shifted, axis=0), -1.0)  # -1: never picked (probabilities are >= 0)
+    slots = tl.arange(0, BLOCK_K)
+    weights = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+    for slot in tl.static_range(TOP_K):
+        best, expert = tl.max(probs, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        weights = tl.where(slots == slot, best, weights)
+        ids = tl.where(slots == slot, expert.to(tl.int64), ids)
+        probs = tl.where(experts == expert, -1.0, probs)
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, axis=0)  # slots past k hold 0
+    picked = slots < TOP_K
+    tl.store(weights_ptr + token * stride_weights + slots, weights.to(weights_ptr.dtype.element_ty), mask=picked)
+    tl.store(ids_ptr + token * stride_ids + slots, ids, mask=picked)
+
+
+def topk_routing_config(num_experts: int, top_k: int) -> dict:
+    """One token per program, whatever the token count: the block covers all experts."""
+    block = triton.next_power_of_2(num_experts)
+    return dict(BLOCK_E=block, BLOCK_K=triton.next_power_of_2(top_k), num_warps=max(1, min(8, block // 256)))
+
+
+def topk_routing(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `kernels.reference.topk_routing`: router logits `[T, E]` -> (weights `[T, k]` in the logits'
+    dtype, expert ids `[T, k]` int64). Ties go to the lower expert id."""
+    num_tokens, num_experts = logits.shape
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k must be in 1..{num_experts} (the number of experts), got {top_k}")
+    weights = torch.empty(num_tokens, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    _topk_routing_kernel[(num_tokens,)](
+        logits, weights, ids, num_experts, logits.stride(0), weights.stride(0), ids.stride(0), TOP_K=top_k,
+        RENORMALIZE=renormalize, **topk_routing_config(num_experts, top_k))
+    return weights, ids
 
 
 def example_args(num_tokens: int, hidden_size: int, moe_intermediate_size: int, num_experts: int, top_k: int,

@@ -1,8 +1,11 @@
 """Triton kernels with the signatures and numerics of `kernels.reference`; `kernels/__init__.py` dispatches here.
 
-Paged attention lives in `triton_attention.py`, the fused MoE MLP in `triton_moe.py`. Elementwise kernels
-compute in fp32 and round to the output dtype at the same points as the torch reference (e.g. HF's cast of the
-normed value before the weight), so bf16 results agree with it to the last bit in most elements.
+Paged attention lives in `triton_attention.py`, the fused MoE MLP and the router's top-k in `triton_moe.py`, the
+row-invariant projections in `triton_linear.py`. Elementwise kernels compute in fp32 and round to the output dtype
+at the same points as the torch reference (e.g. HF's cast of the normed value before the weight).
+
+Row invariance: each kernel here gives one row (token) to a program, and its block sizes and warps come from the
+hidden / head shapes only (the `*_config` functions), so a row's bits never depend on how many rows share a launch.
 """
 import functools
 
@@ -10,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_attention
-from .triton_moe import fused_moe
+from . import triton_attention, triton_linear, triton_moe
 
-__all__ = ["rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv", "move_kv", "paged_attention", "fused_moe"]
+__all__ = ["rms_norm", "qk_norm_rope", "silu_and_mul", "store_kv", "move_kv", "paged_attention", "fused_moe",
+           "linear", "topk_routing"]
 
 
 def _named_errors(launch):
@@ -35,10 +38,34 @@ def _named_errors(launch):
 
 
 paged_attention = _named_errors(triton_attention.paged_attention)
+fused_moe = _named_errors(triton_moe.fused_moe)
+linear = _named_errors(triton_linear.linear)
+topk_routing = _named_errors(triton_moe.topk_routing)
 
 
 def _warps(block: int) -> int:
     return max(1, min(16, block // 256))
+
+
+def rms_norm_config(hidden: int) -> dict:
+    block = triton.next_power_of_2(hidden)
+    return dict(BLOCK=block, num_warps=_warps(block))
+
+
+def qk_norm_rope_config(num_q_heads: int, num_k_heads: int, head_dim: int) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_HQ=triton.next_power_of_2(max(num_q_heads, 1)),
+                BLOCK_HK=triton.next_power_of_2(max(num_k_heads, 1)), BLOCK_D=triton.next_power_of_2(head_dim),
+                num_warps=4)
+
+
+def silu_and_mul_config(intermediate: int) -> dict:
+    block = min(1024, triton.next_power_of_2(intermediate))
+    return dict(BLOCK=block, num_warps=_warps(block))
+
+
+def store_kv_config(num_heads: int, head_dim: int) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads),
+                BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
 
 
 @triton.jit
@@ -77,11 +104,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out, total
     x_rows, out_rows, total_rows = _rows(x), out.view(-1, hidden), _rows(total)
     residual_rows = x_rows if residual is None else _rows(residual)
-    block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(x_rows.shape[0],)](
         x_rows, residual_rows, weight, out_rows, total_rows, hidden, eps,
         x_rows.stride(0), residual_rows.stride(0), out_rows.stride(0), total_rows.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block))
+        HAS_RESIDUAL=residual is not None, **rms_norm_config(hidden))
     return out, total
 
 
@@ -146,13 +172,11 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_wei
     if num_tokens == 0:
         return q_out, k_out
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    block_dim = triton.next_power_of_2(head_dim)
     _qk_norm_rope_kernel[(num_tokens, 2)](
         q, k, q_out, k_out, q_weight, k_weight, positions, inv_freq, num_q_heads, num_k_heads, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_HQ=triton.next_power_of_2(max(num_q_heads, 1)),
-        BLOCK_HK=triton.next_power_of_2(max(num_k_heads, 1)), BLOCK_D=block_dim, num_warps=4)
+        **qk_norm_rope_config(num_q_heads, num_k_heads, head_dim))
     return q_out, k_out
 
 
@@ -175,9 +199,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     rows, out_rows = _rows(gate_up), out.view(-1, intermediate)
-    block = min(1024, triton.next_power_of_2(intermediate))
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(intermediate, block))](
-        rows, out_rows, intermediate, rows.stride(0), out_rows.stride(0), BLOCK=block, num_warps=_warps(block))
+    config = silu_and_mul_config(intermediate)
+    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(intermediate, config["BLOCK"]))](
+        rows, out_rows, intermediate, rows.stride(0), out_rows.stride(0), **config)
     return out
 
 
@@ -217,8 +241,7 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         k, v, k_cache, v_cache, slot_mapping, num_heads,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), PAGE_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+        v_cache.stride(2), PAGE_SIZE=k_cache.shape[1], **store_kv_config(num_heads, head_dim))
 
 
 @triton.jit

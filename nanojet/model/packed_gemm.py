@@ -14,14 +14,17 @@ process holds stay under `EXTRA_COPIES_SHARE` of the memory that was available w
 model keeps one copy and a small one gets a copy per shape (else a later shape in a sweep runs the slow GEMM and
 looks worse than it is). `linear` uses the packed copy
 when the input has exactly its rows and the weight has not been written since it was packed (its version counter),
-and is plain `F.linear` otherwise (other devices and dtypes, prefill, autograd, torch.compile).
+and `kernels.linear` otherwise: `F.linear` on the CPU (other dtypes, prefill, autograd, torch.compile), the
+row-invariant Triton kernel on a GPU (nanojet/kernels/triton_linear.py), where a projection's bits must not depend
+on how many rows share it.
 """
 import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from nanojet import kernels
 
 PACKED_ROWS = range(3, 32)  # row counts where the packed GEMM beat F.linear on the CPU
 MEMORY_HEADROOM = 4  # pack only while MemAvailable >= this many packed copies
@@ -75,15 +78,18 @@ def weight_version(weight: torch.Tensor) -> int:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: dict[int, tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, through the packed copy of `weight` for x's row count when there is a current
-    one (`packed` as `pack_rows` fills it: row count -> (the weight's version when packed, packed copy))."""
+           packed: dict[int, tuple[int, torch.Tensor]] | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`kernels.linear(x, weight, bias, out_dtype)`, through the packed copy of `weight` for x's row count when there
+    is a current one (`packed` as `pack_rows` fills it: row count -> (the weight's version when packed, packed
+    copy))."""
     if packed and x.dim() == 2 and x.shape[0] in packed and not torch.compiler.is_compiling() \
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         version, copy = packed[x.shape[0]]
         if version == weight_version(weight):  # else the weight was written since (training): the copy is stale
-            return torch.ops.mkl._mkl_linear(x, copy, weight, bias, x.shape[0])
-    return F.linear(x, weight, bias)
+            out = torch.ops.mkl._mkl_linear(x, copy, weight, bias, x.shape[0])
+            return out if out_dtype is None or out.dtype == out_dtype else out.to(out_dtype)
+    return kernels.linear(x, weight, bias, out_dtype)
 
 
 class Linear(nn.Linear):

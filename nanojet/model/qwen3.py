@@ -109,13 +109,10 @@ class SparseMoE(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h `[T, H]` -> (weights `[T, k]` in h's dtype, expert ids `[T, k]`), computed as transformers does:
-        softmax in fp32, top k, renormalised to sum 1 when norm_topk_prob, then cast to the logits' dtype."""
-        logits = self.gate(h)  # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(logits.dtype), ids
+        softmax in fp32, top k, renormalised to sum 1 when norm_topk_prob, then cast to the logits' dtype. Both
+        steps are kernels, row-invariant on a GPU (a token's experts must not depend on the rows beside it)."""
+        logits = linear(h, self.gate.weight)  # [T, E]
+        return kernels.topk_routing(logits, self.top_k, self.norm_topk_prob)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
@@ -165,8 +162,9 @@ class Qwen3(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden rows -> fp32 logits (computed only for the rows a caller needs)."""
-        return linear(hidden, self.lm_head_weight, packed=self.packed_lm_head).float()
+        """Final-normed hidden rows -> fp32 logits (computed only for the rows a caller needs). On a GPU the fp32 sum
+        is rounded once, to fp32; the CPU rounds to the model's dtype first, as transformers does."""
+        return linear(hidden, self.lm_head_weight, packed=self.packed_lm_head, out_dtype=torch.float32)
 
     def pack(self, rows: int, logit_rows: int) -> None:
         """CPU rounds: packed weights for forwards of `rows` tokens that score `logit_rows` of them

@@ -99,10 +99,12 @@ class Models:
 
 
 def verify(models: Models, count: int) -> None:
-    """The target over `count` new tokens (a tree, a prefill chunk, one decode token) with the head's taps."""
+    """The target over `count` new tokens (a tree, a prefill chunk, one decode token) with the head's taps, and the
+    logits of every row."""
     for keys in BLOCK_TABLE_KEYS.values():
         taps = (0,) if count > 1 else ()
-        models.target(models.tokens(count), models.metadata(count, keys), models.pool[:1], taps)
+        hidden, _ = models.target(models.tokens(count), models.metadata(count, keys), models.pool[:1], taps)
+        models.target.logits(hidden)
 
 
 def draft(models: Models, count: int) -> None:
@@ -136,11 +138,30 @@ def training_step(models: Models, count: int) -> None:
 
 def fused_moe(models: Models, count: int) -> None:
     """The fused-MoE MLP of one Qwen3-30B-A3B layer over `count` tokens (its own shape; the dtype is the models'):
-    hidden 2048, 128 experts of 768, top-8. Token counts 1, 256, the prefill chunk (512) and 1024 (a batched
-    step) reach every tile choice (16-, 32- and 64-row expert tiles)."""
+    hidden 2048, 128 experts of 768, top-8, at token counts from decode to a batched step (the tiles do not depend
+    on the count: one specialisation per dtype)."""
     from nanojet.kernels.triton_moe import example_args
     if models.shape == SHAPES[0]:  # the MoE shape does not depend on the dense shapes: compile it once per dtype
         kernels.fused_moe(*example_args(count, 2048, 768, 128, 8, NAMED_DTYPES[models.dtype], "meta"))
+
+
+MOE_PROJECTIONS = {  # Qwen3-30B-A3B's projections other than the experts: (out_features, in_features)
+    "qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)}
+
+
+def moe_projections(models: Models, count: int) -> None:
+    """Qwen3-30B-A3B's projections over `count` rows (its own shape, the models' dtype): qkv, o, lm_head (fp32
+    logits) and the router with its top-8 of 128; the experts are `fused_moe`'s. The dense shapes' projections are
+    the target's and the head's own (`verify`, `draft`)."""
+    if models.shape != SHAPES[0]:  # independent of the dense shapes: compile once per dtype
+        return
+    dtype = NAMED_DTYPES[models.dtype]
+    for name, (out_features, in_features) in MOE_PROJECTIONS.items():
+        x = torch.empty(count, in_features, dtype=dtype, device="meta")
+        out = kernels.linear(x, torch.empty(out_features, in_features, dtype=dtype, device="meta"), None,
+                             torch.float32 if name == "lm_head" else None)
+        if name == "router":
+            kernels.topk_routing(out, 8, True)
 
 
 # What the engine, the head and training launch: name -> (launch, the token counts it runs with). A new kernel is
@@ -153,6 +174,7 @@ WORKLOADS = {
     "commit": (commit, PATH_LENGTHS),
     "training step": (training_step, (TRAINING_BATCH[0] * TRAINING_BATCH[1],)),
     "fused MoE qwen3-30b-a3b": (fused_moe, (1, 256, PREFILL_CHUNK, 1024)),
+    "projections qwen3-30b-a3b": (moe_projections, (1, 64, PREFILL_CHUNK)),
 }
 
 
@@ -258,9 +280,9 @@ def _all_triton_kernels() -> list[str]:
     """Names of every @triton.jit kernel (`_..._kernel`) defined in nanojet/kernels/."""
     import triton
 
-    from nanojet.kernels import triton_attention, triton_moe, triton_ops
+    from nanojet.kernels import triton_attention, triton_linear, triton_moe, triton_ops
     names = []
-    for module in (triton_ops, triton_attention, triton_moe):
+    for module in (triton_ops, triton_attention, triton_moe, triton_linear):
         names += [name for name, value in vars(module).items()
                   if isinstance(value, triton.runtime.JITFunction) and name.endswith("_kernel")]
     return names
