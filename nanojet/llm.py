@@ -90,6 +90,18 @@ class Output:
     logprobs: list[TokenLogprobs] | None = None  # one per token id when SamplingParams.logprobs asks
 
 
+def exactness(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None where speculative output equals plain decoding by construction (CUDA: every target kernel is
+    row-invariant, nanojet/kernels/README.md); else why it may not. The CPU runs torch's reference ops, whose
+    matrix products round a row differently among other rows: in fp32 that has not flipped a token in any test,
+    in bf16 a near-tie can flip."""
+    if device.type == "cuda":
+        return None
+    if dtype == torch.float32:
+        return "exact in every fp32 test, not by construction (CPU products are not row-invariant)"
+    return f"may differ from plain decoding ({str(dtype).removeprefix('torch.')} on the CPU is not row-invariant)"
+
+
 class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, head: str | Path | None = None, device: str = "auto",
                  dtype: str = "auto", max_model_len: int | None = None, kv_page_size: int = 16,

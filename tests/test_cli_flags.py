@@ -52,3 +52,17 @@ def test_empty_prompt_is_refused(capsys):
 def test_cuda_without_a_gpu_is_refused(capsys):
     code, lines = run_main(["--prompt", "x", "--device", "cuda"], capsys)
     assert code == 2 and len(lines) == 1 and "CUDA" in lines[0]
+
+
+def test_the_stats_line_says_where_speculation_is_not_exact_by_construction(capsys):
+    """bf16 on the CPU runs torch's products, which round a row differently among a tree's rows: the stats line
+    says speculative output may differ; fp32 on the CPU and every CUDA dtype print no caveat there (the CUDA
+    kernels are row-invariant; fp32 CPU is exact in every test, which --json records)."""
+    from nanojet.llm import exactness
+    assert exactness(torch.device("cuda"), torch.bfloat16) is None
+    assert "not by construction" in exactness(torch.device("cpu"), torch.float32)
+    argv = ["--prompt", "def f(x):", "--max-new-tokens", "3", "--device", "cpu", "--budget", "4"]
+    code, lines = run_main(argv + ["--dtype", "bfloat16"], capsys)
+    assert code == 0 and "speculative output may differ from plain decoding (bfloat16 on the CPU" in lines[-1]
+    code, lines = run_main(argv + ["--dtype", "float32"], capsys)
+    assert code == 0 and "may differ" not in lines[-1] and "tok/s" in lines[-1]

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # nanojet (and torch) are imported here, after parsing, so --help stays instant
         from nanojet import LLM, SamplingParams, SpeculativeParams
-        from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, resolve_head
+        from nanojet.llm import DEFAULT_HEAD_NAME, DEFAULT_MODEL, exactness, resolve_head
         given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
         SamplingParams(**given, seed=args.seed)  # bad values fail now, before the model loads
         if args.ar and args.head not in ("auto", "none"):
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                   "time_split_s": {k: round(v, 4) for k, v in stats.time_split.items()},
                   "execution": llm.engine.execution, "compiled": args.compile,
                   "compile_s": round(stats.compile_s, 3), "compiles": stats.compiles,
-                  "recompiles": stats.recompiles}
+                  "recompiles": stats.recompiles, "exactness_caveat": exactness(llm.device, llm.dtype)}
         print(json.dumps(record))
     else:
         summary = f"{stats.new_tokens} tokens in {elapsed:.2f} s ({stats.tokens_per_s:.1f} tok/s)"
@@ -110,6 +110,9 @@ def main(argv=None) -> int:
         if stats.compiles:
             summary += (f" | {llm.engine.execution}: {stats.compiles} graphs built in {stats.compile_s:.1f} s, "
                         f"not in the time")
+        caveat = exactness(llm.device, llm.dtype)
+        if spec and caveat and not caveat.startswith("exact"):
+            summary += f" | speculative output {caveat}"
         print(f"\n{summary}", file=sys.stderr)
     return 0
 
