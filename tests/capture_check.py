@@ -18,7 +18,8 @@ watches every op that reaches the dispatcher (TorchDispatchMode) and every Pytho
 
 Inside the check the pool kernels run as their custom ops (`torch.ops.nanojet.*`, whose fake implementations run
 on meta): their torch references read lengths on the host by design and the Triton kernels do not, so what is
-checked is what the round hands to a launch, not the reference's insides. What it cannot see: work done before
+checked is what the round hands to a launch, not the reference's insides. A compiled round's nested compile regions
+(each decoder layer's work, `invoke_subgraph`) are entered and checked op by op. What it cannot see: work done before
 the check starts (building the round), CUDA-only code paths (a `tensor.is_cuda` branch, the Triton kernels'
 launch code), host syncs hidden inside an op's CUDA implementation, and reads of a value a Python branch takes
 without a tensor call.
@@ -72,8 +73,14 @@ def _gathers(func, args) -> bool:
 
 
 class _DispatchCheck(TorchDispatchMode):
+    supports_higher_order_operators = True  # a nested compile region (invoke_subgraph): checked op by op, below
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.ops.higher_order.invoke_subgraph:
+            body, _, *operands = args  # (a decoder layer's region, its identifier, its inputs)
+            with self:
+                return body(*operands)
         if func in READ_OPS or (any(tag in func.tags for tag in DATA_DEPENDENT_TAGS) and not _gathers(func, args)):
             _refuse(f"{func} reads device values on the host (a sync; not capturable)")
         operands = _tensors(args, kwargs)

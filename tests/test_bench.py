@@ -256,3 +256,26 @@ def test_serving_mode_reports_every_run(bench_inputs, tmp_path, capsys):
 def test_serving_mode_rejects_bad_concurrency(bench_inputs):
     with pytest.raises(ValueError, match="concurrency"):
         bench.parse_args(bench_inputs + ["--concurrency", "1,x"])
+
+
+def test_syncs_are_recorded_with_the_line_that_waited(monkeypatch):
+    """The device check names every host wait of a round besides its outcome read; on the CPU the sync debug mode is
+    stood in for by the warning it raises, from a function shaped like Engine._round."""
+    import warnings
+
+    from nanojet.bench import device_stats
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+
+    def sync():
+        warnings.warn("called a synchronizing operation")
+        return torch.zeros(1)
+
+    def _round():
+        sync().tolist()  # the outcome read
+        torch.ones(1, out=sync())  # another wait: to be named
+
+    stacks = device_stats.recorded_syncs(_round)
+    assert len(stacks) == 2
+    assert [device_stats.is_outcome_read(stack) for stack in stacks] == [True, False]
+    assert [frame.line for frame in stacks[1][-2:]] == ["torch.ones(1, out=sync())  # another wait: to be named",
+                                                         'warnings.warn("called a synchronizing operation")']

@@ -138,6 +138,18 @@ def test_a_python_scalar_written_in_the_compiled_round_is_refused(dense_meta_mod
     torch._dynamo.reset()
 
 
+def test_a_host_tensor_inside_a_layer_compile_region_is_refused(dense_meta_models, monkeypatch):
+    """The compiled round calls each decoder layer's work as a nested compile region (invoke_subgraph): the check
+    looks inside it too."""
+    silu_and_mul = kernels.silu_and_mul  # traced inside the MLP's region
+    monkeypatch.setattr(kernels, "silu_and_mul", lambda gate_up: silu_and_mul(gate_up) + torch.zeros(()))
+    r = meta_round(*dense_meta_models, None, False, 1)
+    step = torch.compile(r.step, fullgraph=True, dynamic=False, backend=checked_backend([]))
+    with pytest.raises(Exception, match=r"makes a CPU tensor"):
+        run_step(step, r)
+    torch._dynamo.reset()
+
+
 def test_a_host_tensor_handed_to_a_kernel_is_refused(dense_meta_models):
     """A slot mapping left on the host (as a stale host buffer would be), reaching the launch untouched by any
     other op: the launch itself is refused."""

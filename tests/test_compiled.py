@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, make_engine, random_head
 
 from nanojet import kernels
-from nanojet.bench.device_stats import host_syncs_per_round
+from nanojet.bench.device_stats import host_syncs_per_round, syncs_beyond_outcome_read
 from nanojet.engine.engine import Engine
 from nanojet.engine.kv_cache import KVCache
 from nanojet.engine.request import SpeculativeParams
@@ -251,6 +251,8 @@ def test_one_host_sync_per_graphed_round(hf_model_dir, execution):
     cuda_head = random_head(ModelConfig.from_dir(hf_model_dir[0]), seed=2).cuda()
     engine = make_engine(hf_model_dir[0], page_size=4, head=cuda_head, device="cuda", execution=execution)
     for spec in (None, SpeculativeParams(8, 4)):
+        extra = syncs_beyond_outcome_read(engine, PROMPT, GREEDY, spec)
+        assert not extra, f"{spec}: the round waits on the device beyond its outcome read:\n" + "\n".join(extra)
         assert host_syncs_per_round(engine, PROMPT, GREEDY, spec) == pytest.approx(1.0)
 
 

@@ -1,6 +1,8 @@
 """What the hardware does during decoding, for bench.py: device copy and matrix-vector bandwidth, the weight bytes a
 decode step must read, and how often the host waits on the device per round."""
+import traceback
 import warnings
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -53,24 +55,55 @@ def weight_bytes_per_step(target: Qwen3) -> int:
     return total
 
 
+def recorded_syncs(run) -> list[list[traceback.FrameSummary]]:
+    """Call `run()` with CUDA's sync debug mode on; returns the Python stack at each synchronisation the host waited
+    on (the debug mode warns at each one, and the warning is raised where the op returned to Python)."""
+    stacks = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stacks.append([f for f in traceback.extract_stack() if f.filename != warnings.__file__][:-1])
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return stacks
+
+
+def is_outcome_read(stack: list[traceback.FrameSummary]) -> bool:
+    """Whether a sync is the round's one host read (`runner(table).tolist()` in `Engine._round`)."""
+    return any(frame.name == "_round" and "tolist()" in (frame.line or "") for frame in stack)
+
+
 def host_syncs_per_round(engine: Engine, ids: list[int], params: SamplingParams, spec) -> float:
-    """Device synchronisations the host waits on per decode round (CUDA's sync debug mode warns at each one).
-    Two generation lengths are counted and differenced, so the prefill's syncs drop out."""
+    """Device synchronisations the host waits on per decode round. Two generation lengths are counted and
+    differenced, so the prefill's syncs drop out."""
     def count(max_new_tokens: int) -> tuple[int, int]:
         run = replace(params, max_new_tokens=max_new_tokens, ignore_eos=True)
         engine.generate(ids, run, spec)  # anything lazy (graphs, kernels) happens before counting
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                out = engine.generate(ids, run, spec)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught), out.stats.rounds
+        out = []
+        syncs = recorded_syncs(lambda: out.append(engine.generate(ids, run, spec)))
+        return len(syncs), out[0].stats.rounds
 
     short, long = max(2, params.max_new_tokens // 2), max(4, params.max_new_tokens)
     (syncs_short, rounds_short), (syncs_long, rounds_long) = count(short), count(long)
     return (syncs_long - syncs_short) / max(1, rounds_long - rounds_short)
+
+
+def syncs_beyond_outcome_read(engine: Engine, ids: list[int], params: SamplingParams, spec) -> list[str]:
+    """Where a round makes the host wait besides its one outcome read: each distinct stack (innermost 8 frames)
+    with its count, e.g. `3x at ...`; empty when the round keeps to its one read. Prefill syncs are not counted."""
+    run = replace(params, max_new_tokens=max(4, params.max_new_tokens), ignore_eos=True)
+    engine.generate(ids, run, spec)  # anything lazy (graphs, kernels) happens before recording
+    counts = Counter()
+    for stack in recorded_syncs(lambda: engine.generate(ids, run, spec)):
+        if any(frame.name == "_round" for frame in stack) and not is_outcome_read(stack):
+            counts["".join(traceback.format_list(stack[-8:]))] += 1
+    return [f"{count}x at\n{where}" for where, count in counts.most_common()]
 
 
 def prefill_memory(target: Qwen3, num_tokens: int, prefill_chunk: int) -> dict:

@@ -55,6 +55,9 @@ def print_report(result: dict, profile: bool) -> None:
     if "host_syncs_per_round" in compiled:
         print("host syncs per round: " + ", ".join(f"{'AR' if name == 'ar' else 'budget ' + str(name)} {n:.2f}"
                                                    for name, n in compiled["host_syncs_per_round"].items()))
+    for name, places in compiled.get("syncs_beyond_outcome_read", {}).items():
+        for place in places:  # a traceback of each host wait a round makes besides reading its outcome
+            print(f"host sync beyond the outcome read, {'AR' if name == 'ar' else 'budget ' + str(name)}: {place}")
     if config.get("synthetic"):
         agree = sum(all(s["lossless"] for s in p["spec"].values()) for p in result["per_prompt"])
         print(f"synthetic: {agree}/{prompts} prompts match AR (random weights make near-ties; not checked)")

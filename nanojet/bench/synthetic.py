@@ -52,7 +52,11 @@ def synthetic_models(name: str, dtype: torch.dtype, device: torch.device, layers
                      vocab: int | None = None) -> tuple[Qwen3, DraftHead]:
     """Target in shape `name` (optionally cut to fewer layers / a smaller vocabulary) and a head of the published
     JetSpec size: 5 layers, block 16, 5 taps spread over 0 .. L-2 (a 1-layer cut can only tap its one layer)."""
-    config = synthetic_config(name, layers, vocab)
+    return random_models(synthetic_config(name, layers, vocab), dtype, device)
+
+
+def random_models(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> tuple[Qwen3, DraftHead]:
+    """A random target of `config` and a random head of the published JetSpec size over it (`synthetic_models`)."""
     depth = config.num_hidden_layers
     taps = sorted({round(i * (depth - 2) / 4) for i in range(5)}) if depth > 1 else [0]
     head_config = HeadConfig(layers=replace(config, num_hidden_layers=5), block_size=16, num_target_layers=depth,

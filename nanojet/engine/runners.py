@@ -1,6 +1,7 @@
 """Three ways to run a `StaticRound`: eagerly (the CPU default and --enforce-eager on CUDA), torch.compile'd
-(--compile; the CPU fast path) and as a CUDA graph (the CUDA default, around either of the other two). Each counts the graphs it builds, so a recompile in steady state is
-visible (GenerationStats.recompiles) instead of silently costing a fallback to slower code."""
+(--compile; the CPU fast path) and as a CUDA graph (the CUDA default, around either of the other two). Each counts
+the graphs it builds, so a recompile in steady state is visible (GenerationStats.recompiles) instead of silently
+costing a fallback to slower code."""
 import contextlib
 
 import torch
@@ -29,7 +30,9 @@ class EagerRunner(RoundRunner):
 
 class CompiledRunner(RoundRunner):
     """torch.compile (inductor) over the whole round, one graph (fullgraph: a graph break is an error, not a
-    silent split). Every input keeps its shape from round to round, so one graph serves the whole generation."""
+    silent split). Every input keeps its shape from round to round, so one graph serves the whole generation. Each
+    decoder layer's work is traced and compiled once for all layers (`compile_once` in nanojet/model/qwen3.py), so
+    compiling a deep model costs about what a shallow one does."""
 
     def __init__(self, static_round: StaticRound):
         super().__init__(static_round)
@@ -41,10 +44,12 @@ class CompiledRunner(RoundRunner):
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
         config.fail_on_recompile_limit_hit = True
         self._step = torch.compile(static_round.step, fullgraph=True, dynamic=False, backend=self._backend)
+        self.fx_nodes = 0  # of the last graph built (`fx_node_count`)
 
     def _backend(self, graph_module, example_inputs):
         from torch._inductor.compile_fx import compile_fx
         self.compiles += 1
+        self.fx_nodes = fx_node_count(graph_module)
         return compile_fx(graph_module, example_inputs)
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
@@ -105,3 +110,18 @@ class GraphedRunner(RoundRunner):
             self._capture(table)
         self.graph.replay()
         return self.summary
+
+
+def fx_node_count(graph_module: torch.fx.GraphModule) -> int:
+    """The FX nodes of a graph and of every distinct subgraph it calls (a nested compile region's body once,
+    however many layers call it): the size of what the compiler works on. With the layers' regions compiled once, a
+    further layer adds only the calls between them (tests/test_compile_depth.py)."""
+    seen, pending, total = set(), [graph_module], 0
+    while pending:
+        module = pending.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        total += len(module.graph.nodes)
+        pending += [child for child in module.children() if isinstance(child, torch.fx.GraphModule)]
+    return total

@@ -193,12 +193,9 @@ class DraftHead(nn.Module):
 
         `meta` describes the block as new tokens after the context (prefix = committed context length)."""
         meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.layers.num_attention_heads)
-
-        def attend_for_layer(index):
-            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
         x, residual = block_embeds, None
         for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, attend_for_layer(index))
+            x, residual = layer.forward_paged(x, residual, meta, kv_pool[index], self.inv_freq)
         return kernels.rms_norm(x, self.norm, self.config.layers.rms_norm_eps, residual)[0]
 
     def forward_dense(self, context: torch.Tensor, context_positions: torch.Tensor, block_embeds: torch.Tensor,

@@ -19,6 +19,14 @@ from nanojet.model.config import ModelConfig
 from nanojet.model.packed_gemm import Linear, linear, pack_module, pack_rows
 
 
+def compile_once(method):
+    """Mark `method` as a nested compile region: torch.compile traces and compiles its body once and calls that for
+    every module it runs on, as long as the inputs match (shapes, dtypes, the module's structure; else it compiles
+    another version). Parameters are inputs of the region, not constants. Outside torch.compile a plain call."""
+    region = getattr(torch.compiler, "nested_compile_region", None)
+    return method if region is None else region(method)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -56,14 +64,14 @@ class Attention(nn.Module):
         _, k = kernels.qk_norm_rope(k, k, self.k_norm, self.k_norm, positions, inv_freq, self.eps, plan)
         return k, v
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.project(h, meta.positions, inv_freq, meta.plan)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+               cache: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' k, v in this layer's `cache` `[2, pages, page_size, Hkv, D]`, then attend q over the
+        pool -> `[T, Hq, D]` (the output projection is the caller's)."""
         k_cache, v_cache = cache[0], cache[1]  # (not unbind: a multi-output view cannot be written in place)
         kernels.store_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.plan)
-        out = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens,
-                                      meta.query_starts, meta.visibility, self.scale, meta.plan)
-        return self.o_proj(out.flatten(1))
+        return kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.prefix_lens, meta.query_starts,
+                                       meta.visibility, self.scale, meta.plan)
 
     def forward_dense(self, h: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                       mask: torch.Tensor | None) -> torch.Tensor:
@@ -82,6 +90,7 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    @compile_once
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(h)))
 
@@ -114,6 +123,7 @@ class SparseMoE(nn.Module):
         logits = linear(h, self.gate.weight)  # [T, E]
         return kernels.topk_routing(logits, self.top_k, self.norm_topk_prob)
 
+    @compile_once
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         shape = h.shape
         h = h.reshape(-1, shape[-1])  # forward_dense passes [B, S, H]
@@ -122,7 +132,12 @@ class SparseMoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm Qwen3 block. The residual stream is carried separately so each RMSNorm fuses the add."""
+    """Pre-norm Qwen3 block. The residual stream is carried separately so each RMSNorm fuses the add.
+
+    The paged forward (`forward_paged`) is three compile regions (`compile_once`: the attention's input, its output
+    and the MLP) around the two kernels that touch the KV pool, so torch.compile traces and compiles each region
+    once for every layer of the model, and a model's compile time does not grow with its depth. The pool kernels
+    stay outside: a region cannot write into its inputs, and they must write the pool in place."""
 
     def __init__(self, config: ModelConfig, sparse: bool = False):
         super().__init__()
@@ -133,9 +148,36 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
 
     def forward(self, x, residual, attend):
+        """The layer with attention `attend(self_attn, h) -> [.., H]` (the dense forwards of training)."""
         h, residual = kernels.rms_norm(x, self.input_layernorm, self.eps, residual)
         h, residual = kernels.rms_norm(attend(self.self_attn, h), self.post_attention_layernorm, self.eps, residual)
         return self.mlp(h), residual
+
+    def forward_paged(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata,
+                      cache: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer over the paged KV pool (`cache`: this layer's `[2, pages, page_size, Hkv, D]`)."""
+        q, k, v, summed = self.attention_input(x, residual, meta.positions, inv_freq, meta.plan)
+        residual = x if summed is None else summed
+        h, residual = self.attention_output(self.self_attn.attend(q, k, v, meta, cache), residual)
+        return self.mlp(h), residual
+
+    @compile_once
+    def attention_input(self, x, residual, positions, inv_freq, plan=None):
+        """q, k, v (q/k-normed and rotated) of the normed `x + residual`, and that sum: the residual stream from here
+        on (None for the first layer, whose stream is `x` itself: a region's output may not be its input)."""
+        h, summed = kernels.rms_norm(x, self.input_layernorm, self.eps, residual)
+        q, k, v = self.self_attn.project(h, positions, inv_freq, plan)
+        if torch.compiler.is_compiling():
+            # q, k, v are views into two buffers. A region must return tensors of their own: inductor (2.13) plans a
+            # returned view's memory as if the view owned its buffer, and a later reuse then writes past its end.
+            q, k, v = (t.clone(memory_format=torch.contiguous_format) for t in (q, k, v))
+        return q, k, v, None if residual is None else summed
+
+    @compile_once
+    def attention_output(self, out, residual):
+        """Output projection of the attention `[T, Hq, D]`, added to the residual and normed: (h, residual)."""
+        return kernels.rms_norm(self.self_attn.o_proj(out.flatten(1)), self.post_attention_layernorm, self.eps,
+                                residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -172,10 +214,11 @@ class Qwen3(nn.Module):
         pack_module(self, rows)
         pack_rows(self.packed_lm_head, self.lm_head_weight, logit_rows)
 
-    def _run_layers(self, x: torch.Tensor, attend_for_layer, tap_layers: tuple[int, ...]):
+    def _run_layers(self, x: torch.Tensor, run_layer, tap_layers: tuple[int, ...]):
+        """`run_layer(index, layer, x, residual) -> (x, residual)` over every layer, then the final norm."""
         residual, taps = None, []
         for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, attend_for_layer(index))
+            x, residual = run_layer(index, layer, x, residual)
             if index in tap_layers:
                 taps.append(x + residual)
         hidden, _ = kernels.rms_norm(x, self.norm, self.config.rms_norm_eps, residual)
@@ -189,14 +232,15 @@ class Qwen3(nn.Module):
         `meta.slot_mapping` before attention reads them."""
         meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.num_attention_heads)
 
-        def attend_for_layer(index):
-            return lambda attn, h: attn(h, meta, kv_pool[index], self.inv_freq)
-        return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)
+        def run_layer(index, layer, x, residual):
+            return layer.forward_paged(x, residual, meta, kv_pool[index], self.inv_freq)
+        return self._run_layers(self.embed_tokens(tokens), run_layer, tap_layers)
 
     def forward_dense(self, tokens: torch.Tensor, tap_layers: tuple[int, ...] = ()):
         """tokens `[B, S]` at positions 0..S-1 with causal attention -> (hidden `[B, S, H]`, taps or None)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
 
-        def attend_for_layer(index):
-            return lambda attn, h: attn.forward_dense(h, positions, self.inv_freq, None)
-        return self._run_layers(self.embed_tokens(tokens), attend_for_layer, tap_layers)
+        def attend(attn, h):
+            return attn.forward_dense(h, positions, self.inv_freq, None)
+        return self._run_layers(self.embed_tokens(tokens), lambda _, layer, x, residual: layer(x, residual, attend),
+                                tap_layers)

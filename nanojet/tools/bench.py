@@ -35,6 +35,7 @@ from nanojet.bench.device_stats import (
     host_syncs_per_round,
     matvec_bandwidth,
     prefill_memory,
+    syncs_beyond_outcome_read,
     weight_bytes_per_step,
 )
 from nanojet.bench.moe_stats import expert_touch_curve, print_expert_curve
@@ -249,8 +250,11 @@ def measure(engine: Engine, prompts: list[list[int]], params: SamplingParams, ar
     measured = [s for stats in runs.values() for s in stats]
     compiled = {"compile_s": warmup, "graphs_built_while_measuring": sum(s.compiles for s in measured)}
     if engine.device.type == "cuda":
+        modes = [("ar", None), *specs.items()]
         compiled["host_syncs_per_round"] = {name: host_syncs_per_round(engine, prompts[0], params, spec)
-                                            for name, spec in [("ar", None), *specs.items()]}
+                                            for name, spec in modes}
+        compiled["syncs_beyond_outcome_read"] = {name: syncs_beyond_outcome_read(engine, prompts[0], params, spec)
+                                                 for name, spec in modes}
     return per_prompt, runs, compiled
 
 
