@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports the Triton kernels
 
 import pytest  # noqa: E402
-from trees import build_tree  # noqa: E402
+from trees import build_tree, tree_mask  # noqa: E402
 
 from nanojet.kernels import reference, triton_attention  # noqa: E402
 
@@ -67,15 +67,6 @@ def attend(pool: Pool, sequences: list[tuple], q_heads: int, **options) -> list[
         reference.pack_visibility(torch.cat(masks)).to(device), pool.k.shape[-1] ** -0.5, **options)
     return list(out.split(counts))
 
-
-def tree_mask(parents: list[int]) -> torch.Tensor:
-    """Ancestors and self of each node (parents before children, node 0 the root)."""
-    mask = torch.zeros(len(parents), len(parents), dtype=torch.bool)
-    for node, parent in enumerate(parents):
-        if parent >= 0:
-            mask[node] = mask[parent]
-        mask[node, node] = True
-    return mask
 
 
 def tree_parents(kind: str, nodes: int, generator: torch.Generator) -> list[int]:

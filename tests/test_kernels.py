@@ -17,6 +17,7 @@ import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from trees import tree_mask  # noqa: E402
 
 from nanojet.kernels import reference, triton_ops  # noqa: E402
 
@@ -83,15 +84,6 @@ def test_a_kernel_triton_cannot_build_is_an_error_naming_kernel_and_shapes(monke
 def causal_mask(n: int) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool).tril()
 
-
-def tree_mask(parents: list[int]) -> torch.Tensor:
-    """Ancestors + self of each node; parents come before children (parents[0] = -1 is the root)."""
-    mask = torch.zeros(len(parents), len(parents), dtype=torch.bool)
-    for node, parent in enumerate(parents):
-        if parent >= 0:
-            mask[node] = mask[parent]
-        mask[node, node] = True
-    return mask
 
 
 def tree_parents(kind: str, n: int, generator: torch.Generator) -> list[int]:

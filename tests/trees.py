@@ -23,3 +23,13 @@ def build_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, budget: int, 
 def chain_tree(anchor: torch.Tensor, draft_logprobs: torch.Tensor, depth: int) -> DraftTree:
     """The greedy chain: the anchor and the best token of each of the first `depth` draft rows."""
     return build_tree(anchor, draft_logprobs, budget=depth + 1, width=1, depth=depth)
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor:
+    """Ancestors and self of each node, bool `[n, n]` (parents come before children; parents[0] = -1 is the root)."""
+    mask = torch.zeros(len(parents), len(parents), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            mask[node] = mask[parent]
+        mask[node, node] = True
+    return mask

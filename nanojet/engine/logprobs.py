@@ -4,9 +4,10 @@ They are the target's raw distribution at each token's position: log_softmax of 
 logit bias, temperature, top-k and top-p (vLLM's default), so they say how likely the model found a token
 whatever chose it. A round computes them from the verify logits of its accepted path's rows, plain decoding from
 its one row and the first token from the prefill's last row, all with `logprob_words`, from the very logits the
-token was chosen from. With and without speculation they agree to fp32 rounding, not bit for bit: a tree's verify
+token was chosen from. With and without speculation they are bit-identical where the target is row-invariant (the
+CUDA kernels, docs/architecture.md); on the CPU they agree to fp32 rounding, not bit for bit: a tree's verify
 forward and a one-token step multiply matrices of different row counts, which round differently in the last bits
-(the tokens do not change; bit-identical rows are the row-invariance work in docs/architecture.md).
+(the tokens do not change).
 
 In a round they travel in the round's one host read: each path row appends `1 + 2K` int64 words to the outcome
 (the chosen token's log-prob, the K likeliest ids, their log-probs), fp32 values bit-cast to int32 and widened,
