@@ -5,7 +5,7 @@ that name the field. Skipped where the `serve` extra is not installed."""
 import json
 
 import pytest
-from test_serve import MODEL, client, http, start_server
+from serve_helpers import MODEL, client, http, start_server
 
 from nanojet.engine.sampling import SamplingParams
 
