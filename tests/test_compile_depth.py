@@ -42,3 +42,26 @@ def test_compile_work_does_not_grow_with_depth(monkeypatch, shape, spec):
     (nodes_2, bodies_2), (nodes_6, bodies_6) = (traced_graph(monkeypatch, n, spec, **shape) for n in (2, 6))
     assert bodies_6 == bodies_2, "a deeper target traced new region bodies: layers are compiled one by one"
     assert (nodes_6 - nodes_2) / 4 <= GLUE_PER_LAYER, (nodes_2, nodes_6)
+
+
+def generated_kernels(layers: int) -> int:
+    """Kernels inductor generates for the plain compiled round of a random target with `layers` layers: the round's
+    graph and each region body (compiled once, however many layers call it)."""
+    from torch._inductor import metrics
+    torch._dynamo.reset()
+    metrics.reset()
+    torch.manual_seed(0)
+    target, head = random_models(ModelConfig(**TINY, num_hidden_layers=layers), torch.float32, torch.device("cpu"))
+    engine = build_engine(target, head, max_model_len=64, max_tree_nodes=8, execution="compiled")
+    engine.generate(list(range(1, 9)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    return metrics.generated_kernel_count
+
+
+def test_inductor_computes_what_the_layers_share_once(monkeypatch):
+    """Metadata the graph computes and every layer's pool kernels read (slot mapping, int32 prefix lengths) must be
+    computed once, not into a buffer per layer (`kernels.materialized`): per-layer copies were kernels of their own,
+    and inductor's scheduler compared every pair of them, so compile time grew with depth squared. (3 layers, not
+    2: a region called once is inlined into the round's graph, which changes the count.)"""
+    monkeypatch.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")  # a cached graph generates no kernels
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    assert generated_kernels(6) == generated_kernels(3)

@@ -110,6 +110,17 @@ def plan_forward(positions, inv_freq, slot_mapping, block_tables, prefix_lens, q
                                   visibility, page_size, num_q_heads)
 
 
+def materialized(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, each computed once under torch.compile. Inductor hands a pool kernel (an extern call) each input
+    it computes as a buffer of its own, so metadata that every layer's pool kernels read (the slot mapping, the
+    prefix lengths cast to int32) was computed again for every layer, and its scheduler then compared every pair of
+    those copies: compile time grew with depth squared. Made the outputs of one opaque op, they are computed once.
+    Outside torch.compile the tensors themselves."""
+    if not torch.compiler.is_compiling():
+        return tensors
+    return tuple(torch.ops.nanojet.materialize(list(tensors)))
+
+
 def plan_context(positions, inv_freq, slot_mapping):
     """`plan_forward` for rows that are only projected and stored, never attended (the draft head's context): the
     rope tables and store rows its layers share."""
@@ -163,6 +174,16 @@ def fused_moe(hidden, gate_up, down, topk_weights, topk_ids):
 def _store_kv_op(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     _impl(k).store_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+@torch.library.custom_op("nanojet::materialize", mutates_args=())
+def _materialize_op(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.clone() for t in tensors]  # a custom op may not return its inputs
+
+
+@_materialize_op.register_fake
+def _(tensors):
+    return [t.new_empty(t.shape) for t in tensors]
 
 
 @torch.library.custom_op("nanojet::move_kv", mutates_args=("pool",))

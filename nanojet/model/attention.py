@@ -20,7 +20,11 @@ class AttentionMetadata:
                                 # reference path (`planned`; kernels/reference.py ForwardPlan); None elsewhere
 
     def planned(self, inv_freq: torch.Tensor, page_size: int, num_q_heads: int) -> "AttentionMetadata":
-        """These metadata with the forward's plan, when its kernels run the reference eagerly (`kernels.plan_forward`)."""
+        """These metadata with the forward's plan, when its kernels run the reference eagerly (`kernels.plan_forward`).
+        Under torch.compile each tensor is computed once for all layers (`kernels.materialized`)."""
+        if torch.compiler.is_compiling():
+            fields = ("positions", "slot_mapping", "prefix_lens", "query_starts", "visibility")
+            self = replace(self, **dict(zip(fields, kernels.materialized(*(getattr(self, f) for f in fields)))))
         plan = kernels.plan_forward(self.positions, inv_freq, self.slot_mapping, self.block_tables, self.prefix_lens,
                                     self.query_starts, self.visibility, page_size, num_q_heads)
         return self if plan is None else replace(self, plan=plan)

@@ -149,6 +149,7 @@ class DraftHead(nn.Module):
         if plan is not None and context.dtype == torch.float32:
             self._extend_context_at_once(context, plan, kv_pool)
             return
+        positions, slot_mapping = kernels.materialized(positions, slot_mapping)  # once for all layers
         for index, layer in enumerate(self.layers):
             k, v = layer.self_attn.project_kv(context, positions, self.inv_freq, plan)
             kernels.store_kv(kv_pool[index][0], kv_pool[index][1], k, v, slot_mapping, plan)
