@@ -1,7 +1,8 @@
 """Seconds to compile one round, per round shape, for synthetic targets of several depths: does compile time grow
 with the number of decoder layers?
 
-    python scripts/compile_time.py --shape qwen3-0.6b --layers 2,14,28 --budgets 1,8 [--device cpu|cuda] [--json OUT]
+    python scripts/compile_time.py --shape qwen3-0.6b --layers 2,14,28 --budgets 1,8 [--device cpu|cuda]
+        [--way auto|whole|layerwise] [--json OUT]
 
 Each depth compiles in a fresh process with inductor's graph caches off, so tracing, AOT autograd, lowering and code
 generation all run every time (on CUDA the CUDA-graph capture is included, as bench.py reports it). The kernels
@@ -10,7 +11,8 @@ compile of each depth fills, so the figures show what grows with depth rather th
 `--cold` reports first-ever compiles instead (an empty cache per depth). Budget 1 is plain decoding; a larger budget
 is a speculative round with the synthetic (random) draft head, width 4. Besides seconds, each round reports
 `fx_nodes`: the FX nodes the compiler was handed, a nested compile region's body counted once however often the
-graph calls it (`nanojet/engine/runners.py`)."""
+graph calls it (`nanojet/engine/runners.py`). `--way` picks how the round compiles (`CompiledRunner`): whole, one
+graph (the CPU default), or layerwise, the target's layers through one compiled layer (the CUDA default)."""
 import argparse
 import json
 import os
@@ -32,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=None, help="cut the vocabulary (default: the published one)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--cold", action="store_true", help="an empty kernel cache for every depth")
+    parser.add_argument("--way", default="auto", choices=("auto", "whole", "layerwise"),
+                        help="the round in one graph, or the target's layers through one compiled layer "
+                             "(auto: the engine's default, layerwise on CUDA, whole on the CPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     parser.add_argument("--one-depth", type=int, default=None, help=argparse.SUPPRESS)  # the per-depth child
     return parser.parse_args(argv)
@@ -54,6 +59,8 @@ def measure_depth(args: argparse.Namespace, layers: int) -> None:
     target, head = synthetic_models(args.shape, resolve_dtype(args.dtype, device), device, layers=layers,
                                     vocab=args.vocab)
     engine = build_engine(target, head, max_model_len=256, max_tree_nodes=max(budgets), execution="compiled")
+    if args.way != "auto":
+        engine.compile_layerwise = args.way == "layerwise"
     prompt = torch.randint(target.config.vocab_size, (16,)).tolist()
     for budget in budgets:
         spec = None if budget == 1 else SpeculativeParams(budget, 4)
@@ -68,7 +75,7 @@ def run_depth(args: argparse.Namespace, layers: int, cache: str):
     """`measure_depth` in a child process, with inductor's kernel cache in `cache` and its graph caches off; yields
     each round's figures as the child reports them."""
     command = [sys.executable, __file__, "--one-depth", str(layers), "--shape", args.shape, "--budgets", args.budgets,
-               "--device", args.device, "--dtype", args.dtype]
+               "--device", args.device, "--dtype", args.dtype, "--way", args.way]
     command += [f"--{name}={value}" for name, value in (("vocab", args.vocab), ("threads", args.threads)) if value]
     environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton",
                    "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
@@ -91,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     depths = [int(n) for n in args.layers.split(",")]
     mode = "cold: an empty kernel cache per depth" if args.cold else "kernels cached by a first, unreported run"
-    print(f"compile seconds per round shape, {args.shape} ({args.device}; {mode})")
+    print(f"compile seconds per round shape, {args.shape} ({args.device}, way {args.way}; {mode})")
     print(f"{'layers':>6} {'budget':>6} {'compile s':>10} {'FX nodes':>9}")
-    result = {"shape": args.shape, "device": args.device, "cold": args.cold, "torch": torch.__version__, "rounds": []}
+    result = {"shape": args.shape, "device": args.device, "way": args.way, "cold": args.cold,
+              "torch": torch.__version__, "rounds": []}
     with tempfile.TemporaryDirectory(prefix="nanojet-compile-time-") as shared:
         for layers in [] if args.cold else depths:  # fill the kernel cache: each depth's taps add a kernel or two
             list(run_depth(args, layers, shared))

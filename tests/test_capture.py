@@ -84,18 +84,27 @@ def checked_backend(graphs: list):
     return backend
 
 
+def compiled_step(r: StaticRound, backend):
+    """`r.step` compiled as a layerwise CompiledRunner compiles it (the CUDA default): the target's layers apart,
+    through one compiled `DecoderLayer.forward_paged` (`Qwen3.compiled_layer`)."""
+    r.layer_step = r.target.compiled_layer(backend)
+    return torch.compile(r.step, dynamic=False, backend=backend)
+
+
 @pytest.mark.parametrize("options", [(False, None), (True, 3)], ids=["plain", "biased-logprobs"])
 @pytest.mark.parametrize("shape", [None, (8, 4)], ids=str)
 def test_the_compiled_round_passes_the_capture_check(meta_models, shape, options):
-    """The graph dynamo traces (fullgraph: a `.item()` would be a graph break, an error) holds no host tensor and
-    no host read either; the pool kernels are in it as their custom ops."""
+    """The graphs dynamo traces (the round's, broken only around the target's layers, and the layer's) hold no host
+    tensor and no host read either; the pool kernels are in them as their custom ops."""
+    torch._dynamo.reset()  # graphs built for another test's round would be reused, not checked
     r = meta_round(*meta_models, shape, True, 4, *options)
     graphs = []
-    step = torch.compile(r.step, fullgraph=True, dynamic=False, backend=checked_backend(graphs))
-    assert run_step(step, r).device == META
-    assert len(graphs) == 1
-    called = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert run_step(compiled_step(r, checked_backend(graphs)), r).device == META
+    called = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
     assert {"nanojet.store_kv", "nanojet.paged_attention"} <= called
+    layer_graphs = [graph for graph in graphs if "nanojet.paged_attention" in str(graph.code)]
+    assert len(layer_graphs) >= 2  # the layers' (the first, then the rest) and the draft head's block
+    torch._dynamo.reset()
 
 
 # --- planted faults: each must be refused, with what was seen and where -----------------------------------------
@@ -132,19 +141,20 @@ def test_a_python_scalar_written_in_the_compiled_round_is_refused(dense_meta_mod
     torch._dynamo.reset()  # the graphs other tests compiled of `step` count against dynamo's limit per code object
     monkeypatch.setattr(round_module, "accept", accept_before_issue_26)
     r = meta_round(*dense_meta_models, (8, 4), False, 4)
-    step = torch.compile(r.step, fullgraph=True, dynamic=False, backend=checked_backend([]))
+    step = compiled_step(r, checked_backend([]))
     with pytest.raises(Exception, match=r"writes a Python scalar"):
         run_step(step, r)
     torch._dynamo.reset()
 
 
 def test_a_host_tensor_inside_a_layer_compile_region_is_refused(dense_meta_models, monkeypatch):
-    """The compiled round calls each decoder layer's work as a nested compile region (invoke_subgraph): the check
-    looks inside it too."""
+    """The compiled layer calls its parts as nested compile regions (invoke_subgraph): the check looks inside them
+    too."""
+    torch._dynamo.reset()
     silu_and_mul = kernels.silu_and_mul  # traced inside the MLP's region
     monkeypatch.setattr(kernels, "silu_and_mul", lambda gate_up: silu_and_mul(gate_up) + torch.zeros(()))
     r = meta_round(*dense_meta_models, None, False, 1)
-    step = torch.compile(r.step, fullgraph=True, dynamic=False, backend=checked_backend([]))
+    step = compiled_step(r, checked_backend([]))
     with pytest.raises(Exception, match=r"makes a CPU tensor"):
         run_step(step, r)
     torch._dynamo.reset()

@@ -1,11 +1,11 @@
-"""torch.compile's work on a round must not grow with the target's depth: each decoder layer's regions are traced
-and compiled once for the whole model (`compile_once` in nanojet/model/qwen3.py). Counted, not timed: the FX nodes
-handed to the compiler, a region's body counted once (`fx_node_count`), and the distinct region bodies."""
+"""torch.compile's work on a round must not grow with the target's depth: the target's layers run outside the
+round's graph, through one compiled `DecoderLayer.forward_paged` for every layer (`Qwen3.compiled_layer`). Counted,
+not timed: the graphs and FX nodes handed to the compiler, and the kernels inductor generates."""
 import pytest
 import torch
 
 from nanojet.bench.synthetic import build_engine, random_models
-from nanojet.engine.request import SpeculativeParams
+from nanojet.engine.request import Request, SpeculativeParams
 from nanojet.engine.sampling import SamplingParams
 from nanojet.model.config import ModelConfig
 
@@ -13,35 +13,64 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_
             head_dim=16, rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
 MIXED_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                  decoder_sparse_step=2)  # dense and sparse layers alternate
-# FX nodes each further layer may add to the round's graph: its region calls and their outputs, its pool slice and
-# the two pool kernels. A layer traced whole adds about 60.
-GLUE_PER_LAYER = 24
 
 
-def traced_graph(monkeypatch, layers: int, spec: SpeculativeParams | None, **shape) -> tuple[int, int]:
-    """(FX nodes, distinct region bodies) of the compiled round of a random target with `layers` layers; the graph
-    runs as traced (inductor is left out: what is counted is what it would be handed)."""
+def built_graphs(monkeypatch, layers: int, spec: SpeculativeParams | None, **shape) -> list[int]:
+    """FX nodes of each graph the first compiled round of a random target with `layers` layers builds (the graphs
+    run as traced: inductor is left out, what is counted is what it would be handed)."""
     from torch._inductor import compile_fx
-    bodies = []
-
-    def traced_only(graph_module, example_inputs):
-        bodies.append(sum(isinstance(m, torch.fx.GraphModule) for m in graph_module.children()))
-        return graph_module.forward
-    monkeypatch.setattr(compile_fx, "compile_fx", traced_only)
+    monkeypatch.setattr(compile_fx, "compile_fx", lambda graph_module, example_inputs: graph_module.forward)
+    torch._dynamo.reset()  # graphs of the same code built for another depth would be reused, not counted
     torch.manual_seed(0)
     target, head = random_models(ModelConfig(**TINY, **shape, num_hidden_layers=layers), torch.float32,
                                  torch.device("cpu"))
     engine = build_engine(target, head, max_model_len=64, max_tree_nodes=8, execution="compiled")
+    engine.compile_layerwise = True  # the CUDA default; the CPU's is the whole round in one graph
     engine.generate(list(range(1, 9)), SamplingParams(max_new_tokens=2, ignore_eos=True), spec)
-    return engine.runner(spec, sampled=False).fx_nodes, bodies[-1]
+    return sorted(engine.runner(spec, sampled=False).graph_sizes)
 
 
 @pytest.mark.parametrize("shape", [{}, MIXED_MOE], ids=["dense", "mixed-moe"])
 @pytest.mark.parametrize("spec", [None, SpeculativeParams(8, 4)], ids=["plain", "budget-8"])
 def test_compile_work_does_not_grow_with_depth(monkeypatch, shape, spec):
-    (nodes_2, bodies_2), (nodes_6, bodies_6) = (traced_graph(monkeypatch, n, spec, **shape) for n in (2, 6))
-    assert bodies_6 == bodies_2, "a deeper target traced new region bodies: layers are compiled one by one"
-    assert (nodes_6 - nodes_2) / 4 <= GLUE_PER_LAYER, (nodes_2, nodes_6)
+    """The same graphs, node for node, at 3 and 6 layers: the round's own and one per kind of layer (the first,
+    whose residual is None, then dense and MoE). 3, not 2: a 2-layer mixed target has no dense layer after the
+    first."""
+    assert built_graphs(monkeypatch, 6, spec, **shape) == built_graphs(monkeypatch, 3, spec, **shape)
+
+
+def test_the_round_graph_breaks_only_around_the_layers(monkeypatch):
+    """fullgraph is off (the layers run outside the round's graph), so a graph break elsewhere (a `.item()`, an
+    unsupported call) would silently split the round and cost speed: none but the intended one may appear."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for spec in (None, SpeculativeParams(8, 4)):
+        built_graphs(monkeypatch, 3, spec, **MIXED_MOE)
+    reasons = list(counters["graph_break"])
+    assert reasons and all("_run_compiled_layers" in reason for reason in reasons), reasons
+
+
+@pytest.mark.parametrize("shape", [{}, MIXED_MOE], ids=["dense", "mixed-moe"])
+def test_layerwise_compiled_rounds_equal_eager(shape):
+    """The layerwise compiled round (the CUDA default, run here on the CPU): the same ids as eager rounds, plain and
+    speculative, greedy and seeded sampling, alone and two at once, with no recompile after the first round."""
+    torch.manual_seed(0)
+    target, head = random_models(ModelConfig(**TINY, **shape, num_hidden_layers=4), torch.float32,
+                                 torch.device("cpu"))
+    engines = {}
+    for execution in ("eager", "compiled"):
+        engines[execution] = build_engine(target, head, max_model_len=64, max_tree_nodes=8, execution=execution)
+        engines[execution].compile_layerwise = True
+    prompts = [list(range(1, 9)), list(range(20, 31))]
+    for spec in (None, SpeculativeParams(8, 4)):
+        for params in (SamplingParams(max_new_tokens=12, ignore_eos=True),
+                       SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, seed=3)):
+            ids = {}
+            for execution, engine in engines.items():
+                requests = engine.run([Request(prompt, params, spec) for prompt in prompts])
+                ids[execution] = [r.output_ids for r in requests]
+                assert all(r.stats.recompiles == 0 for r in requests)
+            assert ids["compiled"] == ids["eager"], (spec, params)
 
 
 def generated_kernels(layers: int) -> int:

@@ -82,6 +82,9 @@ class Engine:
         self.target, self.head, self.kv = target, head, kv_cache
         self.scheduler = Scheduler(kv_cache, max_num_seqs, step_tokens, prefill_chunk)
         self.execution = execution
+        # Compiled rounds run the target's layers through one compiled layer (compile time flat in depth) where a
+        # CUDA graph hides the loop over them; on the CPU the loop's calls cost more than compiling saves.
+        self.compile_layerwise = kv_cache.pool.device.type == "cuda"
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
         self.num_target_layers = target.config.num_hidden_layers
@@ -378,7 +381,8 @@ class Engine:
                                        logprobs)
             if self.execution == "eager":
                 static_round.pack_weights()
-            runner = CompiledRunner(static_round) if self.execution == "compiled" else EagerRunner(static_round)
+            runner = (CompiledRunner(static_round, self.compile_layerwise) if self.execution == "compiled"
+                      else EagerRunner(static_round))
             if self.device.type == "cuda" and self.execution in ("compiled", "graphed"):
                 if self._graph_memory_pool is None:
                     self._graph_memory_pool = torch.cuda.graph_pool_handle()

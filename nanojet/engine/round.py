@@ -90,6 +90,7 @@ class StaticRound:
         self.biased, self.logprobs = biased, logprobs
         self.num_target_layers = target.config.num_hidden_layers
         self.num_sequences = num_sequences
+        self.layer_step = None  # the target's layers through one compiled layer (a layerwise CompiledRunner's)
         device = kv.pool.device
         block_size = 0 if spec is None else head.config.block_size
         depth, nodes = round_tree(spec, block_size)
@@ -250,7 +251,7 @@ class StaticRound:
                                  block_tables=block_table, prefix_lens=length.to(torch.int32),
                                  query_starts=self.query_starts[bucket],
                                  visibility=tree.visibility)
-        hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps)
+        hidden, taps = self.target(tree.tokens.clamp(min=0), meta, pool, self.taps, self.layer_step)
         # Logits of the real nodes only: a padding node's choice is never read (no node hangs below it, and it is
         # never accepted), so it is left 0.
         nodes = self.nodes
@@ -293,7 +294,7 @@ class StaticRound:
         meta = AttentionMetadata(positions=length, slot_mapping=slots, block_tables=block_table,
                                  prefix_lens=length.to(torch.int32), query_starts=self.query_starts[1],
                                  visibility=self.one_node_visibility)
-        hidden, _ = self.target(anchor, meta, pool)
+        hidden, _ = self.target(anchor, meta, pool, layer_step=self.layer_step)
         logits = self.target.logits(hidden)  # [S, V]
         choices = self._choose(logits, length, 1, *sampling)  # [S]
         self._mark("verify")

@@ -29,31 +29,46 @@ class EagerRunner(RoundRunner):
 
 
 class CompiledRunner(RoundRunner):
-    """torch.compile (inductor) over the whole round, one graph (fullgraph: a graph break is an error, not a
-    silent split). Every input keeps its shape from round to round, so one graph serves the whole generation. Each
-    decoder layer's work is traced and compiled once for all layers (`compile_once` in nanojet/model/qwen3.py), so
-    compiling a deep model costs about what a shallow one does."""
+    """torch.compile (inductor) over the round. Whole, one graph (fullgraph: a graph break is an error, not a
+    silent split), or `layerwise` (the CUDA default, inside a CUDA graph): the round's own work (draft head, tree,
+    choice, acceptance, commit) as the graphs of `step`, and the target's layers through one compiled
+    `DecoderLayer.forward_paged` called layer by layer from outside them (`Qwen3.compiled_layer`), so a round
+    compiles in the same time at any depth; that call is the one place the round's graph breaks
+    (tests/test_compile_depth.py fails on any other). Every input keeps its shape from round to round, so what the
+    first call builds serves the whole generation; `compiles` counts the calls that built anything."""
 
-    def __init__(self, static_round: StaticRound):
+    def __init__(self, static_round: StaticRound, layerwise: bool = False):
         super().__init__(static_round)
-        # Every runner compiles the same code object (StaticRound.step), and dynamo's limit on graphs per code
-        # object (8) would silently fall back to eager once a process has seen enough budgets: raise it, and
-        # make hitting it an error.
+        # Every runner compiles the same code objects (StaticRound.step, the decoder layer), and dynamo's limit on
+        # graphs per code object (8) would silently fall back to eager once a process has seen enough round
+        # shapes: raise it, and make hitting it an error.
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, 256)
         config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
         config.fail_on_recompile_limit_hit = True
-        self._step = torch.compile(static_round.step, fullgraph=True, dynamic=False, backend=self._backend)
-        self.fx_nodes = 0  # of the last graph built (`fx_node_count`)
+        if layerwise:
+            static_round.layer_step = static_round.target.compiled_layer(self._backend)
+        self._step = torch.compile(static_round.step, fullgraph=not layerwise, dynamic=False, backend=self._backend)
+        self.built: list[int] = []  # FX nodes of each graph the running call builds (`fx_node_count`)
+        self.graph_sizes: list[int] = []  # the same, of the last call that built any
+
+    @property
+    def fx_nodes(self) -> int:
+        """FX nodes the compiler was handed for this round shape (scripts/compile_time.py)."""
+        return sum(self.graph_sizes)
 
     def _backend(self, graph_module, example_inputs):
         from torch._inductor.compile_fx import compile_fx
-        self.compiles += 1
-        self.fx_nodes = fx_node_count(graph_module)
+        self.built.append(fx_node_count(graph_module))
         return compile_fx(graph_module, example_inputs)
 
     def _run(self, table: torch.Tensor) -> torch.Tensor:
-        return self._step(*self.round.inputs(table))
+        self.built = []
+        output = self._step(*self.round.inputs(table))
+        if self.built:
+            self.compiles += 1
+            self.graph_sizes = self.built
+        return output
 
 
 class GraphedRunner(RoundRunner):
@@ -114,8 +129,7 @@ class GraphedRunner(RoundRunner):
 
 def fx_node_count(graph_module: torch.fx.GraphModule) -> int:
     """The FX nodes of a graph and of every distinct subgraph it calls (a nested compile region's body once,
-    however many layers call it): the size of what the compiler works on. With the layers' regions compiled once, a
-    further layer adds only the calls between them (tests/test_compile_depth.py)."""
+    however many layers call it): the size of what the compiler works on (tests/test_compile_depth.py)."""
     seen, pending, total = set(), [graph_module], 0
     while pending:
         module = pending.pop()

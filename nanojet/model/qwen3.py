@@ -134,10 +134,11 @@ class SparseMoE(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm Qwen3 block. The residual stream is carried separately so each RMSNorm fuses the add.
 
-    The paged forward (`forward_paged`) is three compile regions (`compile_once`: the attention's input, its output
-    and the MLP) around the two kernels that touch the KV pool, so torch.compile traces and compiles each region
-    once for every layer of the model, and a model's compile time does not grow with its depth. The pool kernels
-    stay outside: a region cannot write into its inputs, and they must write the pool in place."""
+    In a layerwise compiled round (the CUDA default) the target's layers each call one compiled `forward_paged`
+    (`Qwen3.compiled_layer`). Where layers are traced into the round's graph (the whole round on the CPU, the draft
+    head's layers), `forward_paged` is three compile regions (`compile_once`: the attention's input, its output and
+    the MLP) around the two kernels that touch the KV pool, so torch.compile compiles each region once for all. The pool kernels stay outside the regions: a region
+    cannot write into its inputs, and they must write the pool in place."""
 
     def __init__(self, config: ModelConfig, sparse: bool = False):
         super().__init__()
@@ -225,16 +226,37 @@ class Qwen3(nn.Module):
         return hidden, (torch.cat(taps, dim=-1) if taps else None)
 
     def forward(self, tokens: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor,
-                tap_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+                tap_layers: tuple[int, ...] = (), layer_step=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens `[T]` -> (final-normed hidden `[T, H]`, taps `[T, len(tap_layers) * H]` or None).
 
         Layer i uses `kv_pool[i]` (`[2, pages, page_size, Hkv, D]`); K/V of the new tokens are stored at
-        `meta.slot_mapping` before attention reads them."""
+        `meta.slot_mapping` before attention reads them. `layer_step` (`compiled_layer`): every layer runs through
+        it, outside the compiled round's graph (`_run_compiled_layers`)."""
         meta = meta.planned(self.inv_freq, kv_pool.shape[3], self.config.num_attention_heads)
+        if layer_step is not None:
+            return self._run_compiled_layers(self.embed_tokens(tokens), meta, kv_pool, tap_layers, layer_step)
 
         def run_layer(index, layer, x, residual):
             return layer.forward_paged(x, residual, meta, kv_pool[index], self.inv_freq)
         return self._run_layers(self.embed_tokens(tokens), run_layer, tap_layers)
+
+    @staticmethod
+    def compiled_layer(backend):
+        """`DecoderLayer.forward_paged` compiled with `backend`, one graph for every layer alike (the first, whose
+        residual is None, has its own): given to `forward` by a compiled round, it runs each layer from an eager
+        loop (`_run_compiled_layers`), so the round's graph holds no layer and compiling a round costs the same at
+        any depth. Inside a CUDA graph the loop costs nothing; on the CPU each call pays dynamo's guards and the
+        compiled wrapper (docs/compiled.md)."""
+        return torch.compile(DecoderLayer.forward_paged, fullgraph=True, dynamic=False, backend=backend)
+
+    @torch.compiler.disable
+    def _run_compiled_layers(self, x: torch.Tensor, meta: AttentionMetadata, kv_pool: torch.Tensor,
+                             tap_layers: tuple[int, ...], layer_step):
+        """`forward`'s layers inside a compiled round: torch.compile breaks the round's graph here (the one break a
+        compiled round has, tests/test_compile_depth.py) and runs this eagerly, each layer through `layer_step`."""
+        def run_layer(index, layer, x, residual):
+            return layer_step(layer, x, residual, meta, kv_pool[index], self.inv_freq)
+        return self._run_layers(x, run_layer, tap_layers)
 
     def forward_dense(self, tokens: torch.Tensor, tap_layers: tuple[int, ...] = ()):
         """tokens `[B, S]` at positions 0..S-1 with causal attention -> (hidden `[B, S, H]`, taps or None)."""
