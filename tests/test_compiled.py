@@ -105,12 +105,15 @@ def test_run_py_compile_on_the_embedded_model():
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="Triton needs CUDA or TRITON_INTERPRET=1")
-def test_compiled_round_on_triton_kernels(hf_model_dir, head):
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
+def test_compiled_round_on_triton_kernels(hf_model_dir, head, layerwise):
     """The CUDA configuration of torch.compile (the Triton kernels as opaque custom ops inside the compiled
-    graph), run by the interpreter on CPU tensors."""
+    graphs, the target's layers compiled apart: layerwise), run by the interpreter on CPU tensors; and the whole
+    round in one graph on the same kernels."""
     kernels.set_backend("triton")
     try:
         compiled = make_engine(hf_model_dir[0], page_size=4, head=head, execution="compiled")
+        compiled.compile_layerwise = layerwise
         params = SamplingParams(**{**SAMPLED.__dict__, "max_new_tokens": 8})
         got = compiled.generate(PROMPT, params, SpeculativeParams(8, 2))
     finally:
