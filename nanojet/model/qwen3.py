@@ -137,8 +137,9 @@ class DecoderLayer(nn.Module):
     In a layerwise compiled round (the CUDA default) the target's layers each call one compiled `forward_paged`
     (`Qwen3.compiled_layer`). Where layers are traced into the round's graph (the whole round on the CPU, the draft
     head's layers), `forward_paged` is three compile regions (`compile_once`: the attention's input, its output and
-    the MLP) around the two kernels that touch the KV pool, so torch.compile compiles each region once for all. The pool kernels stay outside the regions: a region
-    cannot write into its inputs, and they must write the pool in place."""
+    the MLP) around the two kernels that touch the KV pool, so torch.compile compiles each region once for all. The
+    pool kernels stay outside the regions: a region cannot write into its inputs, and they must write the pool in
+    place."""
 
     def __init__(self, config: ModelConfig, sparse: bool = False):
         super().__init__()
