@@ -14,14 +14,12 @@ figure comes from a fresh process with inductor's graph caches off and its kerne
 first run, as in scripts/compile_time.py. A synthetic Qwen3-0.6B shape cut to `--layers`, vocabulary 4096."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from compile_time import compile_environment  # beside this file
 
 
 def measure(way: str, layers: int, rows: int, device: str) -> dict:
@@ -71,9 +69,7 @@ def measure(way: str, layers: int, rows: int, device: str) -> dict:
 
 
 def run_child(args, way: str, layers: int, rows: int, cache: str) -> dict:
-    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton",
-                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    environment = compile_environment(cache)
     command = [sys.executable, __file__, "--one", f"{way},{layers},{rows}", "--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode != 0:

@@ -71,15 +71,21 @@ def measure_depth(args: argparse.Namespace, layers: int) -> None:
                           "fx_nodes": getattr(getattr(runner, "inner", runner), "fx_nodes", None)}), flush=True)
 
 
+def compile_environment(cache: str) -> dict:
+    """A child's environment: inductor's kernel cache in `cache`, its graph caches off (so every graph is traced,
+    lowered and generated anew), and this checkout importable."""
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton",
+            "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def run_depth(args: argparse.Namespace, layers: int, cache: str):
     """`measure_depth` in a child process, with inductor's kernel cache in `cache` and its graph caches off; yields
     each round's figures as the child reports them."""
     command = [sys.executable, __file__, "--one-depth", str(layers), "--shape", args.shape, "--budgets", args.budgets,
                "--device", args.device, "--dtype", args.dtype, "--way", args.way]
     command += [f"--{name}={value}" for name, value in (("vocab", args.vocab), ("threads", args.threads)) if value]
-    environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": f"{cache}/triton",
-                   "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    environment = compile_environment(cache)
     with tempfile.TemporaryFile(mode="w+") as errors:
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=environment) as child:
             for line in child.stdout:
